@@ -1,0 +1,347 @@
+//! The types xvio's XDP program (`ebpf/xvio.bpf.c`) shares with its daemon.
+//!
+//! Every `#[repr(C)]` type here mirrors a C type of `ebpf/xvio.h` field by field; the
+//! integration test `common_matches_btf` checks sizes, field offsets and enum values
+//! against the BTF of the compiled object, so the two cannot drift apart silently.
+//! Map names and pin paths live here too, so the daemon, the tests and the docs name
+//! the same things.
+#![no_std]
+
+/// Root of xvio's pins on bpffs; each interface gets `PIN_ROOT/<ifname>/`.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/xvio";
+/// The XDP program's function name in the object.
+pub const PROGRAM_NAME: &str = "xvio_steer";
+
+/// Names of the maps declared in the object (also their file names under the pin directory).
+pub mod maps {
+    /// Per-CPU array of [`crate::XdpStats`], indexed by [`crate::XdpOutcome`].
+    pub const XDP_STATS: &str = "xdp_stats";
+    /// Hash of [`crate::SteerKey`] to [`crate::SteerValue`]: the frames that go to guests.
+    pub const STEER: &str = "steer";
+    /// XSKMAP: rx queue index to AF_XDP socket.
+    pub const XSKS: &str = "xsks";
+    /// Array with one [`crate::DaemonStats`], written by the daemon.
+    pub const DAEMON_STATS: &str = "daemon_stats";
+    /// Ring buffer of [`crate::Event`].
+    pub const EVENTS: &str = "events";
+    /// Per-CPU array of [`crate::EventState`], indexed by [`crate::EventKind`].
+    pub const EVENT_STATE: &str = "event_state";
+    /// The maps the daemon pins, in the order `bpftool` users will look for them.
+    pub const PINNED: [&str; 5] = [XDP_STATS, STEER, XSKS, DAEMON_STATS, EVENT_STATE];
+}
+
+/// Entries of `steer` (`XVIO_STEER_MAX`).
+pub const STEER_MAX: u32 = 4096;
+/// Entries of `xsks`, so the highest rx queue that can be steered is this minus one.
+pub const XSKS_MAX: u32 = 64;
+/// Kernel events of one kind are emitted at most once per this many ns per CPU.
+pub const EVENT_PERIOD_NS: u64 = 1_000_000_000;
+
+/// The outcome of one frame in the XDP program (`enum xvio_xdp_outcome`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum XdpOutcome {
+    /// Unicast to a MAC that is not steered: kernel stack.
+    Passed = 0,
+    /// Steered and handed to the AF_XDP socket of its rx queue.
+    Redirected = 1,
+    /// Steered, but no socket is registered for that rx queue: kernel stack.
+    NoSocket = 2,
+    /// Shorter than its Ethernet (and 802.1Q) header: kernel stack, untouched.
+    Malformed = 3,
+    /// Broadcast: kernel stack.
+    Broadcast = 4,
+    /// Multicast (group bit set, not broadcast): kernel stack.
+    Multicast = 5,
+}
+
+impl XdpOutcome {
+    /// Every outcome, in index order.
+    pub const ALL: [XdpOutcome; 6] = [
+        XdpOutcome::Passed,
+        XdpOutcome::Redirected,
+        XdpOutcome::NoSocket,
+        XdpOutcome::Malformed,
+        XdpOutcome::Broadcast,
+        XdpOutcome::Multicast,
+    ];
+
+    /// The index of this outcome in `xdp_stats`.
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// The C enumerator's name (`XVIO_XDP_PASSED` …).
+    pub const fn c_name(self) -> &'static str {
+        match self {
+            XdpOutcome::Passed => "XVIO_XDP_PASSED",
+            XdpOutcome::Redirected => "XVIO_XDP_REDIRECTED",
+            XdpOutcome::NoSocket => "XVIO_XDP_NO_SOCKET",
+            XdpOutcome::Malformed => "XVIO_XDP_MALFORMED",
+            XdpOutcome::Broadcast => "XVIO_XDP_BROADCAST",
+            XdpOutcome::Multicast => "XVIO_XDP_MULTICAST",
+        }
+    }
+
+    /// A short lower-case name for logs and stats output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpOutcome::Passed => "passed",
+            XdpOutcome::Redirected => "redirected",
+            XdpOutcome::NoSocket => "no_socket",
+            XdpOutcome::Malformed => "malformed",
+            XdpOutcome::Broadcast => "broadcast",
+            XdpOutcome::Multicast => "multicast",
+        }
+    }
+
+    /// The outcome with this index, if any.
+    pub const fn from_index(index: u32) -> Option<XdpOutcome> {
+        match index {
+            0 => Some(XdpOutcome::Passed),
+            1 => Some(XdpOutcome::Redirected),
+            2 => Some(XdpOutcome::NoSocket),
+            3 => Some(XdpOutcome::Malformed),
+            4 => Some(XdpOutcome::Broadcast),
+            5 => Some(XdpOutcome::Multicast),
+            _ => None,
+        }
+    }
+}
+
+/// Value of `xdp_stats` (`struct xvio_xdp_stats`), one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpStats {
+    /// Frames counted under this outcome.
+    pub packets: u64,
+    /// Their bytes, all fragments included.
+    pub bytes: u64,
+}
+
+/// Key of `steer` (`struct xvio_steer_key`): a guest's MAC on one VLAN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SteerKey {
+    /// Destination MAC address.
+    pub mac: [u8; 6],
+    /// 802.1Q VLAN id (12 bits); 0 for untagged or priority-tagged frames.
+    pub vlan: u16,
+}
+
+impl SteerKey {
+    /// The key for `mac` on `vlan` (0: untagged).
+    pub const fn new(mac: [u8; 6], vlan: u16) -> SteerKey {
+        SteerKey { mac, vlan }
+    }
+}
+
+/// Value of `steer` (`struct xvio_steer_value`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerValue {
+    /// The daemon's id of the guest port the MAC belongs to.
+    pub guest_id: u32,
+    /// Reserved, 0.
+    pub flags: u32,
+}
+
+/// How the XDP program is attached (`enum xvio_xdp_mode`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Not attached.
+    #[default]
+    None = 0,
+    /// In the driver (native XDP).
+    Native = 1,
+    /// In the kernel's generic path (skb mode), slower.
+    Generic = 2,
+}
+
+impl XdpMode {
+    /// The C enumerator's name.
+    pub const fn c_name(self) -> &'static str {
+        match self {
+            XdpMode::None => "XVIO_XDP_MODE_NONE",
+            XdpMode::Native => "XVIO_XDP_MODE_NATIVE",
+            XdpMode::Generic => "XVIO_XDP_MODE_GENERIC",
+        }
+    }
+}
+
+/// Value of `daemon_stats[0]` (`struct xvio_daemon_stats`), written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DaemonStats {
+    /// Milliseconds since the daemon started.
+    pub uptime_ms: u64,
+    /// Wall clock (Unix ms) of this write; a stale value means a dead daemon.
+    pub updated_unix_ms: u64,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Interfaces this daemon has attached.
+    pub ifaces_attached: u32,
+    /// How the program is attached to this interface ([`XdpMode`] as u32).
+    pub xdp_mode: u32,
+    /// Entries the daemon put in `steer`.
+    pub steer_entries: u32,
+}
+
+/// Kind of a kernel event (`enum xvio_event_kind`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A steered frame found no AF_XDP socket for its rx queue.
+    NoSocket = 1,
+    /// A frame shorter than its headers.
+    Malformed = 2,
+}
+
+impl EventKind {
+    /// Every kind, in index order.
+    pub const ALL: [EventKind; 2] = [EventKind::NoSocket, EventKind::Malformed];
+    /// Entries of `event_state` (`XVIO_EVENT_KINDS`; index 0 is unused).
+    pub const ENTRIES: u32 = 3;
+
+    /// The C enumerator's name.
+    pub const fn c_name(self) -> &'static str {
+        match self {
+            EventKind::NoSocket => "XVIO_EVENT_NO_SOCKET",
+            EventKind::Malformed => "XVIO_EVENT_MALFORMED",
+        }
+    }
+
+    /// The kind with this value, if any.
+    pub const fn from_u32(value: u32) -> Option<EventKind> {
+        match value {
+            1 => Some(EventKind::NoSocket),
+            2 => Some(EventKind::Malformed),
+            _ => None,
+        }
+    }
+}
+
+/// One record of the `events` ring buffer (`struct xvio_event`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when emitted.
+    pub ktime_ns: u64,
+    /// [`EventKind`] as u32.
+    pub kind: u32,
+    /// [`XdpOutcome`] the frame was counted under.
+    pub outcome: u32,
+    /// Interface the frame arrived on.
+    pub ifindex: u32,
+    /// Its rx queue.
+    pub rx_queue: u32,
+    /// Its length in bytes.
+    pub frame_len: u32,
+    /// Events of this kind not emitted on this CPU before this one (rate limit).
+    pub suppressed: u32,
+    /// VLAN id parsed (0 if none).
+    pub vlan: u16,
+    /// Destination MAC (zeros when the frame is shorter than it).
+    pub mac: [u8; 6],
+}
+
+/// Value of `event_state` (`struct xvio_event_state`), one per CPU and kind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventState {
+    /// Events not emitted since `last`.
+    pub suppressed: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// The last event emitted.
+    pub last: Event,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{DaemonStats, Event, EventState, SteerKey, SteerValue, XdpStats};
+
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays
+    // with no padding (checked against the object's BTF), so any bit pattern is valid.
+    unsafe impl aya::Pod for XdpStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SteerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SteerValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DaemonStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EventState {}
+}
+
+impl Event {
+    /// Size of one record in the ring buffer.
+    pub const SIZE: usize = core::mem::size_of::<Event>();
+
+    /// Reads a record from the ring buffer's bytes (native endian); `None` when too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Event> {
+        let bytes: &[u8; Event::SIZE] = bytes.get(..Event::SIZE)?.try_into().ok()?;
+        let u32_at = |at: usize| {
+            u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let mut ktime = [0u8; 8];
+        ktime.copy_from_slice(&bytes[0..8]);
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&bytes[34..40]);
+        Some(Event {
+            ktime_ns: u64::from_ne_bytes(ktime),
+            kind: u32_at(8),
+            outcome: u32_at(12),
+            ifindex: u32_at(16),
+            rx_queue: u32_at(20),
+            frame_len: u32_at(24),
+            suppressed: u32_at(28),
+            vlan: u16::from_ne_bytes([bytes[32], bytes[33]]),
+            mac,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_from_bytes_reads_every_field() {
+        let mut bytes = [0u8; Event::SIZE + 3];
+        bytes[0..8].copy_from_slice(&7u64.to_ne_bytes());
+        for (i, v) in [1u32, 2, 3, 4, 60, 9].iter().enumerate() {
+            bytes[8 + 4 * i..12 + 4 * i].copy_from_slice(&v.to_ne_bytes());
+        }
+        bytes[32..34].copy_from_slice(&100u16.to_ne_bytes());
+        bytes[34..40].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        let ev = Event::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            ev,
+            Event {
+                ktime_ns: 7,
+                kind: 1,
+                outcome: 2,
+                ifindex: 3,
+                rx_queue: 4,
+                frame_len: 60,
+                suppressed: 9,
+                vlan: 100,
+                mac: [2, 0, 0, 0, 0, 1],
+            }
+        );
+        assert_eq!(Event::from_bytes(&bytes[..Event::SIZE - 1]), None);
+    }
+
+    #[test]
+    fn outcome_indices_round_trip() {
+        for (i, o) in XdpOutcome::ALL.iter().enumerate() {
+            assert_eq!(o.index() as usize, i);
+            assert_eq!(XdpOutcome::from_index(o.index()), Some(*o));
+        }
+        assert_eq!(XdpOutcome::from_index(6), None);
+    }
+}

@@ -1,0 +1,227 @@
+//! Command-line configuration of the daemon: what `xvio run` accepts and how each value is
+//! parsed. Parsing errors name the option and the value, and say what is expected.
+
+use std::{fmt, str::FromStr};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+use xvio_common::SteerKey;
+
+/// xvio: a host datapath for virtual machines (XDP steering, AF_XDP, vhost-user-net).
+#[derive(Debug, Parser)]
+#[command(name = "xvio", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The daemon's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the XDP program to interfaces and run the datapath until SIGINT or SIGTERM.
+    Run(RunConfig),
+}
+
+/// `xvio run` options.
+#[derive(Debug, Args, Clone)]
+pub struct RunConfig {
+    /// Interface to attach to (repeatable).
+    #[arg(long = "iface", value_name = "IF", required = true)]
+    pub ifaces: Vec<String>,
+    /// How to attach the XDP program: `auto` tries native, then generic.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+    /// A destination MAC (optionally on an 802.1Q VLAN) whose frames go to AF_XDP (repeatable).
+    #[arg(long = "steer", value_name = "MAC[@VLAN]")]
+    pub steer: Vec<SteerSpec>,
+    /// Replace an XDP program that is already attached to an interface.
+    #[arg(long)]
+    pub replace: bool,
+    /// Root of the pins on bpffs; each interface gets a folder below it.
+    #[arg(long, value_name = "DIR", default_value = xvio_common::PIN_ROOT)]
+    pub pin_root: std::path::PathBuf,
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeArg {
+    /// Native (driver) mode if the driver supports it, else generic.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode only.
+    Generic,
+}
+
+/// A MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+/// Why a MAC or steer value was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not six hex octets separated by colons.
+    #[error("'{0}' is not a MAC address; expected six hex octets like 52:54:00:12:34:56")]
+    Mac(String),
+    /// A group (multicast or broadcast) address cannot be steered to one guest.
+    #[error(
+        "'{0}' is a multicast or broadcast address; a guest's MAC must be unicast (first octet even)"
+    )]
+    GroupMac(String),
+    /// The VLAN after `@` is not 0–4094.
+    #[error("'{0}' is not a VLAN id; expected a number from 0 to 4094 (0: untagged)")]
+    Vlan(String),
+}
+
+impl FromStr for MacAddr {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for octet in &mut mac {
+            let part = parts.next().ok_or_else(|| ParseError::Mac(s.to_owned()))?;
+            if part.is_empty() || part.len() > 2 {
+                return Err(ParseError::Mac(s.to_owned()));
+            }
+            *octet = u8::from_str_radix(part, 16).map_err(|_| ParseError::Mac(s.to_owned()))?;
+        }
+        if parts.next().is_some() {
+            return Err(ParseError::Mac(s.to_owned()));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// `--steer MAC[@VLAN]`: frames to this unicast MAC (on this VLAN) go to AF_XDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SteerSpec {
+    /// The guest's MAC.
+    pub mac: MacAddr,
+    /// Its VLAN id, 0 for untagged.
+    pub vlan: u16,
+}
+
+impl SteerSpec {
+    /// The `steer` map key for this spec.
+    pub fn key(&self) -> SteerKey {
+        SteerKey::new(self.mac.0, self.vlan)
+    }
+}
+
+impl FromStr for SteerSpec {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mac_text, vlan) = match s.split_once('@') {
+            Some((mac, vlan_text)) => {
+                let vlan = vlan_text
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|v| *v < 4095)
+                    .ok_or_else(|| ParseError::Vlan(vlan_text.to_owned()))?;
+                (mac, vlan)
+            }
+            None => (s, 0),
+        };
+        let mac: MacAddr = mac_text.parse()?;
+        if mac.0[0] & 1 != 0 {
+            return Err(ParseError::GroupMac(mac_text.to_owned()));
+        }
+        Ok(SteerSpec { mac, vlan })
+    }
+}
+
+impl fmt::Display for SteerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vlan {
+            0 => write!(f, "{}", self.mac),
+            vlan => write!(f, "{}@{vlan}", self.mac),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_macs_in_any_case() {
+        let mac: MacAddr = "52:54:00:AB:cd:0f".parse().unwrap();
+        assert_eq!(mac.0, [0x52, 0x54, 0x00, 0xab, 0xcd, 0x0f]);
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:0f");
+    }
+
+    #[test]
+    fn refuses_bad_macs() {
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f:11",
+            "52:54:00:ab:cd:xg",
+            "525:4:00:ab:cd:0f",
+            "52-54-00-ab-cd-0f",
+            "52:54:00:ab::0f",
+            "+2:54:00:ab:cd:0f",
+        ] {
+            assert_eq!(
+                bad.parse::<MacAddr>(),
+                Err(ParseError::Mac(bad.to_owned())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_steer_specs() {
+        let spec: SteerSpec = "02:00:00:00:00:01@100".parse().unwrap();
+        assert_eq!(spec.vlan, 100);
+        assert_eq!(spec.key(), SteerKey::new([2, 0, 0, 0, 0, 1], 100));
+        assert_eq!(spec.to_string(), "02:00:00:00:00:01@100");
+        let untagged: SteerSpec = "02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(untagged.vlan, 0);
+    }
+
+    #[test]
+    fn refuses_bad_steer_specs() {
+        assert_eq!(
+            "02:00:00:00:00:01@4095".parse::<SteerSpec>(),
+            Err(ParseError::Vlan("4095".into()))
+        );
+        assert_eq!(
+            "02:00:00:00:00:01@".parse::<SteerSpec>(),
+            Err(ParseError::Vlan("".into()))
+        );
+        assert_eq!(
+            "ff:ff:ff:ff:ff:ff".parse::<SteerSpec>(),
+            Err(ParseError::GroupMac("ff:ff:ff:ff:ff:ff".into()))
+        );
+        assert_eq!(
+            "01:00:5e:00:00:01@3".parse::<SteerSpec>(),
+            Err(ParseError::GroupMac("01:00:5e:00:00:01".into()))
+        );
+    }
+
+    #[test]
+    fn cli_errors_do_not_panic() {
+        let err =
+            Cli::try_parse_from(["xvio", "run", "--iface", "x", "--steer", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("is not a MAC address"), "{err}");
+        assert!(Cli::try_parse_from(["xvio", "run"]).is_err());
+        assert!(Cli::try_parse_from(["xvio", "run", "--iface", "x", "--xdp-mode", "hw"]).is_err());
+    }
+}

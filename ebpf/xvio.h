@@ -1,0 +1,98 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * xvio.h: every type the XDP program shares with the daemon.
+ *
+ * The Rust mirror of this file is common/src/lib.rs; the test
+ * common_matches_btf checks sizes, field offsets and enum values of both
+ * against the BTF of the compiled object. Change them together.
+ */
+#ifndef XVIO_H
+#define XVIO_H
+
+#include <linux/types.h>
+
+/* Limits of the maps (entries). */
+#define XVIO_STEER_MAX 4096
+#define XVIO_XSKS_MAX 64
+#define XVIO_EVENTS_BYTES (64 * 1024)
+/* Kernel events of one kind are emitted at most once per this period, per CPU. */
+#define XVIO_EVENT_PERIOD_NS 1000000000ULL
+
+/* Index into xdp_stats: the outcome of one frame. Each frame counts exactly once. */
+enum xvio_xdp_outcome {
+	XVIO_XDP_PASSED = 0,      /* unicast to a MAC that is not steered: kernel stack */
+	XVIO_XDP_REDIRECTED = 1,  /* steered and handed to the AF_XDP socket of its rx queue */
+	XVIO_XDP_NO_SOCKET = 2,   /* steered, but no socket for that rx queue: kernel stack */
+	XVIO_XDP_MALFORMED = 3,   /* shorter than its Ethernet (+802.1Q) header: kernel stack */
+	XVIO_XDP_BROADCAST = 4,   /* ff:ff:ff:ff:ff:ff: kernel stack */
+	XVIO_XDP_MULTICAST = 5,   /* group bit set, not broadcast: kernel stack */
+	XVIO_XDP_OUTCOMES = 6,
+};
+
+/* Value of xdp_stats (per CPU). */
+struct xvio_xdp_stats {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Key of steer: a guest's MAC on one VLAN (vlan 0: untagged or priority-tagged). */
+struct xvio_steer_key {
+	__u8 mac[6];
+	__u16 vlan;
+};
+
+/* Value of steer. */
+struct xvio_steer_value {
+	__u32 guest_id; /* the daemon's id of the guest port, for its own bookkeeping */
+	__u32 flags;    /* reserved, 0 */
+};
+
+/* How the program is attached (daemon_stats.xdp_mode). */
+enum xvio_xdp_mode {
+	XVIO_XDP_MODE_NONE = 0,
+	XVIO_XDP_MODE_NATIVE = 1,
+	XVIO_XDP_MODE_GENERIC = 2,
+};
+
+/* Value of daemon_stats[0]: written by the daemon about once a second. */
+struct xvio_daemon_stats {
+	__u64 uptime_ms;         /* since the daemon started */
+	__u64 updated_unix_ms;   /* wall clock of this write: a stale value means a dead daemon */
+	__u32 pid;               /* the daemon's process id */
+	__u32 ifaces_attached;   /* interfaces this daemon has attached */
+	enum xvio_xdp_mode xdp_mode; /* how the program is attached to this interface */
+	__u32 steer_entries;     /* entries the daemon put in steer */
+};
+
+/* Kind of a kernel event in the events ring buffer. */
+enum xvio_event_kind {
+	XVIO_EVENT_NO_SOCKET = 1, /* a steered frame found no AF_XDP socket for its rx queue */
+	XVIO_EVENT_MALFORMED = 2, /* a frame shorter than its headers */
+	XVIO_EVENT_KINDS = 3,      /* entries of event_state (index 0 unused) */
+};
+
+/* One record of the events ring buffer. */
+struct xvio_event {
+	__u64 ktime_ns;   /* bpf_ktime_get_ns() when emitted */
+	enum xvio_event_kind kind;
+	enum xvio_xdp_outcome outcome; /* how the frame was counted in xdp_stats */
+	__u32 ifindex;
+	__u32 rx_queue;
+	__u32 frame_len;
+	__u32 suppressed; /* events of this kind not emitted on this CPU before this one */
+	__u16 vlan;
+	__u8 mac[6];      /* destination MAC (zero for malformed frames shorter than it) */
+};
+
+/*
+ * Value of the per-CPU event_state array, indexed by event kind: the rate
+ * limit's state and the last event emitted, so that bpftool shows it even
+ * when no daemon reads the ring buffer.
+ */
+struct xvio_event_state {
+	__u32 suppressed; /* events not emitted since `last` */
+	__u32 reserved;
+	struct xvio_event last;
+};
+
+#endif /* XVIO_H */

@@ -1,0 +1,153 @@
+//! The `xvio` binary as a child process, started inside a namespace with
+//! `nsenter --net=…` (not `ip netns exec`, which remounts /sys and hides bpffs).
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::netns::Netns;
+
+/// The `xvio` binary cargo built next to this test binary (or `$XVIO_BIN`).
+pub fn xvio_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("XVIO_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/xvio
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("xvio");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p xvio`",
+        bin.display()
+    );
+    bin
+}
+
+fn command(ns: Option<&Netns>, args: &[&str]) -> Command {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.path())).arg(xvio_bin());
+            c
+        }
+        None => Command::new(xvio_bin()),
+    };
+    cmd.args(args).env("XVIO_LOG", "info");
+    cmd
+}
+
+/// Runs `xvio ARGS…` to completion (for commands expected to fail fast).
+pub fn run_xvio(ns: Option<&Netns>, args: &[&str]) -> Output {
+    let mut cmd = command(ns, args);
+    cmd.stdin(Stdio::null());
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn xvio");
+    wait_output(child, Duration::from_secs(30))
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("xvio did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait_with_output")
+}
+
+/// A running daemon; SIGTERMed (and waited for) on drop if not stopped explicitly.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `xvio run ARGS…` in `ns` and waits until `ready` (a pin path) exists.
+    pub fn start(ns: &Netns, args: &[&str], ready: &Path) -> Result<Daemon, String> {
+        let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-daemon-")));
+        let mut cmd = command(Some(ns), &[&["run"], args].concat());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).map_err(|e| e.to_string())?);
+        let child = cmd.spawn().map_err(|e| format!("spawn xvio: {e}"))?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            log,
+        };
+        let start = Instant::now();
+        while !ready.exists() {
+            if let Some(status) = daemon.child_mut().try_wait().map_err(|e| e.to_string())? {
+                daemon.child = None;
+                return Err(format!(
+                    "xvio exited with {status} before it was ready:\n{}",
+                    daemon.log()
+                ));
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!("xvio was not ready within 20 s:\n{}", daemon.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("daemon already stopped")
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit (at most 20 s).
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let status = self.stop();
+        (status, self.log())
+    }
+
+    fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        // nsenter execs xvio, so the child's pid is the daemon's.
+        let _ = kill(pid, Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("xvio did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,122 @@
+//! Network namespaces (named `xvio…`, removed on drop) and veth pairs between them.
+
+use std::{fs::File, process::Command};
+
+use nix::sched::{CloneFlags, setns};
+
+/// A named network namespace, deleted (with its interfaces) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `xvio<tag><unique>`.
+    pub fn new(tag: &str) -> Netns {
+        let name = crate::unique_name(&format!("xvio{tag}"));
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its path under /run/netns.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs `ip -n NAME ARGS…`, panicking with its output on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (the caller's thread stays put).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = File::open(self.path()).expect("open netns");
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread in netns panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Creates a veth pair: `a_if` in `a` with `a_addr` (CIDR), `b_if` in `b` with `b_addr`,
+/// both up, with `queues` rx and tx queues each.
+pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str, queues: u32) {
+    let q = queues.to_string();
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            a_if,
+            "netns",
+            a.name(),
+            "numrxqueues",
+            &q,
+            "numtxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.name(),
+            "numrxqueues",
+            &q,
+            "numtxqueues",
+            &q,
+        ],
+    );
+    for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        ns.ip(&["addr", "add", addr, "dev", ifname]);
+        ns.ip(&["link", "set", ifname, "up"]);
+    }
+}
+
+/// The MAC address of `ifname` in `ns`.
+pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
+    let text = ns.run(|| {
+        std::fs::read_to_string(format!("/sys/class/net/{ifname}/address")).expect("read MAC")
+    });
+    let mut mac = [0u8; 6];
+    for (octet, part) in mac.iter_mut().zip(text.trim().split(':')) {
+        *octet = u8::from_str_radix(part, 16).expect("MAC octet");
+    }
+    mac
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,219 @@
+//! `common_matches_btf`: the Rust types of `xvio-common` have the sizes, field offsets and
+//! enum values that the compiled XDP object's BTF records for the C types of `ebpf/xvio.h`.
+
+use std::{collections::HashMap, mem::offset_of, process::Command};
+
+use xvio_common::{
+    DaemonStats, Event, EventKind, EventState, SteerKey, SteerValue, XdpMode, XdpOutcome, XdpStats,
+};
+
+/// A struct or enum from `bpftool btf dump`: its size and its members (name → bit offset
+/// for structs, name → value for enums).
+#[derive(Debug, Default)]
+struct BtfType {
+    size: usize,
+    members: HashMap<String, u64>,
+}
+
+fn btf_of_object() -> HashMap<String, BtfType> {
+    let path = std::env::temp_dir().join(format!("xvio-btf-{}.o", std::process::id()));
+    std::fs::write(&path, xvio::XDP_OBJECT).unwrap();
+    let out = Command::new("bpftool")
+        .args(["btf", "dump", "file"])
+        .arg(&path)
+        .output()
+        .expect("bpftool is needed (apt-get install bpftool; `cargo xtask test` installs it)");
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(&String::from_utf8(out.stdout).unwrap())
+}
+
+/// Parses lines like `[8] STRUCT 'xvio_steer_key' size=8 vlen=2` followed by
+/// `\t'mac' type_id=11 bits_offset=0` or `\t'XVIO_XDP_PASSED' val=0`.
+fn parse(text: &str) -> HashMap<String, BtfType> {
+    let mut types = HashMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            current = None;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if matches!(words.get(1), Some(&"STRUCT" | &"ENUM")) {
+                let name = words[2].trim_matches('\'').to_owned();
+                let size = words
+                    .iter()
+                    .find_map(|w| w.strip_prefix("size="))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                types.insert(
+                    name.clone(),
+                    BtfType {
+                        size,
+                        members: HashMap::new(),
+                    },
+                );
+                current = Some(name);
+            }
+        } else if let Some(name) = &current {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let member = words[0].trim_matches('\'').to_owned();
+            let value = words
+                .iter()
+                .find_map(|w| {
+                    w.strip_prefix("bits_offset=")
+                        .or_else(|| w.strip_prefix("val="))
+                })
+                .unwrap()
+                .parse()
+                .unwrap();
+            types.get_mut(name).unwrap().members.insert(member, value);
+        }
+    }
+    types
+}
+
+fn check_struct(
+    btf: &HashMap<String, BtfType>,
+    c_name: &str,
+    size: usize,
+    fields: &[(&str, usize)],
+) {
+    let ty = btf
+        .get(c_name)
+        .unwrap_or_else(|| panic!("struct {c_name} is not in the object's BTF"));
+    assert_eq!(ty.size, size, "size of struct {c_name}");
+    assert_eq!(
+        ty.members.len(),
+        fields.len(),
+        "fields of struct {c_name}: {:?}",
+        ty.members
+    );
+    for (field, offset) in fields {
+        let bits = ty
+            .members
+            .get(*field)
+            .unwrap_or_else(|| panic!("{c_name}.{field} is not in BTF"));
+        assert_eq!(*bits, (*offset * 8) as u64, "offset of {c_name}.{field}");
+    }
+}
+
+fn check_enum(btf: &HashMap<String, BtfType>, c_name: &str, values: &[(&str, u32)]) {
+    let ty = btf
+        .get(c_name)
+        .unwrap_or_else(|| panic!("enum {c_name} is not in the object's BTF"));
+    assert_eq!(
+        ty.size, 4,
+        "enum {c_name} is 4 bytes, as the Rust side's u32"
+    );
+    for (name, value) in values {
+        assert_eq!(
+            ty.members.get(*name).copied(),
+            Some(u64::from(*value)),
+            "{c_name}::{name}"
+        );
+    }
+}
+
+#[test]
+fn common_matches_btf() {
+    let btf = btf_of_object();
+    check_struct(
+        &btf,
+        "xvio_xdp_stats",
+        size_of::<XdpStats>(),
+        &[
+            ("packets", offset_of!(XdpStats, packets)),
+            ("bytes", offset_of!(XdpStats, bytes)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_steer_key",
+        size_of::<SteerKey>(),
+        &[
+            ("mac", offset_of!(SteerKey, mac)),
+            ("vlan", offset_of!(SteerKey, vlan)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_steer_value",
+        size_of::<SteerValue>(),
+        &[
+            ("guest_id", offset_of!(SteerValue, guest_id)),
+            ("flags", offset_of!(SteerValue, flags)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_daemon_stats",
+        size_of::<DaemonStats>(),
+        &[
+            ("uptime_ms", offset_of!(DaemonStats, uptime_ms)),
+            ("updated_unix_ms", offset_of!(DaemonStats, updated_unix_ms)),
+            ("pid", offset_of!(DaemonStats, pid)),
+            ("ifaces_attached", offset_of!(DaemonStats, ifaces_attached)),
+            ("xdp_mode", offset_of!(DaemonStats, xdp_mode)),
+            ("steer_entries", offset_of!(DaemonStats, steer_entries)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_event",
+        size_of::<Event>(),
+        &[
+            ("ktime_ns", offset_of!(Event, ktime_ns)),
+            ("kind", offset_of!(Event, kind)),
+            ("outcome", offset_of!(Event, outcome)),
+            ("ifindex", offset_of!(Event, ifindex)),
+            ("rx_queue", offset_of!(Event, rx_queue)),
+            ("frame_len", offset_of!(Event, frame_len)),
+            ("suppressed", offset_of!(Event, suppressed)),
+            ("vlan", offset_of!(Event, vlan)),
+            ("mac", offset_of!(Event, mac)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_event_state",
+        size_of::<EventState>(),
+        &[
+            ("suppressed", offset_of!(EventState, suppressed)),
+            ("reserved", offset_of!(EventState, reserved)),
+            ("last", offset_of!(EventState, last)),
+        ],
+    );
+    let outcomes: Vec<(&str, u32)> = XdpOutcome::ALL
+        .iter()
+        .map(|o| (o.c_name(), o.index()))
+        .collect();
+    check_enum(&btf, "xvio_xdp_outcome", &outcomes);
+    check_enum(
+        &btf,
+        "xvio_xdp_outcome",
+        &[("XVIO_XDP_OUTCOMES", XdpOutcome::ALL.len() as u32)],
+    );
+    let modes = [XdpMode::None, XdpMode::Native, XdpMode::Generic];
+    let modes: Vec<(&str, u32)> = modes.iter().map(|m| (m.c_name(), *m as u32)).collect();
+    check_enum(&btf, "xvio_xdp_mode", &modes);
+    let mut kinds: Vec<(&str, u32)> = EventKind::ALL
+        .iter()
+        .map(|k| (k.c_name(), *k as u32))
+        .collect();
+    kinds.push(("XVIO_EVENT_KINDS", EventKind::ENTRIES));
+    check_enum(&btf, "xvio_event_kind", &kinds);
+}
+
+#[test]
+fn the_parser_reads_bpftool_output() {
+    let sample = "[8] STRUCT 'xvio_steer_key' size=8 vlen=2\n\t'mac' type_id=11 bits_offset=0\n\t'vlan' type_id=12 bits_offset=48\n[9] TYPEDEF '__u8' type_id=10\n[62] ENUM 'e' encoding=UNSIGNED size=4 vlen=1\n\t'A' val=3\n";
+    let types = parse(sample);
+    assert_eq!(types["xvio_steer_key"].size, 8);
+    assert_eq!(types["xvio_steer_key"].members["vlan"], 48);
+    assert_eq!(types["e"].members["A"], 3);
+    assert_eq!(types.len(), 2);
+}
