@@ -94,16 +94,19 @@ pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: 
     }
 }
 
-/// The MAC address of `ifname` in `ns`.
+/// The MAC address of `ifname` in `ns` (read through getifaddrs: /sys shows the namespace
+/// of whoever mounted it, not the thread's).
 pub fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
-    let text = ns.run(|| {
-        std::fs::read_to_string(format!("/sys/class/net/{ifname}/address")).expect("read MAC")
-    });
-    let mut mac = [0u8; 6];
-    for (octet, part) in mac.iter_mut().zip(text.trim().split(':')) {
-        *octet = u8::from_str_radix(part, 16).expect("MAC octet");
-    }
-    mac
+    ns.run(|| {
+        nix::ifaddrs::getifaddrs()
+            .expect("getifaddrs")
+            .filter(|a| a.interface_name == ifname)
+            .find_map(|a| {
+                a.address
+                    .and_then(|s| s.as_link_addr().and_then(|l| l.addr()))
+            })
+            .unwrap_or_else(|| panic!("{ifname} has no MAC"))
+    })
 }
 
 /// Runs a command, panicking with its output when it fails.

@@ -1,0 +1,415 @@
+//! The daemon for real, in network namespaces joined by a veth pair: steered frames reach
+//! an AF_XDP socket bound to the interface, other traffic reaches the kernel, the counters
+//! match, bpftool prints named fields, and SIGTERM leaves nothing behind. Also the errors a
+//! user meets first: unknown interface, bad MAC, an XDP program already attached, no root.
+
+use std::{
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
+use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
+use xvio_tests::{
+    daemon::{Daemon, run_xvio},
+    frames::{ETH_P_EXPERIMENTAL, frame, seq_of},
+    netns::{Netns, mac_of, veth},
+    packet::RawSocket,
+    privileged, unique_name,
+    xsk::TestXsk,
+};
+
+const GUEST: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
+
+/// Two namespaces: `host` (where xvio attaches to `ifname`) and `peer` (the sender).
+struct Topology {
+    host: Netns,
+    peer: Netns,
+    ifname: String,
+    peer_if: String,
+}
+
+impl Topology {
+    fn new(queues: u32) -> Topology {
+        let host = Netns::new("h");
+        let peer = Netns::new("q");
+        let ifname = unique_name("xvh");
+        let peer_if = unique_name("xvq");
+        veth(
+            &host,
+            &ifname,
+            "10.252.0.1/24",
+            &peer,
+            &peer_if,
+            "10.252.0.2/24",
+            queues,
+        );
+        Topology {
+            host,
+            peer,
+            ifname,
+            peer_if,
+        }
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        Path::new(xvio_common::PIN_ROOT).join(&self.ifname)
+    }
+
+    fn start(&self, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--iface", &self.ifname];
+        args.extend_from_slice(extra);
+        Daemon::start(&self.host, &args, &self.pin_dir().join(maps::EVENT_STATE))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+fn xdp_stats(pin_dir: &Path) -> [XdpStats; 6] {
+    let map = Map::PerCpuArray(MapData::from_pin(pin_dir.join(maps::XDP_STATS)).unwrap());
+    let array: PerCpuArray<MapData, XdpStats> = PerCpuArray::try_from(map).unwrap();
+    let mut sums = [XdpStats::default(); 6];
+    for (i, sum) in sums.iter_mut().enumerate() {
+        for v in array.get(&(i as u32), 0).unwrap().iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+        }
+    }
+    sums
+}
+
+fn daemon_stats(pin_dir: &Path) -> DaemonStats {
+    let map = Map::Array(MapData::from_pin(pin_dir.join(maps::DAEMON_STATS)).unwrap());
+    let array: Array<MapData, DaemonStats> = Array::try_from(map).unwrap();
+    array.get(&0, 0).unwrap()
+}
+
+fn bpftool_dump(path: &Path) -> String {
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
+    if !privileged("steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let daemon = topo.start(&["--steer", "02:58:56:49:4f:01"]);
+    let pin_dir = topo.pin_dir();
+    const FRAMES: u32 = 1000;
+    const DATAGRAMS: usize = 20;
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    let sent: Vec<Vec<u8>> = (0..FRAMES)
+        .map(|seq| {
+            frame(
+                GUEST,
+                src,
+                None,
+                ETH_P_EXPERIMENTAL,
+                60 + (seq as usize * 7) % 1455,
+                seq,
+            )
+        })
+        .collect();
+
+    let (received, dropped, udp_received) = topo.host.run(|| {
+        let mut xsk =
+            TestXsk::bind(&topo.ifname, 0).expect("bind AF_XDP to the attached interface");
+        let map = Map::XskMap(MapData::from_pin(pin_dir.join(maps::XSKS)).expect("pinned xsks"));
+        let mut xsks: XskMap<MapData> = XskMap::try_from(map).unwrap();
+        xsks.set(0, xsk.fd(), 0).expect("register the socket");
+        let udp = UdpSocket::bind("10.252.0.1:4789").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+
+        topo.peer.run(|| {
+            let raw = RawSocket::bind(&topo.peer_if).unwrap();
+            let client = UdpSocket::bind("10.252.0.2:0").unwrap();
+            for (i, f) in sent.iter().enumerate() {
+                raw.send(f).unwrap();
+                if i % (FRAMES as usize / DATAGRAMS) == 0 {
+                    client
+                        .send_to(format!("unsteered {i}").as_bytes(), "10.252.0.1:4789")
+                        .unwrap();
+                }
+            }
+        });
+        let received = xsk.receive(FRAMES as usize, Duration::from_secs(5));
+        let mut udp_received = 0;
+        let mut buf = [0u8; 64];
+        while udp_received < DATAGRAMS {
+            udp.recv(&mut buf)
+                .expect("an unsteered datagram reaches the host's socket");
+            udp_received += 1;
+        }
+        (received, xsk.dropped(), udp_received)
+    });
+
+    assert_eq!(dropped, 0, "the AF_XDP socket dropped frames");
+    assert_eq!(
+        received.len(),
+        sent.len(),
+        "every steered frame arrives on the socket"
+    );
+    for (got, want) in received.iter().zip(&sent) {
+        assert_eq!(seq_of(got), seq_of(want), "frames arrive in order");
+        assert_eq!(got, want, "frame bytes are identical");
+    }
+    assert_eq!(udp_received, DATAGRAMS);
+
+    let stats = xdp_stats(&pin_dir);
+    let redirected = stats[XdpOutcome::Redirected.index() as usize];
+    assert_eq!(
+        redirected.packets,
+        u64::from(FRAMES),
+        "redirected counter equals frames sent"
+    );
+    assert_eq!(
+        redirected.bytes,
+        sent.iter().map(|f| f.len() as u64).sum::<u64>()
+    );
+    assert_eq!(stats[XdpOutcome::NoSocket.index() as usize].packets, 0);
+    assert!(
+        stats[XdpOutcome::Passed.index() as usize].packets >= DATAGRAMS as u64,
+        "{stats:?}"
+    );
+    assert!(
+        stats[XdpOutcome::Broadcast.index() as usize].packets >= 1,
+        "the ARP request is broadcast: {stats:?}"
+    );
+
+    // The daemon's own counters, through the pinned map and through bpftool.
+    std::thread::sleep(Duration::from_millis(1100));
+    let ds = daemon_stats(&pin_dir);
+    assert_eq!(
+        ds.xdp_mode,
+        XdpMode::Native as u32,
+        "veth supports native XDP"
+    );
+    assert_eq!((ds.ifaces_attached, ds.steer_entries), (1, 1));
+    assert!(ds.uptime_ms >= 1000, "{ds:?}");
+    let dump = bpftool_dump(&pin_dir.join(maps::DAEMON_STATS));
+    for field in [
+        "uptime_ms",
+        "updated_unix_ms",
+        "pid",
+        "ifaces_attached",
+        "steer_entries",
+        "XVIO_XDP_MODE_NATIVE",
+    ] {
+        assert!(
+            dump.contains(field),
+            "bpftool output lacks {field}:\n{dump}"
+        );
+    }
+    let dump = bpftool_dump(&pin_dir.join(maps::XDP_STATS));
+    assert!(
+        dump.contains("\"packets\"") && dump.contains("\"bytes\""),
+        "{dump}"
+    );
+    let dump = bpftool_dump(&pin_dir.join(maps::STEER));
+    assert!(
+        dump.contains("\"mac\"") && dump.contains("\"vlan\"") && dump.contains("\"guest_id\""),
+        "{dump}"
+    );
+
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "xvio exits 0 on SIGTERM: {status}\n{log}");
+    assert!(
+        log.contains("redirected=1000"),
+        "the shutdown summary has the counters:\n{log}"
+    );
+    assert!(!pin_dir.exists(), "the pin folder is removed");
+    let ifindex = topo
+        .host
+        .run(|| nix::net::if_::if_nametoindex(topo.ifname.as_str()).unwrap());
+    let attached = topo
+        .host
+        .run(|| xvio::netlink::xdp_attachment(ifindex).unwrap());
+    assert_eq!(attached, None, "no XDP program remains on the interface");
+}
+
+#[test]
+fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
+    if !privileged("steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged") {
+        return;
+    }
+    let topo = Topology::new(2);
+    let daemon = topo.start(&["--steer", "02:58:56:49:4f:01", "--xdp-mode", "generic"]);
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    topo.peer.run(|| {
+        let raw = RawSocket::bind(&topo.peer_if).unwrap();
+        for seq in 0..10 {
+            raw.send(&frame(GUEST, src, None, ETH_P_EXPERIMENTAL, 64, seq))
+                .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    let stats = xdp_stats(&topo.pin_dir());
+    assert_eq!(
+        stats[XdpOutcome::NoSocket.index() as usize].packets,
+        10,
+        "{stats:?}"
+    );
+    assert_eq!(
+        daemon_stats(&topo.pin_dir()).xdp_mode,
+        XdpMode::Generic as u32
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("found no AF_XDP socket"),
+        "the kernel event is logged:\n{log}"
+    );
+    assert!(
+        log.contains("02:58:56:49:4f:01"),
+        "the event names the MAC:\n{log}"
+    );
+}
+
+#[test]
+fn user_errors_exit_non_zero_with_one_line() {
+    if !privileged("user_errors_exit_non_zero_with_one_line") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["run", "--iface", "xvio-nonexistent"],
+            "interface 'xvio-nonexistent' does not exist",
+        ),
+        (
+            &["run", "--iface", &topo.ifname, "--steer", "02:00:00:00:00"],
+            "is not a MAC address",
+        ),
+        (
+            &[
+                "run",
+                "--iface",
+                &topo.ifname,
+                "--steer",
+                "ff:ff:ff:ff:ff:ff",
+            ],
+            "must be unicast",
+        ),
+        (
+            &["run", "--iface", &topo.ifname, "--iface", &topo.ifname],
+            "given twice",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = run_xvio(Some(&topo.host), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected '{expected}' in:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{stderr}"
+        );
+        let error_lines = stderr.lines().filter(|l| l.contains("error")).count();
+        assert_eq!(error_lines, 1, "one error line:\n{stderr}");
+    }
+    assert!(!topo.pin_dir().exists(), "a failed start leaves no pins");
+
+    // Without privileges: one line that says to use root.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(xvio_tests::daemon::xvio_bin())
+        .args(["run", "--iface", "lo"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("needs root"), "{stderr}");
+}
+
+#[test]
+fn an_attached_program_is_refused_unless_replace() {
+    if !privileged("an_attached_program_is_refused_unless_replace") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let first = topo.start(&[]);
+    // A second daemon finds the first one's program (held through a BPF link).
+    let out = run_xvio(Some(&topo.host), &["run", "--iface", &topo.ifname]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("already has an XDP program attached") && stderr.contains("--replace"),
+        "{stderr}"
+    );
+    let out = run_xvio(
+        Some(&topo.host),
+        &["run", "--iface", &topo.ifname, "--replace"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a program held by another process's link is not torn away"
+    );
+    assert!(
+        stderr.contains("BPF link another process holds") && stderr.contains("link id"),
+        "{stderr}"
+    );
+    assert!(
+        topo.pin_dir().join(maps::XDP_STATS).exists(),
+        "the first daemon's pins are untouched"
+    );
+    let (status, log) = first.terminate();
+    assert!(status.success(), "{log}");
+
+    // A program attached the legacy way (netlink, as `ip link set … xdp obj` does).
+    let obj = std::env::temp_dir().join(format!("{}.o", unique_name("xvio-obj")));
+    std::fs::write(&obj, xvio::XDP_OBJECT).unwrap();
+    topo.host.ip(&[
+        "link",
+        "set",
+        "dev",
+        &topo.ifname,
+        "xdpgeneric",
+        "obj",
+        obj.to_str().unwrap(),
+        "sec",
+        "xdp",
+    ]);
+    std::fs::remove_file(&obj).unwrap();
+    let out = run_xvio(Some(&topo.host), &["run", "--iface", &topo.ifname]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("generic mode"), "{stderr}");
+    let replaced = topo.start(&["--replace"]);
+    assert!(
+        replaced.log().contains("replaced the XDP program"),
+        "{}",
+        replaced.log()
+    );
+    let (status, log) = replaced.terminate();
+    assert!(status.success(), "{log}");
+    let ifindex = topo
+        .host
+        .run(|| nix::net::if_::if_nametoindex(topo.ifname.as_str()).unwrap());
+    assert_eq!(
+        topo.host
+            .run(|| xvio::netlink::xdp_attachment(ifindex).unwrap()),
+        None
+    );
+}
