@@ -42,7 +42,7 @@ pub enum AttachError {
         iface: String,
         /// The cause.
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     /// The verifier or the kernel refused the program.
     #[error("loading the XDP program for '{iface}' into the kernel")]
@@ -51,7 +51,7 @@ pub enum AttachError {
         iface: String,
         /// The cause.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Another XDP program is attached and `--replace` was not given.
     #[error(
@@ -100,7 +100,7 @@ pub enum AttachError {
         hint: &'static str,
         /// The cause.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A map the program declares is missing or of another type.
     #[error("map '{name}' of the XDP object")]
@@ -109,7 +109,7 @@ pub enum AttachError {
         name: &'static str,
         /// The cause.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// The object lacks a map or the program (a build mismatch).
     #[error("the XDP object has no '{0}'; rebuild xvio")]
@@ -123,7 +123,7 @@ pub enum AttachError {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: PinError,
+        source: Box<PinError>,
     },
     /// Making or cleaning the pin folder failed.
     #[error(transparent)]
@@ -176,24 +176,23 @@ impl AttachedIface {
                 max: xvio_common::STEER_MAX,
             });
         }
-        let mut ebpf =
-            EbpfLoader::new()
-                .load(XDP_OBJECT)
-                .map_err(|source| AttachError::LoadObject {
-                    iface: iface.to_owned(),
-                    source,
-                })?;
+        let mut ebpf = EbpfLoader::new()
+            .load(XDP_OBJECT)
+            .map_err(|e| AttachError::LoadObject {
+                iface: iface.to_owned(),
+                source: Box::new(e),
+            })?;
         let program: &mut Xdp = ebpf
             .program_mut(xvio_common::PROGRAM_NAME)
             .ok_or(AttachError::Missing(xvio_common::PROGRAM_NAME))?
             .try_into()
-            .map_err(|source| AttachError::LoadProgram {
+            .map_err(|e| AttachError::LoadProgram {
                 iface: iface.to_owned(),
-                source,
+                source: Box::new(e),
             })?;
-        program.load().map_err(|source| AttachError::LoadProgram {
+        program.load().map_err(|e| AttachError::LoadProgram {
             iface: iface.to_owned(),
-            source,
+            source: Box::new(e),
         })?;
         make_room(iface, ifindex, opts.replace)?;
         let mode = attach_program(program, iface, ifindex, opts.mode)?;
@@ -253,14 +252,10 @@ impl AttachedIface {
             .map_mut(maps::DAEMON_STATS)
             .ok_or(AttachError::Missing(maps::DAEMON_STATS))?;
         let mut array: Array<&mut MapData, DaemonStats> =
-            Array::try_from(map).map_err(|source| AttachError::Map {
-                name: maps::DAEMON_STATS,
-                source,
-            })?;
-        array.set(0, stats, 0).map_err(|source| AttachError::Map {
-            name: maps::DAEMON_STATS,
-            source,
-        })
+            Array::try_from(map).map_err(map_error(maps::DAEMON_STATS))?;
+        array
+            .set(0, stats, 0)
+            .map_err(map_error(maps::DAEMON_STATS))
     }
 
     /// `xdp_stats` summed over CPUs, indexed like [`XdpOutcome::ALL`].
@@ -270,18 +265,12 @@ impl AttachedIface {
             .map(maps::XDP_STATS)
             .ok_or(AttachError::Missing(maps::XDP_STATS))?;
         let array: PerCpuArray<&MapData, XdpStats> =
-            PerCpuArray::try_from(map).map_err(|source| AttachError::Map {
-                name: maps::XDP_STATS,
-                source,
-            })?;
+            PerCpuArray::try_from(map).map_err(map_error(maps::XDP_STATS))?;
         let mut sums = [XdpStats::default(); XdpOutcome::ALL.len()];
         for (sum, outcome) in sums.iter_mut().zip(XdpOutcome::ALL) {
             let per_cpu = array
                 .get(&outcome.index(), 0)
-                .map_err(|source| AttachError::Map {
-                    name: maps::XDP_STATS,
-                    source,
-                })?;
+                .map_err(map_error(maps::XDP_STATS))?;
             for value in per_cpu.iter() {
                 sum.packets += value.packets;
                 sum.bytes += value.bytes;
@@ -296,10 +285,7 @@ impl AttachedIface {
             .ebpf
             .take_map(maps::EVENTS)
             .ok_or(AttachError::Missing(maps::EVENTS))?;
-        RingBuf::try_from(map).map_err(|source| AttachError::Map {
-            name: maps::EVENTS,
-            source,
-        })
+        RingBuf::try_from(map).map_err(map_error(maps::EVENTS))
     }
 
     fn fill_steer(&mut self, steer: &[SteerSpec]) -> Result<(), AttachError> {
@@ -308,16 +294,10 @@ impl AttachedIface {
             .map_mut(maps::STEER)
             .ok_or(AttachError::Missing(maps::STEER))?;
         let mut hash: HashMap<&mut MapData, xvio_common::SteerKey, SteerValue> =
-            HashMap::try_from(map).map_err(|source| AttachError::Map {
-                name: maps::STEER,
-                source,
-            })?;
+            HashMap::try_from(map).map_err(map_error(maps::STEER))?;
         for (guest_id, spec) in (0u32..).zip(steer) {
             hash.insert(spec.key(), SteerValue { guest_id, flags: 0 }, 0)
-                .map_err(|source| AttachError::Map {
-                    name: maps::STEER,
-                    source,
-                })?;
+                .map_err(map_error(maps::STEER))?;
         }
         self.steer_entries = hash.keys().count() as u32;
         Ok(())
@@ -337,8 +317,11 @@ impl AttachedIface {
         for name in maps::PINNED {
             let path = self.pin_dir.join(name);
             let map = self.ebpf.map(name).ok_or(AttachError::Missing(name))?;
-            map.pin(&path)
-                .map_err(|source| AttachError::Pin { name, path, source })?;
+            map.pin(&path).map_err(|source| AttachError::Pin {
+                name,
+                path,
+                source: Box::new(source),
+            })?;
         }
         Ok(())
     }
@@ -350,6 +333,14 @@ impl Drop for AttachedIface {
             warn!(iface = %self.name, error = %e, "could not remove pins");
         }
         info!(iface = %self.name, "XDP program detached");
+    }
+}
+
+/// Wraps a map error of map `name`.
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> AttachError {
+    move |e| AttachError::Map {
+        name,
+        source: Box::new(e),
     }
 }
 
@@ -441,7 +432,7 @@ fn attach_program(
             _ => "native",
         },
         hint,
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -449,10 +440,10 @@ fn attach_program(
 pub fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(err);
     while let Some(e) = next {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
-                return true;
-            }
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
         }
         next = e.source();
     }

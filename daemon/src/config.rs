@@ -21,6 +21,19 @@ pub struct Cli {
 pub enum Command {
     /// Attach the XDP program to interfaces and run the datapath until SIGINT or SIGTERM.
     Run(RunConfig),
+    /// Print the counters a running daemon pinned for an interface (summed over CPUs).
+    Stats(StatsConfig),
+}
+
+/// `xvio stats` options.
+#[derive(Debug, Args, Clone)]
+pub struct StatsConfig {
+    /// Interface whose pins to read.
+    #[arg(long = "iface", value_name = "IF", required = true)]
+    pub iface: String,
+    /// Root of the pins on bpffs.
+    #[arg(long, value_name = "DIR", default_value = xvio_common::PIN_ROOT)]
+    pub pin_root: std::path::PathBuf,
 }
 
 /// `xvio run` options.
@@ -82,7 +95,7 @@ impl FromStr for MacAddr {
         let mut parts = s.split(':');
         for octet in &mut mac {
             let part = parts.next().ok_or_else(|| ParseError::Mac(s.to_owned()))?;
-            if part.is_empty() || part.len() > 2 {
+            if part.is_empty() || part.len() > 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ParseError::Mac(s.to_owned()));
             }
             *octet = u8::from_str_radix(part, 16).map_err(|_| ParseError::Mac(s.to_owned()))?;

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod events;
 pub mod netlink;
 pub mod privileges;
+pub mod stats;
 
 /// The compiled XDP program (`ebpf/xvio.bpf.c`, built by `build.rs`), with BTF.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xvio.bpf.o"));

@@ -20,6 +20,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(config) => xvio::daemon::run(config).map_err(anyhow::Error::from),
+        Command::Stats(config) => xvio::stats::report(config)
+            .map(|text| print!("{text}"))
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

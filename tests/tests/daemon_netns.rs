@@ -223,6 +223,24 @@ fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
         "{dump}"
     );
 
+    let out = run_xvio(None, &["stats", "--iface", &topo.ifname]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "xvio stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("redirected"))
+        .unwrap_or_default();
+    assert_eq!(
+        line.split_whitespace().nth(1),
+        Some("1000"),
+        "xvio stats:\n{report}"
+    );
+    assert!(report.contains("XVIO_XDP_MODE_NATIVE"), "{report}");
+
     let (status, log) = daemon.terminate();
     assert!(status.success(), "xvio exits 0 on SIGTERM: {status}\n{log}");
     assert!(

@@ -1,1 +1,173 @@
-fn main() {}
+//! `cargo xtask`: the two commands a new user runs, and the developer's chores.
+//!
+//! - `cargo xtask run [-- ARGS]`: installs what is missing, builds, and runs the daemon. With
+//!   no `--iface` in ARGS it makes a demo: netns `xvio-demo` and veth `xvio-demo0` (here) ↔
+//!   `xvio-demo1` (there), attaches to `xvio-demo0`, and removes it all on Ctrl-C.
+//! - `cargo xtask test`: installs what is missing, then fmt, clippy and every test,
+//!   privileged ones included (they need root; in CI they must not skip).
+
+mod deps;
+mod run;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str =
+    "usage: cargo xtask run [-- XVIO_RUN_ARGS...] | cargo xtask test [-- CARGO_TEST_ARGS...]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run::run(rest(&args)),
+        Some("test") => test(rest(&args)),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(anyhow::anyhow!("{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Arguments after the subcommand, without a leading `--`.
+fn rest(args: &[String]) -> &[String] {
+    let rest = &args[1..];
+    match rest.first().map(String::as_str) {
+        Some("--") => &rest[1..],
+        _ => rest,
+    }
+}
+
+/// `cargo xtask test`.
+fn test(extra: &[String]) -> Result<()> {
+    deps::ensure(deps::TEST_PACKAGES)?;
+    if deps::is_root() {
+        deps::ensure_bpffs()?;
+    } else {
+        eprintln!(
+            "xtask: not root: privileged tests (netns, XDP, AF_XDP) will skip; run as root to include them"
+        );
+    }
+    cargo(&["fmt", "--all", "--", "--check"])
+        .context("cargo fmt found unformatted code (run `cargo fmt --all`)")?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo_test(&args)
+}
+
+/// Runs `cargo test …`, echoing its output, and closes with one line that adds up every
+/// test binary's `test result:` line (the last binary alone, often doc-tests, says little).
+fn cargo_test(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo}"))?;
+    let mut totals = TestTotals::default();
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!(
+        "tests: {} passed, {} failed, {} ignored",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Sums of cargo test's `test result: ok. 3 passed; 0 failed; 1 ignored; …` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo ARGS…` from the workspace root.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ is in the workspace")
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn adds_up_test_result_lines() {
+        let mut t = TestTotals::default();
+        t.add("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.79s");
+        t.add("test foo ... ok");
+        assert_eq!(
+            t,
+            TestTotals {
+                passed: 15,
+                failed: 2,
+                ignored: 1
+            }
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! `xvio stats`: reads the maps a running daemon pinned for one interface and prints them
+//! summed over CPUs, with names, for people who do not want to add up bpftool's per-CPU
+//! JSON by hand.
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use aya::maps::{Array, Map, MapData, MapError, PerCpuArray};
+use thiserror::Error;
+use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
+
+use crate::config::StatsConfig;
+
+/// Errors of `xvio stats`.
+#[derive(Debug, Error)]
+pub enum StatsError {
+    /// The pin is missing or unreadable.
+    #[error("reading {path} (is xvio running on this interface? are you root?)")]
+    Open {
+        /// The pin.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+/// The report for `config.iface`, as text.
+pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
+    let dir = config.pin_root.join(&config.iface);
+    let open = |name: &str| {
+        let path = dir.join(name);
+        MapData::from_pin(&path).map_err(|e| StatsError::Open {
+            path,
+            source: Box::new(e),
+        })
+    };
+    let wrap = |name: &str| {
+        let path = dir.join(name);
+        move |e| StatsError::Open {
+            path,
+            source: Box::new(e),
+        }
+    };
+    let xdp: PerCpuArray<MapData, XdpStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(maps::XDP_STATS)?))
+            .map_err(wrap(maps::XDP_STATS))?;
+    let daemon: Array<MapData, DaemonStats> =
+        Array::try_from(Map::Array(open(maps::DAEMON_STATS)?)).map_err(wrap(maps::DAEMON_STATS))?;
+    let ds = daemon.get(&0, 0).map_err(wrap(maps::DAEMON_STATS))?;
+
+    let mut out = String::new();
+    let mode = [XdpMode::None, XdpMode::Native, XdpMode::Generic]
+        .into_iter()
+        .find(|m| *m as u32 == ds.xdp_mode)
+        .map_or("unknown", XdpMode::c_name);
+    let _ = writeln!(
+        out,
+        "{}: xdp_mode {mode}, daemon pid {}, uptime {} s, {} steer entries",
+        config.iface,
+        ds.pid,
+        ds.uptime_ms / 1000,
+        ds.steer_entries
+    );
+    let _ = writeln!(out, "{:<12} {:>14} {:>16}", "outcome", "packets", "bytes");
+    for outcome in XdpOutcome::ALL {
+        let per_cpu = xdp
+            .get(&outcome.index(), 0)
+            .map_err(wrap(maps::XDP_STATS))?;
+        let (packets, bytes) = per_cpu
+            .iter()
+            .fold((0u64, 0u64), |(p, b), v| (p + v.packets, b + v.bytes));
+        let _ = writeln!(out, "{:<12} {packets:>14} {bytes:>16}", outcome.name());
+    }
+    Ok(out)
+}
