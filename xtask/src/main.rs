@@ -68,17 +68,22 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // The daemon tests run the `xvio` binary, which `cargo test` does not build for another
+    // package's tests: build it first and point the tests at it.
+    cargo(&["build", "-p", "xvio", "--bin", "xvio"])?;
+    let bin = workspace_root().join("target/debug/xvio");
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    cargo_test(&args)
+    cargo_test(&args, &bin)
 }
 
 /// Runs `cargo test …`, echoing its output, and closes with one line that adds up every
 /// test binary's `test result:` line (the last binary alone, often doc-tests, says little).
-fn cargo_test(args: &[&str]) -> Result<()> {
+fn cargo_test(args: &[&str], xvio_bin: &std::path::Path) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut child = Command::new(&cargo)
         .args(args)
+        .env("XVIO_BIN", xvio_bin)
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
         .spawn()
