@@ -8,6 +8,7 @@
 pub mod attach;
 pub mod bpffs;
 pub mod config;
+pub mod copy;
 pub mod daemon;
 pub mod events;
 pub mod netlink;

@@ -1,0 +1,195 @@
+//! The DMA channels of the daemon and which virtqueue each is bound to. A channel serves one
+//! virtqueue at a time (DPDK's rule: completions are per channel, so two queues sharing one
+//! would see each other's completions); binding it to a second is an error that names both.
+
+use std::fmt;
+
+use thiserror::Error;
+
+use super::channel::DmaChannel;
+
+/// A virtqueue, as the binding errors and stats name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueRef {
+    /// The guest (its vhost-user socket or name).
+    pub device: String,
+    /// The virtqueue index.
+    pub queue: u16,
+}
+
+impl fmt::Display for QueueRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} queue {}", self.device, self.queue)
+    }
+}
+
+/// Binding failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BindError {
+    /// No channel by that name.
+    #[error("no DMA channel named '{0}'")]
+    Unknown(String),
+    /// The channel serves another virtqueue.
+    #[error("DMA channel '{channel}' is already bound to {bound_to}; unbind it there first")]
+    AlreadyBound {
+        /// The channel.
+        channel: String,
+        /// The queue it serves.
+        bound_to: QueueRef,
+    },
+}
+
+/// A channel bound to one virtqueue, with the threshold chosen for it.
+#[derive(Debug)]
+pub struct BoundChannel {
+    slot: usize,
+    queue: QueueRef,
+    threshold: u32,
+    channel: Box<dyn DmaChannel>,
+}
+
+impl BoundChannel {
+    /// The channel's name.
+    pub fn name(&self) -> &str {
+        self.channel.name()
+    }
+
+    /// The queue it is bound to.
+    pub fn queue(&self) -> &QueueRef {
+        &self.queue
+    }
+
+    /// Copies shorter than this go to the CPU.
+    pub fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &dyn DmaChannel {
+        self.channel.as_ref()
+    }
+
+    /// The channel, to copy with.
+    pub fn channel_mut(&mut self) -> &mut dyn DmaChannel {
+        self.channel.as_mut()
+    }
+}
+
+#[derive(Debug)]
+enum Slot {
+    Free(Box<dyn DmaChannel>),
+    Bound(QueueRef),
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    threshold: u32,
+    slot: Slot,
+}
+
+/// Every DMA channel of the daemon.
+#[derive(Debug, Default)]
+pub struct ChannelPool {
+    entries: Vec<Entry>,
+}
+
+impl ChannelPool {
+    /// An empty pool.
+    pub fn new() -> ChannelPool {
+        ChannelPool::default()
+    }
+
+    /// Adds a channel with its threshold (bytes; copies shorter go to the CPU).
+    pub fn add(&mut self, channel: Box<dyn DmaChannel>, threshold: u32) {
+        let name = channel.name().to_owned();
+        self.entries.push(Entry {
+            name,
+            threshold,
+            slot: Slot::Free(channel),
+        });
+    }
+
+    /// Names and thresholds of the channels, with the queue each is bound to.
+    pub fn list(&self) -> impl Iterator<Item = (&str, u32, Option<&QueueRef>)> {
+        self.entries.iter().map(|e| {
+            let bound = match &e.slot {
+                Slot::Bound(q) => Some(q),
+                Slot::Free(_) => None,
+            };
+            (e.name.as_str(), e.threshold, bound)
+        })
+    }
+
+    /// Takes channel `name` for `queue`.
+    pub fn bind(&mut self, name: &str, queue: QueueRef) -> Result<BoundChannel, BindError> {
+        let (slot, entry) = self
+            .entries
+            .iter_mut()
+            .enumerate()
+            .find(|(_, e)| e.name == name)
+            .ok_or_else(|| BindError::Unknown(name.to_owned()))?;
+        match std::mem::replace(&mut entry.slot, Slot::Bound(queue.clone())) {
+            Slot::Free(channel) => Ok(BoundChannel {
+                slot,
+                queue,
+                threshold: entry.threshold,
+                channel,
+            }),
+            Slot::Bound(bound_to) => {
+                entry.slot = Slot::Bound(bound_to.clone());
+                Err(BindError::AlreadyBound {
+                    channel: name.to_owned(),
+                    bound_to,
+                })
+            }
+        }
+    }
+
+    /// Gives a channel back (after its engine drained it).
+    pub fn release(&mut self, bound: BoundChannel) {
+        if let Some(entry) = self.entries.get_mut(bound.slot) {
+            entry.slot = Slot::Free(bound.channel);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::cpu::CpuChannel;
+
+    fn q(n: u16) -> QueueRef {
+        QueueRef {
+            device: "vm1".into(),
+            queue: n,
+        }
+    }
+
+    #[test]
+    fn a_channel_serves_one_queue_at_a_time() {
+        let mut pool = ChannelPool::new();
+        pool.add(Box::new(CpuChannel::new()), 256);
+        let bound = pool.bind("cpu", q(0)).unwrap();
+        assert_eq!(bound.threshold(), 256);
+        let err = pool.bind("cpu", q(1)).unwrap_err();
+        assert_eq!(
+            err,
+            BindError::AlreadyBound {
+                channel: "cpu".into(),
+                bound_to: q(0)
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "DMA channel 'cpu' is already bound to vm1 queue 0; unbind it there first"
+        );
+        assert_eq!(pool.list().next().unwrap().2, Some(&q(0)));
+        pool.release(bound);
+        assert!(pool.bind("cpu", q(1)).is_ok());
+        assert_eq!(
+            pool.bind("dsa0", q(1)).unwrap_err(),
+            BindError::Unknown("dsa0".into())
+        );
+    }
+}
