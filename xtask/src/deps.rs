@@ -7,8 +7,17 @@ use anyhow::{Context, Result, bail};
 
 /// Packages the build and the tests need: clang and the libbpf headers build the XDP
 /// program; bpftool inspects maps; iproute2 and util-linux (nsenter, setpriv) make the
-/// namespaces the tests run in.
-pub const TEST_PACKAGES: &[&str] = &["clang", "libbpf-dev", "bpftool", "iproute2", "util-linux"];
+/// namespaces the tests run in; gcc and linux-libc-dev check the DSA encoding against
+/// `linux/idxd.h`.
+pub const TEST_PACKAGES: &[&str] = &[
+    "clang",
+    "libbpf-dev",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "gcc",
+    "linux-libc-dev",
+];
 /// Packages `cargo xtask run` needs (the demo pings from its namespace).
 pub const RUN_PACKAGES: &[&str] = &[
     "clang",

@@ -15,7 +15,7 @@
 pub mod calibrate;
 pub mod channel;
 pub mod cpu;
-#[cfg(feature = "dsa")]
+#[cfg(all(feature = "dsa", target_arch = "x86_64"))]
 pub mod dsa;
 pub mod engine;
 #[cfg(test)]
