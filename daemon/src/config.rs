@@ -54,6 +54,82 @@ pub struct RunConfig {
     /// Root of the pins on bpffs; each interface gets a folder below it.
     #[arg(long, value_name = "DIR", default_value = xvio_common::PIN_ROOT)]
     pub pin_root: std::path::PathBuf,
+    /// A DMA channel for the copy engine (repeatable): `sw[:CORE]` (software engine on a core
+    /// of its own), `cpu`, or `dsa:/dev/dsa/wqX.Y` (Intel DSA work queue).
+    #[arg(long = "dma", value_name = "CHANNEL")]
+    pub dma: Vec<DmaSpec>,
+    /// Copies shorter than this many bytes are done by the CPU; `auto` measures each channel
+    /// at start-up and picks where it starts to pay off.
+    #[arg(long, value_name = "auto|BYTES", default_value = "auto")]
+    pub copy_threshold: ThresholdArg,
+}
+
+/// `--dma`: one DMA channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DmaSpec {
+    /// Synchronous memcpy.
+    Cpu,
+    /// The software copy engine, its worker pinned to `core` when given.
+    Sw {
+        /// The worker's core.
+        core: Option<usize>,
+    },
+    /// An Intel DSA work queue.
+    Dsa {
+        /// `/dev/dsa/wqX.Y`.
+        path: std::path::PathBuf,
+    },
+}
+
+impl FromStr for DmaSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let expected = "expected sw, sw:CORE, cpu or dsa:/dev/dsa/wqX.Y";
+        match s.split_once(':') {
+            None if s == "cpu" => Ok(DmaSpec::Cpu),
+            None if s == "sw" => Ok(DmaSpec::Sw { core: None }),
+            Some(("sw", core)) => core
+                .parse()
+                .map(|core| DmaSpec::Sw { core: Some(core) })
+                .map_err(|_| format!("'{core}' is not a core number; {expected}")),
+            Some(("dsa", path)) if path.starts_with('/') => Ok(DmaSpec::Dsa { path: path.into() }),
+            _ => Err(format!("'{s}' is not a DMA channel; {expected}")),
+        }
+    }
+}
+
+impl fmt::Display for DmaSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DmaSpec::Cpu => write!(f, "cpu"),
+            DmaSpec::Sw { core: None } => write!(f, "sw"),
+            DmaSpec::Sw { core: Some(core) } => write!(f, "sw:{core}"),
+            DmaSpec::Dsa { path } => write!(f, "dsa:{}", path.display()),
+        }
+    }
+}
+
+/// `--copy-threshold`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThresholdArg {
+    /// Measure each channel at start-up.
+    Auto,
+    /// This many bytes.
+    Bytes(u32),
+}
+
+impl FromStr for ThresholdArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(ThresholdArg::Auto);
+        }
+        s.parse()
+            .map(ThresholdArg::Bytes)
+            .map_err(|_| format!("'{s}' is not a size; expected auto or a number of bytes"))
+    }
 }
 
 /// `--xdp-mode`.
@@ -227,6 +303,38 @@ mod tests {
             "01:00:5e:00:00:01@3".parse::<SteerSpec>(),
             Err(ParseError::GroupMac("01:00:5e:00:00:01".into()))
         );
+    }
+
+    #[test]
+    fn parses_dma_channels_and_thresholds() {
+        assert_eq!("sw".parse::<DmaSpec>(), Ok(DmaSpec::Sw { core: None }));
+        assert_eq!("sw:1".parse::<DmaSpec>(), Ok(DmaSpec::Sw { core: Some(1) }));
+        assert_eq!("cpu".parse::<DmaSpec>(), Ok(DmaSpec::Cpu));
+        assert_eq!(
+            "dsa:/dev/dsa/wq0.0".parse::<DmaSpec>(),
+            Ok(DmaSpec::Dsa {
+                path: "/dev/dsa/wq0.0".into()
+            })
+        );
+        assert!(
+            "sw:x"
+                .parse::<DmaSpec>()
+                .unwrap_err()
+                .contains("'x' is not a core number")
+        );
+        assert!(
+            "dsa:wq0"
+                .parse::<DmaSpec>()
+                .unwrap_err()
+                .contains("is not a DMA channel")
+        );
+        assert!("ioat".parse::<DmaSpec>().is_err());
+        for text in ["sw", "sw:1", "cpu", "dsa:/dev/dsa/wq0.0"] {
+            assert_eq!(text.parse::<DmaSpec>().unwrap().to_string(), text);
+        }
+        assert_eq!("auto".parse::<ThresholdArg>(), Ok(ThresholdArg::Auto));
+        assert_eq!("512".parse::<ThresholdArg>(), Ok(ThresholdArg::Bytes(512)));
+        assert!("-1".parse::<ThresholdArg>().is_err());
     }
 
     #[test]

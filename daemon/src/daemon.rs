@@ -38,6 +38,9 @@ pub enum DaemonError {
     /// Attaching to an interface failed.
     #[error(transparent)]
     Attach(#[from] AttachError),
+    /// A DMA channel could not be started.
+    #[error(transparent)]
+    Dma(#[from] crate::copy::pool::StartError),
     /// The tokio runtime or a signal handler could not be set up.
     #[error("setting up the control plane")]
     Runtime(#[source] std::io::Error),
@@ -63,6 +66,8 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         pin_root: &config.pin_root,
         steer: &config.steer,
     };
+    // The copy engine's channels; the datapath binds them to virtqueues as guests come.
+    let dma = crate::copy::ChannelPool::start(&config.dma, config.copy_threshold)?;
     // On an error, the interfaces attached so far are dropped: detached and unpinned.
     let mut ifaces = config
         .ifaces
@@ -85,6 +90,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         log_summary(iface);
     }
     drop(ifaces);
+    drop(dma);
     info!("stopped");
     Ok(())
 }

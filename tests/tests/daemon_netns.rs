@@ -263,7 +263,14 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
         return;
     }
     let topo = Topology::new(2);
-    let daemon = topo.start(&["--steer", "02:58:56:49:4f:01", "--xdp-mode", "generic"]);
+    let daemon = topo.start(&[
+        "--steer",
+        "02:58:56:49:4f:01",
+        "--xdp-mode",
+        "generic",
+        "--dma",
+        "sw",
+    ]);
     let src = mac_of(&topo.peer, &topo.peer_if);
     topo.peer.run(|| {
         let raw = RawSocket::bind(&topo.peer_if).unwrap();
@@ -301,7 +308,21 @@ fn user_errors_exit_non_zero_with_one_line() {
         return;
     }
     let topo = Topology::new(1);
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "run",
+                "--iface",
+                &topo.ifname,
+                "--dma",
+                "dsa:/dev/dsa/wq9.9",
+            ],
+            "no Intel DSA work queue at /dev/dsa/wq9.9",
+        ),
+        (
+            &["run", "--iface", &topo.ifname, "--copy-threshold", "big"],
+            "expected auto or a number of bytes",
+        ),
         (
             &["run", "--iface", "xvio-nonexistent"],
             "interface 'xvio-nonexistent' does not exist",

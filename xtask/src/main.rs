@@ -5,6 +5,7 @@
 //!   `xvio-demo1` (there), attaches to `xvio-demo0`, and removes it all on Ctrl-C.
 //! - `cargo xtask test`: installs what is missing, then fmt, clippy and every test,
 //!   privileged ones included (they need root; in CI they must not skip).
+//! - `cargo xtask bench copy`: the copy-engine benchmark (criterion).
 
 mod deps;
 mod run;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => run::run(rest(&args)),
         Some("test") => test(rest(&args)),
+        Some("bench") => bench(rest(&args)),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -132,6 +134,23 @@ impl TestTotals {
                 _ => {}
             }
         }
+    }
+}
+
+/// `cargo xtask bench copy`: the copy-engine benchmark (criterion), release build.
+fn bench(args: &[String]) -> Result<()> {
+    let (which, extra) = match args.split_first() {
+        Some((first, rest)) if !first.starts_with('-') => (first.as_str(), rest),
+        _ => ("copy", args),
+    };
+    match which {
+        "copy" => {
+            deps::ensure(deps::TEST_PACKAGES)?;
+            let mut cargo_args = vec!["bench", "-p", "xvio", "--bench", "copy", "--"];
+            cargo_args.extend(extra.iter().map(String::as_str));
+            cargo(&cargo_args)
+        }
+        other => bail!("no benchmark '{other}' yet; available: copy"),
     }
 }
 

@@ -154,6 +154,79 @@ impl ChannelPool {
     }
 }
 
+/// Starting the configured channels failed.
+#[derive(Debug, Error)]
+#[error("starting --dma {spec}")]
+pub struct StartError {
+    /// The `--dma` value.
+    pub spec: String,
+    /// The cause.
+    #[source]
+    pub source: super::channel::DmaError,
+}
+
+impl ChannelPool {
+    /// Starts one channel per `--dma` spec, each with `threshold` or, for `Auto`, the one
+    /// calibration measures for it; logs what it chose and why.
+    pub fn start(
+        specs: &[crate::config::DmaSpec],
+        threshold: crate::config::ThresholdArg,
+    ) -> Result<ChannelPool, StartError> {
+        use crate::config::{DmaSpec, ThresholdArg};
+        let mut pool = ChannelPool::new();
+        for (n, spec) in specs.iter().enumerate() {
+            let err = |source| StartError {
+                spec: spec.to_string(),
+                source,
+            };
+            let mut channel: Box<dyn DmaChannel> = match spec {
+                DmaSpec::Cpu => Box::new(super::cpu::CpuChannel::new()),
+                DmaSpec::Sw { core } => {
+                    let config = super::sw::SwConfig {
+                        core: *core,
+                        ..super::sw::SwConfig::default()
+                    };
+                    Box::new(super::sw::SwChannel::start(&format!("sw{n}"), &config).map_err(err)?)
+                }
+                #[cfg(all(feature = "dsa", target_arch = "x86_64"))]
+                DmaSpec::Dsa { path } => {
+                    Box::new(super::dsa::DsaChannel::open(path, 1024).map_err(err)?)
+                }
+                #[cfg(not(all(feature = "dsa", target_arch = "x86_64")))]
+                DmaSpec::Dsa { .. } => {
+                    return Err(err(super::channel::DmaError::Unavailable(
+                        "this xvio was built without the `dsa` feature".into(),
+                    )));
+                }
+            };
+            let chosen = match threshold {
+                ThresholdArg::Bytes(bytes) => {
+                    tracing::info!(
+                        channel = channel.name(),
+                        threshold = bytes,
+                        "DMA channel started (threshold set)"
+                    );
+                    bytes
+                }
+                ThresholdArg::Auto => {
+                    let cal = super::calibrate::calibrate(channel.as_mut(), 2000).map_err(err)?;
+                    let at = cal.points.iter().find(|p| p.size == cal.threshold);
+                    tracing::info!(
+                        channel = channel.name(),
+                        threshold = %cal.describe(),
+                        cpu_ns = at.map(|p| p.cpu_ns.round()),
+                        offload_ns = at.map(|p| p.offload_ns.round()),
+                        "DMA channel started; copy threshold measured (cold buffers)"
+                    );
+                    cal.threshold
+                }
+            };
+            pool.add(channel, chosen);
+        }
+        Ok(pool)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

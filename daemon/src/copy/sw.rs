@@ -163,6 +163,7 @@ fn pin_to(core: usize) {
 fn work(shared: &Shared, idle_spin: Duration) {
     let mut head = shared.done.load(Ordering::Relaxed);
     let mut idle_since = Instant::now();
+    let mut idle_spins = 0u64;
     loop {
         let tail = shared.tail.load(Ordering::Acquire);
         if head < tail {
@@ -178,16 +179,23 @@ fn work(shared: &Shared, idle_spin: Duration) {
                 head += 1;
             }
             shared.done.store(head, Ordering::Release);
-            if shared.notify.swap(false, Ordering::AcqRel) {
+            // A plain load first: the read-modify-write only when someone is waiting.
+            if shared.notify.load(Ordering::Relaxed) && shared.notify.swap(false, Ordering::AcqRel)
+            {
                 let _ = shared.eventfd.write(1);
             }
-            idle_since = Instant::now();
+            idle_spins = 0;
             continue;
         }
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        if idle_since.elapsed() < idle_spin {
+        // Read the clock only every 64 idle polls: it costs more than a poll.
+        idle_spins += 1;
+        if idle_spins == 1 {
+            idle_since = Instant::now();
+        }
+        if !idle_spins.is_multiple_of(64) || idle_since.elapsed() < idle_spin {
             std::hint::spin_loop();
             continue;
         }
@@ -197,6 +205,7 @@ fn work(shared: &Shared, idle_spin: Duration) {
             std::thread::park_timeout(Duration::from_millis(1));
         }
         shared.sleeping.store(false, Ordering::SeqCst);
+        idle_spins = 0;
     }
 }
 
