@@ -58,6 +58,10 @@ pub struct RunConfig {
     /// of its own), `cpu`, or `dsa:/dev/dsa/wqX.Y` (Intel DSA work queue).
     #[arg(long = "dma", value_name = "CHANNEL")]
     pub dma: Vec<DmaSpec>,
+    /// AF_XDP sockets per interface: one per rx queue by default; a lower number uses the
+    /// first N queues; 0 opens none (steered frames then pass to the kernel as no_socket).
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u32>,
     /// Copies shorter than this many bytes are done by the CPU; `auto` measures each channel
     /// at start-up and picks where it starts to pay off.
     #[arg(long, value_name = "auto|BYTES", default_value = "auto")]

@@ -41,3 +41,42 @@ pub fn seq_of(frame: &[u8]) -> Option<u32> {
     let bytes = frame.get(14..18)?;
     Some(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
+
+/// Offset of the sequence number in [`ipv4_udp`] frames (after Ethernet, IPv4 and UDP headers).
+pub const UDP_SEQ_AT: usize = 42;
+
+/// An IPv4/UDP frame of `len` bytes (at least 46) from 10.252.0.2:`sport` to
+/// 10.252.0.1:`dport`, the payload starting with `seq`. Real headers, so that the kernel's
+/// flow hash spreads different ports over queues; checksums are left zero (UDP allows it).
+pub fn ipv4_udp(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sport: u16,
+    dport: u16,
+    len: usize,
+    seq: u32,
+) -> Vec<u8> {
+    let len = len.max(UDP_SEQ_AT + 4);
+    let mut f = frame(dst, src, None, ETH_P_IP, len, seq);
+    let ip_len = (len - 14) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17; // UDP
+    ip[12..16].copy_from_slice(&[10, 252, 0, 2]);
+    ip[16..20].copy_from_slice(&[10, 252, 0, 1]);
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = !((sum & 0xffff) + (sum >> 16)) as u16;
+    ip[10..12].copy_from_slice(&folded.to_be_bytes());
+    f[14..34].copy_from_slice(&ip);
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    f[40..42].copy_from_slice(&[0, 0]);
+    f[UDP_SEQ_AT..UDP_SEQ_AT + 4].copy_from_slice(&seq.to_be_bytes());
+    f
+}

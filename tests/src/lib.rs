@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod frames;
 pub mod netns;
 pub mod packet;
+pub mod topology;
 pub mod xsk;
 
 /// Whether a privileged test may run. Without root: in CI this panics (privileged tests

@@ -3,68 +3,22 @@
 //! match, bpftool prints named fields, and SIGTERM leaves nothing behind. Also the errors a
 //! user meets first: unknown interface, bad MAC, an XDP program already attached, no root.
 
-use std::{
-    net::UdpSocket,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{net::UdpSocket, path::Path, process::Command, time::Duration};
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
 use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
 use xvio_tests::{
-    daemon::{Daemon, run_xvio},
+    daemon::run_xvio,
     frames::{ETH_P_EXPERIMENTAL, frame, seq_of},
-    netns::{Netns, mac_of, veth},
+    netns::mac_of,
     packet::RawSocket,
-    privileged, unique_name,
+    privileged,
+    topology::Topology,
+    unique_name,
     xsk::TestXsk,
 };
 
 const GUEST: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
-
-/// Two namespaces: `host` (where xvio attaches to `ifname`) and `peer` (the sender).
-struct Topology {
-    host: Netns,
-    peer: Netns,
-    ifname: String,
-    peer_if: String,
-}
-
-impl Topology {
-    fn new(queues: u32) -> Topology {
-        let host = Netns::new("h");
-        let peer = Netns::new("q");
-        let ifname = unique_name("xvh");
-        let peer_if = unique_name("xvq");
-        veth(
-            &host,
-            &ifname,
-            "10.252.0.1/24",
-            &peer,
-            &peer_if,
-            "10.252.0.2/24",
-            queues,
-        );
-        Topology {
-            host,
-            peer,
-            ifname,
-            peer_if,
-        }
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        Path::new(xvio_common::PIN_ROOT).join(&self.ifname)
-    }
-
-    fn start(&self, extra: &[&str]) -> Daemon {
-        let mut args = vec!["--iface", &self.ifname];
-        args.extend_from_slice(extra);
-        Daemon::start(&self.host, &args, &self.pin_dir().join(maps::EVENT_STATE))
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-}
 
 fn xdp_stats(pin_dir: &Path) -> [XdpStats; 6] {
     let map = Map::PerCpuArray(MapData::from_pin(pin_dir.join(maps::XDP_STATS)).unwrap());
@@ -105,7 +59,8 @@ fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
         return;
     }
     let topo = Topology::new(1);
-    let daemon = topo.start(&["--steer", "02:58:56:49:4f:01"]);
+    // --queues 0: the daemon opens no AF_XDP socket; the test binds its own.
+    let daemon = topo.start(&["--steer", "02:58:56:49:4f:01", "--queues", "0"]);
     let pin_dir = topo.pin_dir();
     const FRAMES: u32 = 1000;
     const DATAGRAMS: usize = 20;

@@ -1,0 +1,192 @@
+//! The UMEM area of an AF_XDP port (a page-aligned anonymous mapping, split into frames) and
+//! the LIFO pool of frames the port's worker owns.
+//!
+//! Invariants: the mapping lives as long as the port (it is the last field dropped); the
+//! pool holds frame base offsets only, each at most once, and never more than the area has.
+
+use std::{io, ptr::NonNull};
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+/// An anonymous, page-aligned, pre-faulted mapping of `frames × frame_size` bytes.
+#[derive(Debug)]
+pub struct UmemArea {
+    ptr: NonNull<u8>,
+    len: usize,
+    frame_size: u32,
+}
+
+// SAFETY: the area is plain memory owned by the port; access goes through &self/&mut self of
+// the port that owns it (the kernel writes only frames the port handed it).
+unsafe impl Send for UmemArea {}
+
+impl UmemArea {
+    /// Maps `frames` frames of `frame_size` bytes (2048 or 4096).
+    pub fn new(frames: u32, frame_size: u32) -> io::Result<UmemArea> {
+        let len = frames as usize * frame_size as usize;
+        // SAFETY: an anonymous private mapping at an address the kernel chooses; it aliases
+        // nothing. The result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(UmemArea {
+            ptr,
+            len,
+            frame_size,
+        })
+    }
+
+    /// The whole area, for registering it with the kernel.
+    pub fn as_nonnull(&self) -> NonNull<[u8]> {
+        NonNull::slice_from_raw_parts(self.ptr, self.len)
+    }
+
+    /// Bytes of one frame.
+    pub fn frame_size(&self) -> u32 {
+        self.frame_size
+    }
+
+    /// Frames in the area.
+    pub fn frames(&self) -> u32 {
+        (self.len / self.frame_size as usize) as u32
+    }
+
+    /// The base offset of the frame holding `addr`.
+    pub fn frame_base(&self, addr: u64) -> u64 {
+        addr - addr % u64::from(self.frame_size)
+    }
+
+    /// `len` bytes at `addr`, clamped to the frame that holds `addr`.
+    pub fn bytes(&self, addr: u64, len: u32) -> &[u8] {
+        let (start, end) = self.clamp(addr, len);
+        // SAFETY: [start, end) lies inside the mapping (clamped to one frame), which lives as
+        // long as &self. The kernel wrote the frame before it published the descriptor and
+        // does not touch it until the port hands the frame back.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), end - start) }
+    }
+
+    /// The whole frame at base offset `base`, to fill for transmit.
+    pub fn frame_mut(&mut self, base: u64) -> &mut [u8] {
+        let (start, end) = self.clamp(base, self.frame_size);
+        // SAFETY: inside the mapping (one frame), exclusively borrowed through &mut self; the
+        // frame is owned by the port (taken from its pool), not by the kernel.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), end - start) }
+    }
+
+    fn clamp(&self, addr: u64, len: u32) -> (usize, usize) {
+        let base = self.frame_base(addr);
+        let start = usize::try_from(addr).unwrap_or(usize::MAX).min(self.len);
+        let frame_end = usize::try_from(base + u64::from(self.frame_size))
+            .unwrap_or(usize::MAX)
+            .min(self.len);
+        (
+            start,
+            start.saturating_add(len as usize).min(frame_end).max(start),
+        )
+    }
+}
+
+impl Drop for UmemArea {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`, unmapped once, after the sockets that
+        // used it (the port drops it last).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Frames the worker owns and may hand out for transmit: a stack (the most recently used
+/// frame, likely still in cache, goes out first). Never allocates after `new`.
+#[derive(Debug)]
+pub struct FramePool {
+    free: Vec<u64>,
+}
+
+impl FramePool {
+    /// A pool holding `frames`.
+    pub fn new(frames: impl Iterator<Item = u64>, capacity: usize) -> FramePool {
+        let mut free = Vec::with_capacity(capacity);
+        free.extend(frames.take(capacity));
+        FramePool { free }
+    }
+
+    /// Takes a frame.
+    pub fn take(&mut self) -> Option<u64> {
+        self.free.pop()
+    }
+
+    /// Gives a frame back. Returns false (and drops nothing it holds) if the pool is full,
+    /// which would mean a frame was given back twice.
+    pub fn give(&mut self, base: u64) -> bool {
+        if self.free.len() == self.free.capacity() {
+            return false;
+        }
+        self.free.push(base);
+        true
+    }
+
+    /// Frames in the pool.
+    pub fn len(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Whether the pool is empty.
+    pub fn is_empty(&self) -> bool {
+        self.free.is_empty()
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK so that `bytes` of UMEM can be pinned; returns the limit in force.
+/// (Root with CAP_IPC_LOCK is not limited; kernels since 5.11 charge UMEM to the memory
+/// cgroup instead, but older ones still check this limit.)
+pub fn raise_memlock(bytes: u64) -> u64 {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
+        return 0;
+    };
+    let want = soft.saturating_add(bytes).min(hard);
+    if want > soft && setrlimit(Resource::RLIMIT_MEMLOCK, want, hard).is_ok() {
+        return want;
+    }
+    soft
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_is_lifo_and_refuses_extra_frames() {
+        let mut pool = FramePool::new((0..4).map(|i| i * 2048), 4);
+        assert_eq!(pool.take(), Some(3 * 2048));
+        assert!(pool.give(3 * 2048));
+        assert!(!pool.give(3 * 2048), "a full pool refuses a fifth frame");
+        assert_eq!(pool.len(), 4);
+        while pool.take().is_some() {}
+        assert!(pool.is_empty());
+    }
+
+    #[test]
+    fn frame_access_is_clamped_to_one_frame() {
+        let mut area = UmemArea::new(4, 2048).unwrap();
+        assert_eq!(area.frames(), 4);
+        area.frame_mut(2048).fill(7);
+        assert_eq!(
+            area.bytes(2048 + 100, 4000).len(),
+            2048 - 100,
+            "clamped at the frame's end"
+        );
+        assert!(area.bytes(2048, 10).iter().all(|b| *b == 7));
+        assert_eq!(area.bytes(1 << 40, 10).len(), 0, "outside the area: empty");
+        assert_eq!(area.frame_base(4097), 4096);
+    }
+}

@@ -1,0 +1,333 @@
+//! The daemon's AF_XDP port (`xvio::xsk::XskPort`) on a real veth in network namespaces,
+//! with xvio's XDP program attached by the daemon (`--queues 0`: the test owns the sockets).
+
+use std::{
+    collections::HashSet,
+    net::UdpSocket,
+    time::{Duration, Instant},
+};
+
+use xvio::xsk::{XskConfig, XskPort};
+use xvio_common::maps;
+use xvio_tests::{
+    frames::{ETH_P_EXPERIMENTAL, UDP_SEQ_AT, frame, ipv4_udp, seq_of},
+    netns::mac_of,
+    packet::RawSocket,
+    privileged,
+    topology::Topology,
+};
+
+const GUEST: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
+const FRAMES: u32 = 10_000;
+
+/// Sizes 60 to 1514, varied.
+fn size_of_frame(seq: u32) -> usize {
+    60 + (seq as usize * 397) % 1455
+}
+
+fn udp_seq(frame: &[u8]) -> u32 {
+    u32::from_be_bytes(frame[UDP_SEQ_AT..UDP_SEQ_AT + 4].try_into().unwrap())
+}
+
+/// Receives on `ports` until `want` frames came or nothing came for 3 s.
+fn receive_all(ports: &mut [XskPort], want: usize) -> Vec<Vec<Vec<u8>>> {
+    let mut got: Vec<Vec<Vec<u8>>> = ports.iter().map(|_| Vec::new()).collect();
+    let mut last = Instant::now();
+    while got.iter().map(Vec::len).sum::<usize>() < want && last.elapsed() < Duration::from_secs(3)
+    {
+        let mut any = 0;
+        for (port, out) in ports.iter_mut().zip(got.iter_mut()) {
+            any += port.rx_burst(64, |bytes| out.push(bytes.to_vec()));
+        }
+        if any > 0 {
+            last = Instant::now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    got
+}
+
+#[test]
+fn ten_thousand_frames_arrive_identical_and_in_order_while_the_kernel_keeps_its_traffic() {
+    if !privileged(
+        "ten_thousand_frames_arrive_identical_and_in_order_while_the_kernel_keeps_its_traffic",
+    ) {
+        return;
+    }
+    let topo = Topology::new(1);
+    let _daemon = topo.start(&["--steer", "02:58:56:49:4f:01", "--queues", "0"]);
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    let sent: Vec<Vec<u8>> = (0..FRAMES)
+        .map(|seq| {
+            frame(
+                GUEST,
+                src,
+                None,
+                ETH_P_EXPERIMENTAL,
+                size_of_frame(seq),
+                seq,
+            )
+        })
+        .collect();
+    let (got, stats, counts, datagrams) = topo.host.run(|| {
+        let mut port =
+            XskPort::open(&topo.ifname, 0, &XskConfig::default()).expect("open the port");
+        port.register(&topo.pin_dir().join(maps::XSKS))
+            .expect("register it");
+        let udp = UdpSocket::bind("10.252.0.1:4790").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut ports = [port];
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                topo.peer.run(|| {
+                    let raw = RawSocket::bind(&topo.peer_if).unwrap();
+                    let client = UdpSocket::bind("10.252.0.2:0").unwrap();
+                    for (i, f) in sent.iter().enumerate() {
+                        raw.send(f).unwrap();
+                        if i % 500 == 0 {
+                            client.send_to(b"to the kernel", "10.252.0.1:4790").unwrap();
+                        }
+                    }
+                })
+            });
+            receive_all(&mut ports, FRAMES as usize)
+        });
+        let mut datagrams = 0;
+        let mut buf = [0u8; 32];
+        while datagrams < FRAMES / 500 && udp.recv(&mut buf).is_ok() {
+            datagrams += 1;
+        }
+        let [port] = ports;
+        (got, port.stats(), port.frame_counts(), datagrams)
+    });
+    let got = &got[0];
+    assert_eq!(got.len(), sent.len(), "every frame arrives: {stats:?}");
+    for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
+        assert_eq!(seq_of(g), Some(i as u32), "in order");
+        assert!(g == s, "frame {i} is byte-identical");
+    }
+    assert_eq!(
+        datagrams,
+        FRAMES / 500,
+        "unsteered UDP reached the kernel's socket meanwhile"
+    );
+    assert_eq!(stats.rx_packets, u64::from(FRAMES));
+    assert_eq!(
+        stats.rx_bytes,
+        sent.iter().map(|f| f.len() as u64).sum::<u64>()
+    );
+    assert!(counts.balanced(), "{counts:?}");
+    assert_eq!(
+        counts.fill + counts.pool,
+        counts.total,
+        "every frame is home: {counts:?}"
+    );
+}
+
+#[test]
+fn with_two_queues_every_frame_arrives_on_exactly_one_socket() {
+    if !privileged("with_two_queues_every_frame_arrives_on_exactly_one_socket") {
+        return;
+    }
+    let topo = Topology::new(2);
+    let _daemon = topo.start(&["--steer", "02:58:56:49:4f:01", "--queues", "0"]);
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    // Many UDP flows, so that the sender's flow hash spreads them over both queues.
+    let sent: Vec<Vec<u8>> = (0..FRAMES)
+        .map(|seq| {
+            ipv4_udp(
+                GUEST,
+                src,
+                10_000 + (seq % 512) as u16,
+                4791,
+                size_of_frame(seq),
+                seq,
+            )
+        })
+        .collect();
+    let got = topo.host.run(|| {
+        let mut ports: Vec<XskPort> = (0..2)
+            .map(|q| {
+                let mut p = XskPort::open(&topo.ifname, q, &XskConfig::default())
+                    .expect("open a port per queue");
+                p.register(&topo.pin_dir().join(maps::XSKS)).unwrap();
+                p
+            })
+            .collect();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                topo.peer.run(|| {
+                    let raw = RawSocket::bind(&topo.peer_if).unwrap();
+                    for f in &sent {
+                        raw.send(f).unwrap();
+                    }
+                })
+            });
+            receive_all(&mut ports, FRAMES as usize)
+        })
+    });
+    let mut seen = HashSet::new();
+    for frames in &got {
+        for f in frames {
+            assert!(
+                seen.insert(udp_seq(f)),
+                "frame {} arrived twice",
+                udp_seq(f)
+            );
+            assert!(
+                f == &sent[udp_seq(f) as usize],
+                "frame {} is byte-identical",
+                udp_seq(f)
+            );
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        FRAMES as usize,
+        "every frame arrived (queue 0: {}, queue 1: {})",
+        got[0].len(),
+        got[1].len()
+    );
+    assert!(
+        got[0].len() > 0 && got[1].len() > 0,
+        "both queues were used: {} / {}",
+        got[0].len(),
+        got[1].len()
+    );
+}
+
+#[test]
+fn ten_thousand_transmitted_frames_arrive_at_the_peer_identical() {
+    if !privileged("ten_thousand_transmitted_frames_arrive_at_the_peer_identical") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let _daemon = topo.start(&["--queues", "0"]);
+    const ME: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0xaa];
+    let dst = mac_of(&topo.peer, &topo.peer_if);
+    let sent: Vec<Vec<u8>> = (0..FRAMES)
+        .map(|seq| frame(dst, ME, None, ETH_P_EXPERIMENTAL, size_of_frame(seq), seq))
+        .collect();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (received, stats, counts) = std::thread::scope(|s| {
+        let receiver = s.spawn(move || {
+            topo.peer.run(move || {
+                let raw = RawSocket::bind(&topo.peer_if).unwrap();
+                raw.set_rcvbuf(64 << 20).unwrap();
+                ready_tx.send(()).unwrap();
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 2048];
+                while got.len() < FRAMES as usize {
+                    let Some(n) = raw.recv(&mut buf, Duration::from_secs(3)).unwrap() else {
+                        break;
+                    };
+                    if buf[6..12] == ME && buf[12..14] == ETH_P_EXPERIMENTAL.to_be_bytes() {
+                        got.push(buf[..n].to_vec());
+                    }
+                }
+                got
+            })
+        });
+        ready_rx.recv().unwrap();
+        let (stats, counts) = topo.host.run(|| {
+            let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
+            for chunk in sent.chunks(64) {
+                for f in chunk {
+                    while !port.send(f) {
+                        port.tx_flush();
+                    }
+                }
+                port.tx_flush();
+                // Pace to the receiver: the veth peer queues at most a backlog's worth.
+                let start = Instant::now();
+                while port.frame_counts().tx_in_flight > 0
+                    && start.elapsed() < Duration::from_secs(1)
+                {
+                    port.reap();
+                }
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            let start = Instant::now();
+            while port.frame_counts().tx_in_flight > 0 && start.elapsed() < Duration::from_secs(5) {
+                port.reap();
+            }
+            (port.stats(), port.frame_counts())
+        });
+        (receiver.join().unwrap(), stats, counts)
+    });
+    assert_eq!(stats.tx_packets, u64::from(FRAMES), "{stats:?}");
+    assert_eq!((stats.tx_ring_full, stats.tx_no_frame), (0, 0), "{stats:?}");
+    assert_eq!(received.len(), sent.len(), "every frame reached the peer");
+    for (i, (g, s)) in received.iter().zip(&sent).enumerate() {
+        assert!(g == s, "frame {i} arrived byte-identical and in order");
+    }
+    assert!(
+        counts.balanced() && counts.fill + counts.pool == counts.total,
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn a_flood_faster_than_the_consumer_drops_counted_frames_and_loses_none_of_the_pool() {
+    if !privileged(
+        "a_flood_faster_than_the_consumer_drops_counted_frames_and_loses_none_of_the_pool",
+    ) {
+        return;
+    }
+    let topo = Topology::new(1);
+    let _daemon = topo.start(&["--steer", "02:58:56:49:4f:01", "--queues", "0"]);
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    let small = XskConfig {
+        frame_size: 2048,
+        frames: 512,
+        ring: 256,
+    };
+    let (stats, counts, received) = topo.host.run(|| {
+        let mut port = XskPort::open(&topo.ifname, 0, &small).unwrap();
+        port.register(&topo.pin_dir().join(maps::XSKS)).unwrap();
+        // Nobody reads while 5000 frames arrive: the rings overflow.
+        topo.peer.run(|| {
+            let raw = RawSocket::bind(&topo.peer_if).unwrap();
+            for seq in 0..5000 {
+                raw.send(&frame(GUEST, src, None, ETH_P_EXPERIMENTAL, 1000, seq))
+                    .unwrap();
+            }
+        });
+        let mut received = 0;
+        loop {
+            let n = port.rx_burst(64, |_| {});
+            if n == 0 {
+                break;
+            }
+            received += n;
+        }
+        // Exercise transmit under pressure too: more sends than frames.
+        for seq in 0..2000 {
+            let _ = port.send(&frame(src, GUEST, None, ETH_P_EXPERIMENTAL, 200, seq));
+            if seq % 100 == 0 {
+                port.tx_flush();
+            }
+        }
+        port.tx_flush();
+        let start = Instant::now();
+        while port.frame_counts().tx_in_flight > 0 && start.elapsed() < Duration::from_secs(5) {
+            port.reap();
+        }
+        (port.stats(), port.frame_counts(), received)
+    });
+    assert!(
+        received > 0 && received < 5000,
+        "some frames received, not all: {received}"
+    );
+    assert!(
+        stats.rx_ring_full + stats.fill_ring_empty > 0,
+        "the kernel's drops are counted: {stats:?}"
+    );
+    assert!(counts.balanced(), "{counts:?}");
+    assert_eq!(
+        counts.fill + counts.pool,
+        counts.total,
+        "the pool is intact: {counts:?}"
+    );
+}
