@@ -190,7 +190,7 @@ fn with_two_queues_every_frame_arrives_on_exactly_one_socket() {
         got[1].len()
     );
     assert!(
-        got[0].len() > 0 && got[1].len() > 0,
+        !got[0].is_empty() && !got[1].is_empty(),
         "both queues were used: {} / {}",
         got[0].len(),
         got[1].len()
