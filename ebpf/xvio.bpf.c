@@ -49,6 +49,14 @@ struct {
 	__type(value, struct xvio_daemon_stats);
 } daemon_stats SEC(".maps");
 
+/* Written by the daemon only, one entry per rx queue. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XVIO_XSKS_MAX);
+	__type(key, __u32);
+	__type(value, struct xvio_port_stats);
+} port_stats SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, XVIO_EVENTS_BYTES);

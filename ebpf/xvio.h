@@ -62,6 +62,27 @@ struct xvio_daemon_stats {
 	__u32 ifaces_attached;   /* interfaces this daemon has attached */
 	enum xvio_xdp_mode xdp_mode; /* how the program is attached to this interface */
 	__u32 steer_entries;     /* entries the daemon put in steer */
+	__u32 xsk_sockets;       /* AF_XDP sockets open on this interface (one per rx queue) */
+	__u32 xsk_zero_copy;     /* how many of them the driver bound in zero-copy mode */
+};
+
+/* Value of port_stats[rx queue]: one AF_XDP port, written by the daemon about once a second. */
+struct xvio_port_stats {
+	__u32 active;            /* 1 while a socket is open on this queue */
+	__u32 zero_copy;         /* 1: zero-copy; 0: copy mode (slower) */
+	__u32 need_wakeup;       /* 1: the rings use XDP_USE_NEED_WAKEUP */
+	__u32 reserved;
+	__u64 rx_packets;        /* frames received */
+	__u64 rx_bytes;
+	__u64 tx_packets;        /* frames handed to the tx ring */
+	__u64 tx_bytes;
+	__u64 rx_empty_polls;    /* receive polls that found nothing */
+	__u64 fill_ring_empty;   /* kernel drops: no frame in the fill ring */
+	__u64 rx_ring_full;      /* kernel drops: rx ring full */
+	__u64 tx_ring_full;      /* frames not sent: tx ring full */
+	__u64 tx_no_frame;       /* frames not sent: no free frame */
+	__u64 tx_in_flight;      /* frames in the tx ring or awaiting completion */
+	__u64 rx_no_guest;       /* frames received with no guest to deliver them to (dropped) */
 };
 
 /* Kind of a kernel event in the events ring buffer. */

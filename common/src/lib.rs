@@ -22,12 +22,21 @@ pub mod maps {
     pub const XSKS: &str = "xsks";
     /// Array with one [`crate::DaemonStats`], written by the daemon.
     pub const DAEMON_STATS: &str = "daemon_stats";
+    /// Array of [`crate::PortStats`], indexed by rx queue, written by the daemon.
+    pub const PORT_STATS: &str = "port_stats";
     /// Ring buffer of [`crate::Event`].
     pub const EVENTS: &str = "events";
     /// Per-CPU array of [`crate::EventState`], indexed by [`crate::EventKind`].
     pub const EVENT_STATE: &str = "event_state";
     /// The maps the daemon pins, in the order `bpftool` users will look for them.
-    pub const PINNED: [&str; 5] = [XDP_STATS, STEER, XSKS, DAEMON_STATS, EVENT_STATE];
+    pub const PINNED: [&str; 6] = [
+        XDP_STATS,
+        STEER,
+        XSKS,
+        DAEMON_STATS,
+        PORT_STATS,
+        EVENT_STATE,
+    ];
 }
 
 /// Entries of `steer` (`XVIO_STEER_MAX`).
@@ -186,6 +195,46 @@ pub struct DaemonStats {
     pub xdp_mode: u32,
     /// Entries the daemon put in `steer`.
     pub steer_entries: u32,
+    /// AF_XDP sockets open on this interface.
+    pub xsk_sockets: u32,
+    /// How many of them are in zero-copy mode.
+    pub xsk_zero_copy: u32,
+}
+
+/// Value of `port_stats[rx queue]` (`struct xvio_port_stats`): one AF_XDP port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// 1 while a socket is open on this queue.
+    pub active: u32,
+    /// 1: zero-copy; 0: copy mode.
+    pub zero_copy: u32,
+    /// 1: the rings use need_wakeup.
+    pub need_wakeup: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames handed to the tx ring.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Receive polls that found nothing.
+    pub rx_empty_polls: u64,
+    /// Kernel drops: no frame in the fill ring.
+    pub fill_ring_empty: u64,
+    /// Kernel drops: rx ring full.
+    pub rx_ring_full: u64,
+    /// Frames not sent: tx ring full.
+    pub tx_ring_full: u64,
+    /// Frames not sent: no free frame.
+    pub tx_no_frame: u64,
+    /// Frames in the tx ring or awaiting completion.
+    pub tx_in_flight: u64,
+    /// Frames received with no guest to deliver them to (dropped).
+    pub rx_no_guest: u64,
 }
 
 /// Kind of a kernel event (`enum xvio_event_kind`).
@@ -260,7 +309,7 @@ pub struct EventState {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{DaemonStats, Event, EventState, SteerKey, SteerValue, XdpStats};
+    use super::{DaemonStats, Event, EventState, PortStats, SteerKey, SteerValue, XdpStats};
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays
     // with no padding (checked against the object's BTF), so any bit pattern is valid.
@@ -275,6 +324,8 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EventState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortStats {}
 }
 
 impl Event {

@@ -232,12 +232,14 @@ impl AttachedIface {
         &self.pin_dir
     }
 
-    /// Writes the daemon's counters for this interface into `daemon_stats[0]`.
+    /// Writes the daemon's counters for this interface: `daemon_stats[0]` and one
+    /// `port_stats` entry per AF_XDP port (`ports`: rx queue and counters).
     pub fn publish(
         &mut self,
         uptime_ms: u64,
         updated_unix_ms: u64,
         ifaces_attached: u32,
+        ports: &[(u32, xvio_common::PortStats)],
     ) -> Result<(), AttachError> {
         let stats = DaemonStats {
             uptime_ms,
@@ -246,6 +248,8 @@ impl AttachedIface {
             ifaces_attached,
             xdp_mode: self.mode as u32,
             steer_entries: self.steer_entries,
+            xsk_sockets: ports.len() as u32,
+            xsk_zero_copy: ports.iter().filter(|(_, p)| p.zero_copy != 0).count() as u32,
         };
         let map = self
             .ebpf
@@ -255,7 +259,29 @@ impl AttachedIface {
             Array::try_from(map).map_err(map_error(maps::DAEMON_STATS))?;
         array
             .set(0, stats, 0)
-            .map_err(map_error(maps::DAEMON_STATS))
+            .map_err(map_error(maps::DAEMON_STATS))?;
+        let map = self
+            .ebpf
+            .map_mut(maps::PORT_STATS)
+            .ok_or(AttachError::Missing(maps::PORT_STATS))?;
+        let mut array: Array<&mut MapData, xvio_common::PortStats> =
+            Array::try_from(map).map_err(map_error(maps::PORT_STATS))?;
+        for (queue, port) in ports {
+            array
+                .set(*queue, *port, 0)
+                .map_err(map_error(maps::PORT_STATS))?;
+        }
+        Ok(())
+    }
+
+    /// The number of rx queues of the interface.
+    pub fn rx_queues(&self) -> Result<u32, AttachError> {
+        netlink::link_info(self.ifindex)
+            .map(|info| info.rx_queues)
+            .map_err(|source| AttachError::Netlink {
+                iface: self.name.clone(),
+                source,
+            })
     }
 
     /// `xdp_stats` summed over CPUs, indexed like [`XdpOutcome::ALL`].

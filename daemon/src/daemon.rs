@@ -18,6 +18,7 @@ use crate::{
     bpffs,
     config::RunConfig,
     privileges,
+    xsk::{PortWorker, XskConfig, XskPort},
 };
 
 /// How often `daemon_stats` is written.
@@ -41,6 +42,20 @@ pub enum DaemonError {
     /// A DMA channel could not be started.
     #[error(transparent)]
     Dma(#[from] crate::copy::pool::StartError),
+    /// An AF_XDP port could not be opened.
+    #[error(transparent)]
+    Xsk(#[from] crate::xsk::XskError),
+    /// A port's worker thread could not be started.
+    #[error("starting the worker of {iface} queue {queue}")]
+    Worker {
+        /// The interface.
+        iface: String,
+        /// The queue.
+        queue: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The tokio runtime or a signal handler could not be set up.
     #[error("setting up the control plane")]
     Runtime(#[source] std::io::Error),
@@ -66,28 +81,38 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         pin_root: &config.pin_root,
         steer: &config.steer,
     };
-    // The copy engine's channels; the datapath binds them to virtqueues as guests come.
-    let dma = crate::copy::ChannelPool::start(&config.dma, config.copy_threshold)?;
-    // On an error, the interfaces attached so far are dropped: detached and unpinned.
-    let mut ifaces = config
-        .ifaces
-        .iter()
-        .map(|name| AttachedIface::attach(name, opts))
-        .collect::<Result<Vec<_>, _>>()?;
-    for iface in &ifaces {
-        info!(
-            "inspect with: bpftool map dump pinned {}/{}",
-            iface.pin_dir().display(),
-            xvio_common::maps::XDP_STATS
-        );
-    }
+    // Signals are caught from here on: a SIGTERM during start-up ends the daemon cleanly as
+    // soon as the control loop runs, instead of killing it with pins left behind.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    runtime.block_on(control_loop(&mut ifaces))?;
-    for iface in &ifaces {
-        log_summary(iface);
+    let signals = {
+        let _entered = runtime.enter();
+        Signals {
+            int: signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?,
+            term: signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?,
+        }
+    };
+    // The copy engine's channels; the datapath binds them to virtqueues as guests come.
+    let dma = crate::copy::ChannelPool::start(&config.dma, config.copy_threshold)?;
+    // On an error, the interfaces attached so far are dropped: ports closed, program
+    // detached, pins removed.
+    let mut ifaces = Vec::with_capacity(config.ifaces.len());
+    for name in &config.ifaces {
+        let attached = AttachedIface::attach(name, opts)?;
+        let ports = open_ports(&attached, config.queues)?;
+        info!(
+            "inspect with: bpftool map dump pinned {}/{}",
+            attached.pin_dir().display(),
+            xvio_common::maps::XDP_STATS
+        );
+        ifaces.push(Iface { ports, attached });
+    }
+    runtime.block_on(control_loop(&mut ifaces, signals))?;
+    for iface in &mut ifaces {
+        iface.ports.clear(); // stop the workers first: their last counters are final
+        log_summary(&iface.attached);
     }
     drop(ifaces);
     drop(dma);
@@ -95,13 +120,70 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-async fn control_loop(ifaces: &mut [AttachedIface]) -> Result<(), DaemonError> {
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+/// An attached interface and its AF_XDP ports (dropped first: fields drop in order).
+struct Iface {
+    ports: Vec<PortWorker>,
+    attached: AttachedIface,
+}
+
+/// Opens one AF_XDP port per rx queue of `iface` (at most `limit`, and at most the
+/// `xsks` map's size), registers each, and starts its worker.
+fn open_ports(iface: &AttachedIface, limit: Option<u32>) -> Result<Vec<PortWorker>, DaemonError> {
+    let queues = iface.rx_queues()?.min(xvio_common::XSKS_MAX);
+    let wanted = limit.map_or(queues, |n| n.min(queues));
+    let xsks = iface.pin_dir().join(xvio_common::maps::XSKS);
+    let mut ports = Vec::with_capacity(wanted as usize);
+    for queue in 0..wanted {
+        let mut port = XskPort::open(iface.name(), queue, &XskConfig::default())?;
+        port.register(&xsks)?;
+        let mode = port.mode();
+        if mode.zero_copy {
+            info!(
+                iface = iface.name(),
+                queue,
+                need_wakeup = mode.need_wakeup,
+                "AF_XDP socket bound in zero-copy mode"
+            );
+        } else {
+            warn!(
+                iface = iface.name(),
+                queue,
+                need_wakeup = mode.need_wakeup,
+                "AF_XDP socket bound in copy mode: the driver has no zero-copy support, frames are copied"
+            );
+        }
+        let worker = PortWorker::spawn(port).map_err(|source| DaemonError::Worker {
+            iface: iface.name().to_owned(),
+            queue,
+            source,
+        })?;
+        ports.push(worker);
+    }
+    if wanted < queues {
+        info!(
+            iface = iface.name(),
+            queues,
+            sockets = wanted,
+            "AF_XDP sockets on the first queues only (--queues)"
+        );
+    }
+    Ok(ports)
+}
+
+/// The signals that stop the daemon.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+async fn control_loop(ifaces: &mut [Iface], mut signals: Signals) -> Result<(), DaemonError> {
     let mut readers = tokio::task::JoinSet::new();
     for iface in ifaces.iter_mut() {
-        let ring = iface.take_events()?;
-        readers.spawn(crate::events::log_events(iface.name().to_owned(), ring));
+        let ring = iface.attached.take_events()?;
+        readers.spawn(crate::events::log_events(
+            iface.attached.name().to_owned(),
+            ring,
+        ));
     }
     let started = Instant::now();
     let count = u32::try_from(ifaces.len()).unwrap_or(u32::MAX);
@@ -109,8 +191,8 @@ async fn control_loop(ifaces: &mut [AttachedIface]) -> Result<(), DaemonError> {
     info!(ifaces = count, "running; stop with Ctrl-C or SIGTERM");
     loop {
         tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = signals.int.recv() => { info!("SIGINT: stopping"); break; }
+            _ = signals.term.recv() => { info!("SIGTERM: stopping"); break; }
             Some(done) = readers.join_next() => {
                 warn!(result = ?done, "an events reader stopped; kernel events are no longer logged");
             }
@@ -120,8 +202,10 @@ async fn control_loop(ifaces: &mut [AttachedIface]) -> Result<(), DaemonError> {
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 for iface in ifaces.iter_mut() {
-                    if let Err(e) = iface.publish(uptime_ms, now_ms, count) {
-                        warn!(iface = iface.name(), error = %e, "could not write daemon_stats");
+                    let ports: Vec<(u32, xvio_common::PortStats)> =
+                        iface.ports.iter().map(|p| (p.queue(), p.stats())).collect();
+                    if let Err(e) = iface.attached.publish(uptime_ms, now_ms, count, &ports) {
+                        warn!(iface = iface.attached.name(), error = %e, "could not write daemon_stats");
                     }
                 }
             }

@@ -21,6 +21,7 @@ const RTM_SETLINK: u16 = 19;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const IFLA_XDP: u16 = 43;
+const IFLA_NUM_RX_QUEUES: u16 = 32;
 const NLA_F_NESTED: u16 = 1 << 15;
 const IFLA_XDP_FD: u16 = 1;
 const IFLA_XDP_ATTACHED: u16 = 2;
@@ -92,8 +93,22 @@ pub struct XdpAttachment {
     pub prog_id: u32,
 }
 
+/// What rtnetlink says of one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The XDP program attached, if any.
+    pub xdp: Option<XdpAttachment>,
+    /// Its rx queues (`IFLA_NUM_RX_QUEUES`; 1 when not reported).
+    pub rx_queues: u32,
+}
+
 /// Which XDP program, if any, is attached to `ifindex`.
 pub fn xdp_attachment(ifindex: u32) -> Result<Option<XdpAttachment>, NetlinkError> {
+    link_info(ifindex).map(|info| info.xdp)
+}
+
+/// The XDP attachment and rx queue count of `ifindex`.
+pub fn link_info(ifindex: u32) -> Result<LinkInfo, NetlinkError> {
     let sock = open()?;
     let mut msg = header(RTM_GETLINK, NLM_F_REQUEST, ifindex);
     finish(&mut msg);
@@ -208,10 +223,20 @@ fn attributes(mut buf: &[u8]) -> Result<Vec<(u16, &[u8])>, NetlinkError> {
     Ok(out)
 }
 
-fn parse_link(attrs: &[u8]) -> Result<Option<XdpAttachment>, NetlinkError> {
-    let Some((_, xdp)) = attributes(attrs)?.into_iter().find(|(k, _)| *k == IFLA_XDP) else {
-        return Ok(None);
+fn parse_link(attrs: &[u8]) -> Result<LinkInfo, NetlinkError> {
+    let attrs = attributes(attrs)?;
+    let rx_queues = match attrs.iter().find(|(k, _)| *k == IFLA_NUM_RX_QUEUES) {
+        Some((_, payload)) => u32_at(payload, 0)?.max(1),
+        None => 1,
     };
+    let xdp = match attrs.iter().find(|(k, _)| *k == IFLA_XDP) {
+        Some((_, xdp)) => parse_xdp(xdp)?,
+        None => None,
+    };
+    Ok(LinkInfo { xdp, rx_queues })
+}
+
+fn parse_xdp(xdp: &[u8]) -> Result<Option<XdpAttachment>, NetlinkError> {
     let mut mode = None;
     let mut prog_id = 0;
     for (kind, payload) in attributes(xdp)? {
@@ -269,13 +294,16 @@ mod tests {
         let mut attrs = Vec::new();
         push_attr(&mut attrs, 3, b"eth0\0"); // IFLA_IFNAME, skipped
         push_attr(&mut attrs, IFLA_XDP | NLA_F_NESTED, &nest);
+        push_attr(&mut attrs, IFLA_NUM_RX_QUEUES, &4u32.to_ne_bytes());
+        let info = parse_link(&attrs).unwrap();
         assert_eq!(
-            parse_link(&attrs).unwrap(),
+            info.xdp,
             Some(XdpAttachment {
                 mode: AttachedMode::Generic,
                 prog_id: 77
             })
         );
+        assert_eq!(info.rx_queues, 4);
     }
 
     #[test]
@@ -284,8 +312,20 @@ mod tests {
         push_attr(&mut nest, IFLA_XDP_ATTACHED, &[0]);
         let mut attrs = Vec::new();
         push_attr(&mut attrs, IFLA_XDP, &nest);
-        assert_eq!(parse_link(&attrs).unwrap(), None);
-        assert_eq!(parse_link(&[]).unwrap(), None);
+        assert_eq!(
+            parse_link(&attrs).unwrap(),
+            LinkInfo {
+                xdp: None,
+                rx_queues: 1
+            }
+        );
+        assert_eq!(
+            parse_link(&[]).unwrap(),
+            LinkInfo {
+                xdp: None,
+                rx_queues: 1
+            }
+        );
     }
 
     #[test]
@@ -303,5 +343,6 @@ mod tests {
         // rtnetlink GETLINK needs no privilege; lo exists in every namespace.
         let lo = nix::net::if_::if_nametoindex("lo").unwrap();
         assert_eq!(xdp_attachment(lo).unwrap(), None);
+        assert!(link_info(lo).unwrap().rx_queues >= 1);
     }
 }

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray};
 use thiserror::Error;
-use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
+use xvio_common::{DaemonStats, PortStats, XdpMode, XdpOutcome, XdpStats, maps};
 
 use crate::config::StatsConfig;
 
@@ -70,6 +70,42 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
             .iter()
             .fold((0u64, 0u64), |(p, b), v| (p + v.packets, b + v.bytes));
         let _ = writeln!(out, "{:<12} {packets:>14} {bytes:>16}", outcome.name());
+    }
+    let ports: Array<MapData, PortStats> =
+        Array::try_from(Map::Array(open(maps::PORT_STATS)?)).map_err(wrap(maps::PORT_STATS))?;
+    let _ = writeln!(
+        out,
+        "AF_XDP sockets: {} ({} zero-copy)",
+        ds.xsk_sockets, ds.xsk_zero_copy
+    );
+    for queue in 0..ports.len() {
+        let p = ports.get(&queue, 0).map_err(wrap(maps::PORT_STATS))?;
+        if p.active == 0 {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "  queue {queue}: {}{}, rx {} pkts {} B, tx {} pkts {} B, no guest {}, drops: fill ring empty {}, rx ring full {}, tx ring full {}, no tx frame {}",
+            if p.zero_copy != 0 {
+                "zero-copy"
+            } else {
+                "copy mode"
+            },
+            if p.need_wakeup != 0 {
+                ", need_wakeup"
+            } else {
+                ""
+            },
+            p.rx_packets,
+            p.rx_bytes,
+            p.tx_packets,
+            p.tx_bytes,
+            p.rx_no_guest,
+            p.fill_ring_empty,
+            p.rx_ring_full,
+            p.tx_ring_full,
+            p.tx_no_frame
+        );
     }
     Ok(out)
 }

@@ -4,7 +4,8 @@
 use std::{collections::HashMap, mem::offset_of, process::Command};
 
 use xvio_common::{
-    DaemonStats, Event, EventKind, EventState, SteerKey, SteerValue, XdpMode, XdpOutcome, XdpStats,
+    DaemonStats, Event, EventKind, EventState, PortStats, SteerKey, SteerValue, XdpMode,
+    XdpOutcome, XdpStats,
 };
 
 /// A struct or enum from `bpftool btf dump`: its size and its members (name → bit offset
@@ -159,6 +160,30 @@ fn common_matches_btf() {
             ("ifaces_attached", offset_of!(DaemonStats, ifaces_attached)),
             ("xdp_mode", offset_of!(DaemonStats, xdp_mode)),
             ("steer_entries", offset_of!(DaemonStats, steer_entries)),
+            ("xsk_sockets", offset_of!(DaemonStats, xsk_sockets)),
+            ("xsk_zero_copy", offset_of!(DaemonStats, xsk_zero_copy)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_port_stats",
+        size_of::<PortStats>(),
+        &[
+            ("active", offset_of!(PortStats, active)),
+            ("zero_copy", offset_of!(PortStats, zero_copy)),
+            ("need_wakeup", offset_of!(PortStats, need_wakeup)),
+            ("reserved", offset_of!(PortStats, reserved)),
+            ("rx_packets", offset_of!(PortStats, rx_packets)),
+            ("rx_bytes", offset_of!(PortStats, rx_bytes)),
+            ("tx_packets", offset_of!(PortStats, tx_packets)),
+            ("tx_bytes", offset_of!(PortStats, tx_bytes)),
+            ("rx_empty_polls", offset_of!(PortStats, rx_empty_polls)),
+            ("fill_ring_empty", offset_of!(PortStats, fill_ring_empty)),
+            ("rx_ring_full", offset_of!(PortStats, rx_ring_full)),
+            ("tx_ring_full", offset_of!(PortStats, tx_ring_full)),
+            ("tx_no_frame", offset_of!(PortStats, tx_no_frame)),
+            ("tx_in_flight", offset_of!(PortStats, tx_in_flight)),
+            ("rx_no_guest", offset_of!(PortStats, rx_no_guest)),
         ],
     );
     check_struct(

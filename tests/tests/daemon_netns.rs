@@ -225,6 +225,8 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
         "generic",
         "--dma",
         "sw",
+        "--queues",
+        "0",
     ]);
     let src = mac_of(&topo.peer, &topo.peer_if);
     topo.peer.run(|| {

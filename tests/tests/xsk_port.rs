@@ -331,3 +331,116 @@ fn a_flood_faster_than_the_consumer_drops_counted_frames_and_loses_none_of_the_p
         "the pool is intact: {counts:?}"
     );
 }
+
+#[test]
+fn the_daemon_opens_a_port_per_queue_and_publishes_their_counters() {
+    if !privileged("the_daemon_opens_a_port_per_queue_and_publishes_their_counters") {
+        return;
+    }
+    let topo = Topology::new(2);
+    let daemon = topo.start(&["--steer", "02:58:56:49:4f:01"]);
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    // Wait until both ports are registered (the daemon publishes once a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while xvio_tests::daemon::run_xvio(None, &["stats", "--iface", &topo.ifname])
+        .stdout
+        .windows(13)
+        .all(|w| w != b"AF_XDP socket")
+        || !String::from_utf8_lossy(
+            &xvio_tests::daemon::run_xvio(None, &["stats", "--iface", &topo.ifname]).stdout,
+        )
+        .contains("AF_XDP sockets: 2")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not report two sockets:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    topo.peer.run(|| {
+        let raw = RawSocket::bind(&topo.peer_if).unwrap();
+        for seq in 0..FRAMES {
+            raw.send(&ipv4_udp(
+                GUEST,
+                src,
+                10_000 + (seq % 512) as u16,
+                4791,
+                size_of_frame(seq),
+                seq,
+            ))
+            .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    let report = String::from_utf8_lossy(
+        &xvio_tests::daemon::run_xvio(None, &["stats", "--iface", &topo.ifname]).stdout,
+    )
+    .into_owned();
+    let redirected: u64 = report
+        .lines()
+        .find(|l| l.starts_with("redirected"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let rx: u64 = report
+        .lines()
+        .filter(|l| l.trim_start().starts_with("queue"))
+        .filter_map(|l| {
+            l.split(", rx ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let no_guest: u64 = report
+        .lines()
+        .filter_map(|l| {
+            l.split("no guest ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(redirected, u64::from(FRAMES), "{report}");
+    assert_eq!(
+        rx,
+        u64::from(FRAMES),
+        "the daemon's ports received every redirected frame:\n{report}"
+    );
+    assert_eq!(
+        no_guest,
+        u64::from(FRAMES),
+        "with no guest, every frame is dropped and counted:\n{report}"
+    );
+    assert!(
+        report.contains("copy mode"),
+        "veth has no zero-copy: {report}"
+    );
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(topo.pin_dir().join(maps::PORT_STATS))
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    for field in [
+        "rx_packets",
+        "fill_ring_empty",
+        "tx_ring_full",
+        "rx_no_guest",
+        "zero_copy",
+        "need_wakeup",
+    ] {
+        assert!(dump.contains(field), "bpftool shows {field}");
+    }
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("AF_XDP socket bound in copy mode"),
+        "the mode is logged:\n{log}"
+    );
+}

@@ -6,5 +6,7 @@
 
 pub mod port;
 pub mod umem;
+pub mod worker;
 
 pub use port::{BURST, BindMode, FrameCounts, PortStats, XskConfig, XskError, XskPort};
+pub use worker::PortWorker;
