@@ -1,7 +1,12 @@
-//! Compiles the XDP program (`ebpf/xvio.bpf.c`) with clang's BPF backend, with BTF, into
-//! `$OUT_DIR/xvio.bpf.o`, which `src/xdp_object.rs` embeds.
+//! Compiles the XDP programs in `ebpf/` with clang's BPF backend, with BTF, into `$OUT_DIR`:
+//! `xvio.bpf.o` (the datapath's, embedded as `XDP_OBJECT`) and `bench.bpf.o` (the
+//! benchmark's generator and drop counter, embedded as `BENCH_OBJECT`).
 
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, bail};
 
@@ -22,16 +27,13 @@ fn build() -> anyhow::Result<()> {
         .join("../ebpf")
         .canonicalize()
         .context("ebpf/ folder is missing")?;
-    let source = ebpf.join("xvio.bpf.c");
-    let out = PathBuf::from(env::var("OUT_DIR")?).join("xvio.bpf.o");
-    println!("cargo:rerun-if-changed={}", source.display());
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed={}", ebpf.join("xvio.h").display());
-
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
     if Command::new(&clang).arg("--version").output().is_err() {
         bail!("`{clang}` was not found; {INSTALL_HINT}");
     }
-    if !PathBuf::from("/usr/include/bpf/bpf_helpers.h").exists() {
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
         bail!("the libbpf headers (/usr/include/bpf/bpf_helpers.h) are missing; {INSTALL_HINT}");
     }
     let multiarch = Command::new("gcc")
@@ -42,25 +44,28 @@ fn build() -> anyhow::Result<()> {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("{}-linux-gnu", env::consts::ARCH));
-
-    let output = Command::new(&clang)
-        .args([
-            "-O2", "-g", "-target", "bpfel", "-mcpu=v3", "-Wall", "-Werror",
-        ])
-        .arg(format!("-I/usr/include/{multiarch}"))
-        .arg(format!("-I{}", ebpf.display()))
-        .arg("-c")
-        .arg(&source)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .with_context(|| format!("running {clang}"))?;
-    if !output.status.success() {
-        bail!(
-            "clang failed on {}:\n{}",
-            source.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
+    for name in ["xvio", "bench"] {
+        let source = ebpf.join(format!("{name}.bpf.c"));
+        println!("cargo:rerun-if-changed={}", source.display());
+        let output = Command::new(&clang)
+            .args([
+                "-O2", "-g", "-target", "bpfel", "-mcpu=v3", "-Wall", "-Werror",
+            ])
+            .arg(format!("-I/usr/include/{multiarch}"))
+            .arg(format!("-I{}", ebpf.display()))
+            .arg("-c")
+            .arg(&source)
+            .arg("-o")
+            .arg(out_dir.join(format!("{name}.bpf.o")))
+            .output()
+            .with_context(|| format!("running {clang}"))?;
+        if !output.status.success() {
+            bail!(
+                "clang failed on {}:\n{}",
+                source.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
     }
     Ok(())
 }

@@ -55,7 +55,7 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
         .map_or("unknown", XdpMode::c_name);
     let _ = writeln!(
         out,
-        "{}: xdp_mode {mode}, daemon pid {}, uptime {} s, {} steer entries",
+        "{}: xdp_mode {mode}, daemon pid {}, uptime {} s, steer entries: {}",
         config.iface,
         ds.pid,
         ds.uptime_ms / 1000,

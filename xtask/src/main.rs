@@ -5,7 +5,8 @@
 //!   `xvio-demo1` (there), attaches to `xvio-demo0`, and removes it all on Ctrl-C.
 //! - `cargo xtask test`: installs what is missing, then fmt, clippy and every test,
 //!   privileged ones included (they need root; in CI they must not skip).
-//! - `cargo xtask bench copy`: the copy-engine benchmark (criterion).
+//! - `cargo xtask bench copy|xsk`: the copy-engine benchmark (criterion); AF_XDP rates on a
+//!   veth against the XDP_DROP ceiling.
 
 mod deps;
 mod run;
@@ -137,7 +138,8 @@ impl TestTotals {
     }
 }
 
-/// `cargo xtask bench copy`: the copy-engine benchmark (criterion), release build.
+/// `cargo xtask bench copy|xsk`: the copy-engine benchmark (criterion) or the AF_XDP rates
+/// against the in-kernel ceiling; release builds.
 fn bench(args: &[String]) -> Result<()> {
     let (which, extra) = match args.split_first() {
         Some((first, rest)) if !first.starts_with('-') => (first.as_str(), rest),
@@ -150,7 +152,17 @@ fn bench(args: &[String]) -> Result<()> {
             cargo_args.extend(extra.iter().map(String::as_str));
             cargo(&cargo_args)
         }
-        other => bail!("no benchmark '{other}' yet; available: copy"),
+        "xsk" => {
+            deps::ensure(deps::TEST_PACKAGES)?;
+            if !deps::is_root() {
+                bail!("bench xsk makes network namespaces and attaches XDP: run it as root");
+            }
+            deps::ensure_bpffs()?;
+            let mut cargo_args = vec!["bench", "-p", "xvio-tests", "--bench", "xsk", "--"];
+            cargo_args.extend(extra.iter().map(String::as_str));
+            cargo(&cargo_args)
+        }
+        other => bail!("no benchmark '{other}'; available: copy, xsk"),
     }
 }
 

@@ -182,6 +182,8 @@ pub struct XskPort {
     _umem: Umem,
     pool: FramePool,
     staged: Vec<XdpDesc>,
+    /// Scratch for the frames of one rx burst (a field, so no burst pays to zero it).
+    rx_bases: [u64; BURST],
     stats: PortStats,
     counts: FrameCounts,
     // Last: the memory the kernel and the rings point into.
@@ -314,6 +316,7 @@ impl XskPort {
             _umem: umem,
             pool,
             staged: Vec::with_capacity(config.ring as usize),
+            rx_bases: [0; BURST],
             stats: PortStats::default(),
             counts,
             area,
@@ -375,14 +378,13 @@ impl XskPort {
     /// Receives up to `max` (at most [`BURST`]) frames, shows each one's bytes to `each`,
     /// and gives the frames back to the fill ring. Returns how many.
     pub fn rx_burst(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
-        let mut bases = [0u64; BURST];
         let mut n = 0;
         {
             let mut reader = self.rx.receive(max.min(BURST) as u32);
             while let Some(desc) = reader.read() {
                 each(self.area.bytes(desc.addr, desc.len));
                 self.stats.rx_bytes += u64::from(desc.len);
-                bases[n] = self.area.frame_base(desc.addr);
+                self.rx_bases[n] = self.area.frame_base(desc.addr);
                 n += 1;
             }
             reader.release();
@@ -396,13 +398,13 @@ impl XskPort {
         }
         self.stats.rx_packets += n as u64;
         let mut writer = self.device.fill(n as u32);
-        let refilled = writer.insert(bases[..n].iter().copied()) as usize;
+        let refilled = writer.insert(self.rx_bases[..n].iter().copied()) as usize;
         writer.commit();
         drop(writer);
         // The fill ring holds every receive frame, so this cannot happen; if it did, the
         // frames go to the pool rather than being lost.
-        for &base in &bases[refilled..n] {
-            self.pool.give(base);
+        for i in refilled..n {
+            self.pool.give(self.rx_bases[i]);
             self.counts.fill -= 1;
             self.counts.pool += 1;
         }

@@ -1,0 +1,303 @@
+//! `cargo xtask bench xsk`: AF_XDP receive-and-recycle and transmit rates of
+//! `xvio::xsk::XskPort` on a veth, next to the in-kernel ceiling (a counting XDP_DROP) on the
+//! same veth in the same run. Needs root: it makes its own namespaces.
+//!
+//! Traffic comes from `xvio_bench_redirect` (ebpf/bench.bpf.c) run through
+//! BPF_PROG_TEST_RUN with live frames in the peer namespace: it redirects each frame out of
+//! the peer's veth end, so it arrives on xvio's end through native XDP. On veth that receive
+//! work runs on the sending CPU (0); the AF_XDP consumer runs on CPU 1.
+//!
+//! Every measurement is repeated; the medians are printed, with the ratios to the ceiling.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use xvio::{
+    attach::{AttachOptions, AttachedIface},
+    config::{SteerSpec, XdpModeArg},
+    xsk::{XskConfig, XskPort},
+};
+use xvio_tests::{
+    frames::{ETH_P_EXPERIMENTAL, frame},
+    netns::mac_of,
+    topology::Topology,
+};
+
+const GUEST: &str = "02:58:56:49:4f:01";
+const GUEST_MAC: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
+const REPS: usize = 5;
+
+fn pin_self(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(core).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The generator, loaded in the peer namespace, aimed out of `peer_if`.
+struct Generator {
+    ebpf: Ebpf,
+}
+
+impl Generator {
+    fn load(peer_if: &str) -> Generator {
+        let mut ebpf = Ebpf::load(xvio::BENCH_OBJECT).expect("load the bench object");
+        let prog: &mut Xdp = ebpf
+            .program_mut("xvio_bench_redirect")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().unwrap();
+        let ifindex = nix::net::if_::if_nametoindex(peer_if).unwrap();
+        let mut cfg: Array<&mut MapData, u32> =
+            Array::try_from(ebpf.map_mut("bench_cfg").unwrap()).unwrap();
+        cfg.set(0, ifindex, 0).unwrap();
+        Generator { ebpf }
+    }
+
+    /// Sends `frames` copies of `data`; returns how long it took.
+    fn send(&self, data: &[u8], frames: u32) -> Duration {
+        let prog: &Xdp = self
+            .ebpf
+            .program("xvio_bench_redirect")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let start = Instant::now();
+        prog.test_run(TestRunOptions {
+            data_in: Some(data),
+            repeat: frames,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN with live frames");
+        start.elapsed()
+    }
+}
+
+/// A counting XDP_DROP attached natively to an interface of the calling thread's namespace.
+struct DropCounter {
+    ebpf: Ebpf,
+}
+
+impl DropCounter {
+    fn attach(iface: &str) -> DropCounter {
+        let mut ebpf = Ebpf::load(xvio::BENCH_OBJECT).unwrap();
+        let prog: &mut Xdp = ebpf
+            .program_mut("xvio_bench_drop")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().unwrap();
+        prog.attach(iface, XdpMode::Driver)
+            .expect("native XDP on veth");
+        DropCounter { ebpf }
+    }
+
+    fn count(&self) -> u64 {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("bench_count").unwrap()).unwrap();
+        map.get(&0, 0).unwrap().iter().sum()
+    }
+}
+
+/// Packets/s the kernel drops at XDP on `topo.ifname`.
+fn ceiling(topo: &Topology, data: &[u8], frames: u32) -> f64 {
+    let counter = topo.host.run(|| DropCounter::attach(&topo.ifname));
+    let elapsed = topo.peer.run(|| {
+        pin_self(0);
+        Generator::load(&topo.peer_if).send(data, frames)
+    });
+    let counted = counter.count();
+    topo.host.run(move || drop(counter));
+    counted as f64 / elapsed.as_secs_f64()
+}
+
+/// Packets/s received and recycled by an XskPort behind xvio's program.
+fn af_xdp_rx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64, xvio::xsk::BindMode) {
+    let pin_root = std::path::PathBuf::from(xvio_common::PIN_ROOT);
+    let steer = [GUEST.parse::<SteerSpec>().unwrap()];
+    let opts = AttachOptions {
+        mode: XdpModeArg::Native,
+        replace: false,
+        pin_root: &pin_root,
+        steer: &steer,
+    };
+    let attached = topo
+        .host
+        .run(|| AttachedIface::attach(&topo.ifname, opts).expect("attach xvio"));
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let xsks = attached.pin_dir().join(xvio_common::maps::XSKS);
+    let (mode_tx, mode_rx) = std::sync::mpsc::channel();
+    let (rate, drops, mode) = std::thread::scope(|s| {
+        let consumer = {
+            let (received, stop, xsks) = (Arc::clone(&received), Arc::clone(&stop), xsks.clone());
+            s.spawn(move || {
+                topo.host.run(|| {
+                    pin_self(1);
+                    let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
+                    port.register(&xsks).unwrap();
+                    mode_tx.send(port.mode()).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = port.rx_burst(64, |_| {});
+                        if n > 0 {
+                            received.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                    let s = port.stats();
+                    s.fill_ring_empty + s.rx_ring_full
+                })
+            })
+        };
+        let mode = mode_rx.recv().unwrap();
+        let start = Instant::now();
+        topo.peer.run(|| {
+            pin_self(0);
+            Generator::load(&topo.peer_if).send(data, frames)
+        });
+        // Let the consumer finish what is in the ring.
+        let mut last = received.load(Ordering::Relaxed);
+        let mut last_change = Instant::now();
+        while last_change.elapsed() < Duration::from_millis(50) {
+            std::thread::sleep(Duration::from_millis(5));
+            let now = received.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                last_change = Instant::now();
+            }
+        }
+        let elapsed = last_change.duration_since(start);
+        stop.store(true, Ordering::Relaxed);
+        let drops = consumer.join().unwrap();
+        (last as f64 / elapsed.as_secs_f64(), drops, mode)
+    });
+    topo.host.run(move || drop(attached));
+    (rate, drops, mode)
+}
+
+/// Packets/s an XskPort transmits (completed), counted again by XDP_DROP on the peer.
+fn af_xdp_tx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64) {
+    let counter = topo.peer.run(|| DropCounter::attach(&topo.peer_if));
+    let elapsed = topo.host.run(|| {
+        pin_self(1);
+        let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
+        // Write the frame into every free frame once; afterwards frames are resent as they are.
+        let mut bases = Vec::new();
+        while let Some(base) = port.tx_alloc() {
+            port.frame_mut(base)[..data.len()].copy_from_slice(data);
+            bases.push(base);
+        }
+        for base in bases {
+            port.tx_free(base);
+        }
+        let start = Instant::now();
+        let mut sent = 0u32;
+        while sent < frames {
+            let mut n = 0;
+            while n < 64 && sent < frames {
+                let Some(base) = port.tx_alloc() else { break };
+                port.tx_push(base, data.len() as u32);
+                n += 1;
+                sent += 1;
+            }
+            port.tx_flush();
+        }
+        while port.frame_counts().tx_in_flight > 0 {
+            port.reap();
+        }
+        start.elapsed()
+    });
+    let counted = counter.count();
+    topo.peer.run(move || drop(counter));
+    (f64::from(frames) / elapsed.as_secs_f64(), counted)
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("bench xsk needs root (network namespaces, XDP, AF_XDP)");
+        std::process::exit(1);
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` asks for names; this harness has one measurement
+    }
+    // `--only rx|tx|ceiling SIZE`: one long measurement, for a profiler to watch.
+    if let Some(i) = args.iter().position(|a| a == "--only") {
+        let what = args.get(i + 1).map_or("rx", String::as_str);
+        let size: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(64);
+        let topo = Topology::new(1);
+        let src = mac_of(&topo.peer, &topo.peer_if);
+        let dst = mac_of(&topo.host, &topo.ifname);
+        let to_guest = frame(GUEST_MAC, src, None, ETH_P_EXPERIMENTAL, size, 1);
+        let rate = match what {
+            "ceiling" => ceiling(&topo, &to_guest, 100_000_000),
+            "tx" => {
+                af_xdp_tx(
+                    &topo,
+                    &frame(src, dst, None, ETH_P_EXPERIMENTAL, size, 2),
+                    5_000_000,
+                )
+                .0
+            }
+            _ => af_xdp_rx(&topo, &to_guest, 60_000_000).0,
+        };
+        println!("{what} {size} B: {:.2} Mpps", rate / 1e6);
+        return;
+    }
+    let topo = Topology::new(1);
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    let dst = mac_of(&topo.host, &topo.ifname);
+    println!(
+        "AF_XDP on veth: {REPS} runs each, medians (packets/s); generator on CPU 0, consumer on CPU 1"
+    );
+    for (size, frames) in [(64usize, 2_000_000u32), (1500, 1_000_000)] {
+        let to_guest = frame(GUEST_MAC, src, None, ETH_P_EXPERIMENTAL, size, 1);
+        let to_peer = frame(src, dst, None, ETH_P_EXPERIMENTAL, size, 2);
+        let (mut ceil, mut rx, mut tx, mut rx_drops, mut tx_counted) =
+            (vec![], vec![], vec![], 0, 0);
+        let mut mode = None;
+        for _ in 0..REPS {
+            ceil.push(ceiling(&topo, &to_guest, frames));
+            let (rate, drops, m) = af_xdp_rx(&topo, &to_guest, frames);
+            rx.push(rate);
+            rx_drops += drops;
+            mode = Some(m);
+            let (rate, counted) = af_xdp_tx(&topo, &to_peer, frames / 4);
+            tx.push(rate);
+            tx_counted += counted;
+        }
+        let (c, r, t) = (median(ceil), median(rx), median(tx));
+        let mode = mode.unwrap();
+        println!(
+            "{size:>5} B  XDP_DROP ceiling {:>6.2} Mpps | AF_XDP rx+recycle {:>6.2} Mpps ({:>3.0}% of ceiling; kernel drops {rx_drops}) | AF_XDP tx {:>6.2} Mpps ({:>3.0}% of ceiling; peer counted {tx_counted} of {}) | {} {}",
+            c / 1e6,
+            r / 1e6,
+            100.0 * r / c,
+            t / 1e6,
+            100.0 * t / c,
+            u64::from(frames / 4) * REPS as u64,
+            if mode.zero_copy {
+                "zero-copy"
+            } else {
+                "copy mode"
+            },
+            if mode.need_wakeup { "need_wakeup" } else { "" },
+        );
+    }
+}
