@@ -62,6 +62,12 @@ pub struct RunConfig {
     /// first N queues; 0 opens none (steered frames then pass to the kernel as no_socket).
     #[arg(long, value_name = "N")]
     pub queues: Option<u32>,
+    /// Frames in each AF_XDP socket's UMEM (half receive, half transmit).
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    pub xsk_frames: u32,
+    /// Bytes per UMEM frame: 2048 or 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 2048)]
+    pub xsk_frame_size: u32,
     /// Copies shorter than this many bytes are done by the CPU; `auto` measures each channel
     /// at start-up and picks where it starts to pay off.
     #[arg(long, value_name = "auto|BYTES", default_value = "auto")]

@@ -101,7 +101,12 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     let mut ifaces = Vec::with_capacity(config.ifaces.len());
     for name in &config.ifaces {
         let attached = AttachedIface::attach(name, opts)?;
-        let ports = open_ports(&attached, config.queues)?;
+        let xsk = XskConfig {
+            frames: config.xsk_frames,
+            frame_size: config.xsk_frame_size,
+            ..XskConfig::default()
+        };
+        let ports = open_ports(&attached, config.queues, &xsk)?;
         info!(
             "inspect with: bpftool map dump pinned {}/{}",
             attached.pin_dir().display(),
@@ -128,13 +133,17 @@ struct Iface {
 
 /// Opens one AF_XDP port per rx queue of `iface` (at most `limit`, and at most the
 /// `xsks` map's size), registers each, and starts its worker.
-fn open_ports(iface: &AttachedIface, limit: Option<u32>) -> Result<Vec<PortWorker>, DaemonError> {
+fn open_ports(
+    iface: &AttachedIface,
+    limit: Option<u32>,
+    xsk: &XskConfig,
+) -> Result<Vec<PortWorker>, DaemonError> {
     let queues = iface.rx_queues()?.min(xvio_common::XSKS_MAX);
     let wanted = limit.map_or(queues, |n| n.min(queues));
     let xsks = iface.pin_dir().join(xvio_common::maps::XSKS);
     let mut ports = Vec::with_capacity(wanted as usize);
     for queue in 0..wanted {
-        let mut port = XskPort::open(iface.name(), queue, &XskConfig::default())?;
+        let mut port = XskPort::open(iface.name(), queue, xsk)?;
         port.register(&xsks)?;
         let mode = port.mode();
         if mode.zero_copy {

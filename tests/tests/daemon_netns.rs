@@ -265,7 +265,11 @@ fn user_errors_exit_non_zero_with_one_line() {
         return;
     }
     let topo = Topology::new(1);
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["run", "--iface", &topo.ifname, "--xsk-frame-size", "3000"],
+            "--xsk-frame-size 3000 must be 2048 or 4096",
+        ),
         (
             &[
                 "run",

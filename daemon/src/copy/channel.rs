@@ -101,6 +101,25 @@ pub trait DmaChannel: Send + std::fmt::Debug {
     ///   operation is reported by `completed` or `completed_status`.
     unsafe fn copy(&mut self, src: *const u8, dst: *mut u8, len: u32) -> Result<u16, DmaError>;
 
+    /// Enqueues a scatter-gather copy: every `(src, dst, len)` of `segments`, or none of them
+    /// when the channel has no room for all (DPDK checks `rte_dma_burst_capacity` the same
+    /// way before a packet, so that nothing is half-queued). Returns the last ring index.
+    ///
+    /// # Safety
+    ///
+    /// As [`DmaChannel::copy`], for every segment.
+    unsafe fn copy_sg(&mut self, segments: &[(*const u8, *mut u8, u32)]) -> Result<u16, DmaError> {
+        if segments.is_empty() || usize::from(self.burst_capacity()) < segments.len() {
+            return Err(DmaError::Full);
+        }
+        let mut last = 0;
+        for &(src, dst, len) in segments {
+            // SAFETY: the caller's contract covers every segment.
+            last = unsafe { self.copy(src, dst, len) }?;
+        }
+        Ok(last)
+    }
+
     /// Hands every operation enqueued since the last submit to the engine.
     fn submit(&mut self) -> Result<(), DmaError>;
 

@@ -108,4 +108,20 @@ mod tests {
         assert_eq!(st[0], OpStatus::Success);
         assert_eq!(ch.completed(8).count, 0);
     }
+
+    #[test]
+    fn scatter_gather_is_all_or_nothing() {
+        let src = [1u8, 2, 3, 4, 5, 6];
+        let mut dst = [0u8; 6];
+        let mut ch = CpuChannel::new();
+        let segs = [
+            (src.as_ptr(), dst.as_mut_ptr(), 2u32),
+            (src[2..].as_ptr(), dst[2..].as_mut_ptr(), 4),
+        ];
+        // SAFETY: disjoint ranges of two live arrays.
+        assert_eq!(unsafe { ch.copy_sg(&segs) }, Ok(1));
+        assert_eq!(dst, src);
+        // SAFETY: nothing is copied.
+        assert_eq!(unsafe { ch.copy_sg(&[]) }, Err(DmaError::Full));
+    }
 }

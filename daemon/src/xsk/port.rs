@@ -48,6 +48,32 @@ impl Default for XskConfig {
     }
 }
 
+impl XskConfig {
+    /// Refuses sizes the kernel or the port cannot use, naming the option.
+    pub fn check(&self) -> Result<(), XskError> {
+        let bad = |what: String| Err(XskError::Config(what));
+        if self.frame_size != 2048 && self.frame_size != 4096 {
+            return bad(format!(
+                "--xsk-frame-size {} must be 2048 or 4096",
+                self.frame_size
+            ));
+        }
+        if !self.ring.is_power_of_two() || !(64..=65536).contains(&self.ring) {
+            return bad(format!(
+                "ring size {} must be a power of two from 64 to 65536",
+                self.ring
+            ));
+        }
+        if self.frames < 2 * 64 || self.frames > 1 << 20 {
+            return bad(format!(
+                "--xsk-frames {} must be between 128 and 1048576",
+                self.frames
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What the kernel gave when the socket was bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BindMode {
@@ -109,6 +135,9 @@ impl FrameCounts {
 /// Errors of opening a port; each names the interface and queue.
 #[derive(Debug, Error)]
 pub enum XskError {
+    /// A size the port cannot use.
+    #[error("{0}")]
+    Config(String),
     /// The interface does not exist.
     #[error("interface '{iface}' does not exist")]
     UnknownInterface {
@@ -210,6 +239,7 @@ impl XskPort {
     /// (zero-copy if the driver can, else copy; need_wakeup if the kernel can), and fills the
     /// fill ring with half the frames.
     pub fn open(iface: &str, queue: u32, config: &XskConfig) -> Result<XskPort, XskError> {
+        config.check()?;
         let bytes = u64::from(config.frames) * u64::from(config.frame_size);
         let memlock = raise_memlock(bytes);
         let area =
