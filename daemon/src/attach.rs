@@ -292,17 +292,7 @@ impl AttachedIface {
             .ok_or(AttachError::Missing(maps::XDP_STATS))?;
         let array: PerCpuArray<&MapData, XdpStats> =
             PerCpuArray::try_from(map).map_err(map_error(maps::XDP_STATS))?;
-        let mut sums = [XdpStats::default(); XdpOutcome::ALL.len()];
-        for (sum, outcome) in sums.iter_mut().zip(XdpOutcome::ALL) {
-            let per_cpu = array
-                .get(&outcome.index(), 0)
-                .map_err(map_error(maps::XDP_STATS))?;
-            for value in per_cpu.iter() {
-                sum.packets += value.packets;
-                sum.bytes += value.bytes;
-            }
-        }
-        Ok(sums)
+        crate::stats::xdp_totals(&array).map_err(map_error(maps::XDP_STATS))
     }
 
     /// Takes the `events` ring buffer out of the object, for the daemon's reader.

@@ -24,6 +24,20 @@ pub enum StatsError {
     },
 }
 
+/// `xdp_stats` summed over CPUs, indexed like [`XdpOutcome::ALL`].
+pub fn xdp_totals<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, XdpStats>,
+) -> Result<[XdpStats; XdpOutcome::ALL.len()], MapError> {
+    let mut sums = [XdpStats::default(); XdpOutcome::ALL.len()];
+    for (sum, outcome) in sums.iter_mut().zip(XdpOutcome::ALL) {
+        for value in array.get(&outcome.index(), 0)?.iter() {
+            sum.packets += value.packets;
+            sum.bytes += value.bytes;
+        }
+    }
+    Ok(sums)
+}
+
 /// The report for `config.iface`, as text.
 pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
     let dir = config.pin_root.join(&config.iface);
@@ -62,14 +76,15 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
         ds.steer_entries
     );
     let _ = writeln!(out, "{:<12} {:>14} {:>16}", "outcome", "packets", "bytes");
-    for outcome in XdpOutcome::ALL {
-        let per_cpu = xdp
-            .get(&outcome.index(), 0)
-            .map_err(wrap(maps::XDP_STATS))?;
-        let (packets, bytes) = per_cpu
-            .iter()
-            .fold((0u64, 0u64), |(p, b), v| (p + v.packets, b + v.bytes));
-        let _ = writeln!(out, "{:<12} {packets:>14} {bytes:>16}", outcome.name());
+    let totals = xdp_totals(&xdp).map_err(wrap(maps::XDP_STATS))?;
+    for (outcome, total) in XdpOutcome::ALL.iter().zip(totals) {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>14} {:>16}",
+            outcome.name(),
+            total.packets,
+            total.bytes
+        );
     }
     let ports: Array<MapData, PortStats> =
         Array::try_from(Map::Array(open(maps::PORT_STATS)?)).map_err(wrap(maps::PORT_STATS))?;

@@ -6,6 +6,7 @@
 use std::{net::UdpSocket, path::Path, process::Command, time::Duration};
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
+use xvio::xsk::{XskConfig, XskPort};
 use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
 use xvio_tests::{
     daemon::run_xvio,
@@ -15,7 +16,7 @@ use xvio_tests::{
     privileged,
     topology::Topology,
     unique_name,
-    xsk::TestXsk,
+    xsk::receive_all,
 };
 
 const GUEST: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
@@ -23,14 +24,7 @@ const GUEST: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
 fn xdp_stats(pin_dir: &Path) -> [XdpStats; 6] {
     let map = Map::PerCpuArray(MapData::from_pin(pin_dir.join(maps::XDP_STATS)).unwrap());
     let array: PerCpuArray<MapData, XdpStats> = PerCpuArray::try_from(map).unwrap();
-    let mut sums = [XdpStats::default(); 6];
-    for (i, sum) in sums.iter_mut().enumerate() {
-        for v in array.get(&(i as u32), 0).unwrap().iter() {
-            sum.packets += v.packets;
-            sum.bytes += v.bytes;
-        }
-    }
-    sums
+    xvio::stats::xdp_totals(&array).unwrap()
 }
 
 fn daemon_stats(pin_dir: &Path) -> DaemonStats {
@@ -79,11 +73,12 @@ fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
         .collect();
 
     let (received, dropped, udp_received) = topo.host.run(|| {
-        let mut xsk =
-            TestXsk::bind(&topo.ifname, 0).expect("bind AF_XDP to the attached interface");
+        let port = XskPort::open(&topo.ifname, 0, &XskConfig::default())
+            .expect("bind AF_XDP to the attached interface");
         let map = Map::XskMap(MapData::from_pin(pin_dir.join(maps::XSKS)).expect("pinned xsks"));
         let mut xsks: XskMap<MapData> = XskMap::try_from(map).unwrap();
-        xsks.set(0, xsk.fd(), 0).expect("register the socket");
+        // Registered through the pinned map, as any other tool would.
+        xsks.set(0, port.fd(), 0).expect("register the socket");
         let udp = UdpSocket::bind("10.252.0.1:4789").unwrap();
         udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
 
@@ -99,7 +94,8 @@ fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
                 }
             }
         });
-        let received = xsk.receive(FRAMES as usize, Duration::from_secs(5));
+        let mut ports = [port];
+        let received = receive_all(&mut ports, FRAMES as usize, Duration::from_secs(5)).remove(0);
         let mut udp_received = 0;
         let mut buf = [0u8; 64];
         while udp_received < DATAGRAMS {
@@ -107,7 +103,12 @@ fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
                 .expect("an unsteered datagram reaches the host's socket");
             udp_received += 1;
         }
-        (received, xsk.dropped(), udp_received)
+        let stats = ports[0].stats();
+        (
+            received,
+            stats.fill_ring_empty + stats.rx_ring_full,
+            udp_received,
+        )
     });
 
     assert_eq!(dropped, 0, "the AF_XDP socket dropped frames");

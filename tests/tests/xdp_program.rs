@@ -6,12 +6,12 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf, XskMap},
     programs::{TestRun, TestRunOptions, Xdp},
 };
+use xvio::xsk::{XskConfig, XskPort};
 use xvio_common::{Event, EventKind, EventState, SteerKey, SteerValue, XdpOutcome, XdpStats, maps};
 use xvio_tests::{
     frames::{ETH_P_IP, frame},
     netns::{Netns, veth},
     privileged,
-    xsk::TestXsk,
 };
 
 const XDP_PASS: u32 = 2;
@@ -98,14 +98,7 @@ impl Harness {
     fn stats(&self) -> [XdpStats; 6] {
         let array: PerCpuArray<&MapData, XdpStats> =
             PerCpuArray::try_from(self.ebpf.map(maps::XDP_STATS).unwrap()).unwrap();
-        let mut sums = [XdpStats::default(); 6];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            for v in array.get(&(i as u32), 0).unwrap().iter() {
-                sum.packets += v.packets;
-                sum.bytes += v.bytes;
-            }
-        }
-        sums
+        xvio::stats::xdp_totals(&array).unwrap()
     }
 
     /// Runs `frame` and checks the action and that exactly `outcome` counted it.
@@ -302,7 +295,8 @@ fn steered_frames_redirect_once_a_socket_is_registered() {
     veth(&a, "xvp0", "10.251.0.1/24", &b, "xvp1", "10.251.0.2/24", 1);
     // AF_XDP sockets stay on the thread that made them: do it all inside the namespace.
     a.run(|| {
-        let xsk = TestXsk::bind("xvp0", 0).expect("bind an AF_XDP socket to xvp0 queue 0");
+        let xsk = XskPort::open("xvp0", 0, &XskConfig::default())
+            .expect("bind an AF_XDP socket to xvp0 queue 0");
         let mut xsks: XskMap<&mut MapData> =
             XskMap::try_from(h.ebpf.map_mut(maps::XSKS).unwrap()).unwrap();
         xsks.set(0, xsk.fd(), 0)

@@ -15,6 +15,7 @@ use xvio_tests::{
     packet::RawSocket,
     privileged,
     topology::Topology,
+    xsk::receive_all,
 };
 
 const GUEST: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
@@ -27,25 +28,6 @@ fn size_of_frame(seq: u32) -> usize {
 
 fn udp_seq(frame: &[u8]) -> u32 {
     u32::from_be_bytes(frame[UDP_SEQ_AT..UDP_SEQ_AT + 4].try_into().unwrap())
-}
-
-/// Receives on `ports` until `want` frames came or nothing came for 3 s.
-fn receive_all(ports: &mut [XskPort], want: usize) -> Vec<Vec<Vec<u8>>> {
-    let mut got: Vec<Vec<Vec<u8>>> = ports.iter().map(|_| Vec::new()).collect();
-    let mut last = Instant::now();
-    while got.iter().map(Vec::len).sum::<usize>() < want && last.elapsed() < Duration::from_secs(3)
-    {
-        let mut any = 0;
-        for (port, out) in ports.iter_mut().zip(got.iter_mut()) {
-            any += port.rx_burst(64, |bytes| out.push(bytes.to_vec()));
-        }
-        if any > 0 {
-            last = Instant::now();
-        } else {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
-    got
 }
 
 #[test]
@@ -91,7 +73,7 @@ fn ten_thousand_frames_arrive_identical_and_in_order_while_the_kernel_keeps_its_
                     }
                 })
             });
-            receive_all(&mut ports, FRAMES as usize)
+            receive_all(&mut ports, FRAMES as usize, Duration::from_secs(3))
         });
         let mut datagrams = 0;
         let mut buf = [0u8; 32];
@@ -164,7 +146,7 @@ fn with_two_queues_every_frame_arrives_on_exactly_one_socket() {
                     }
                 })
             });
-            receive_all(&mut ports, FRAMES as usize)
+            receive_all(&mut ports, FRAMES as usize, Duration::from_secs(3))
         })
     });
     let mut seen = HashSet::new();

@@ -8,5 +8,5 @@ pub mod port;
 pub mod umem;
 pub mod worker;
 
-pub use port::{BURST, BindMode, FrameCounts, PortStats, XskConfig, XskError, XskPort};
+pub use port::{BURST, BindMode, FrameCounts, XskConfig, XskError, XskPort};
 pub use worker::PortWorker;

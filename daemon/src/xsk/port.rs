@@ -17,6 +17,8 @@ use xdpilone::{
     DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User, xdp::XdpDesc,
 };
 
+use xvio_common::PortStats;
+
 use super::umem::{FramePool, UmemArea, raise_memlock};
 
 /// Frames handled per call of `rx_burst` at most.
@@ -81,31 +83,6 @@ pub struct BindMode {
     pub zero_copy: bool,
     /// The rings say when they need a syscall to make progress.
     pub need_wakeup: bool,
-}
-
-/// Counters of a port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortStats {
-    /// Frames received.
-    pub rx_packets: u64,
-    /// Their bytes.
-    pub rx_bytes: u64,
-    /// Frames handed to the tx ring.
-    pub tx_packets: u64,
-    /// Their bytes.
-    pub tx_bytes: u64,
-    /// `rx_burst` calls that found nothing.
-    pub rx_empty_polls: u64,
-    /// Frames the kernel dropped because the fill ring was empty (kernel statistic).
-    pub fill_ring_empty: u64,
-    /// Frames the kernel dropped because the rx ring was full (kernel statistic).
-    pub rx_ring_full: u64,
-    /// Frames not sent because the tx ring was full.
-    pub tx_ring_full: u64,
-    /// Frames not sent because no free frame was left.
-    pub tx_no_frame: u64,
-    /// Frames in the tx ring or awaiting completion.
-    pub tx_in_flight: u64,
 }
 
 /// How the frames of a port are spread (see the module doc).
@@ -389,9 +366,13 @@ impl XskPort {
         unsafe { BorrowedFd::borrow_raw(self.user.as_raw_fd()) }
     }
 
-    /// Counters, with the kernel's drop statistics folded in.
+    /// Counters, with the bind mode and the kernel's drop statistics folded in
+    /// (`rx_no_guest` is the caller's to fill).
     pub fn stats(&self) -> PortStats {
         let mut stats = self.stats;
+        stats.active = 1;
+        stats.zero_copy = u32::from(self.mode.zero_copy);
+        stats.need_wakeup = u32::from(self.mode.need_wakeup);
         if let Ok(k) = self.user.statistics_v2() {
             stats.fill_ring_empty = k.rx_fill_ring_empty_descs;
             stats.rx_ring_full = k.rx_ring_full + k.rx_dropped;

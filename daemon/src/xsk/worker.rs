@@ -96,25 +96,8 @@ fn run(mut port: XskPort, stop: &AtomicBool, published: &Mutex<xvio_common::Port
 }
 
 fn publish(port: &XskPort, no_guest: u64, published: &Mutex<xvio_common::PortStats>) {
-    let s = port.stats();
-    let mode = port.mode();
-    let value = xvio_common::PortStats {
-        active: 1,
-        zero_copy: u32::from(mode.zero_copy),
-        need_wakeup: u32::from(mode.need_wakeup),
-        reserved: 0,
-        rx_packets: s.rx_packets,
-        rx_bytes: s.rx_bytes,
-        tx_packets: s.tx_packets,
-        tx_bytes: s.tx_bytes,
-        rx_empty_polls: s.rx_empty_polls,
-        fill_ring_empty: s.fill_ring_empty,
-        rx_ring_full: s.rx_ring_full,
-        tx_ring_full: s.tx_ring_full,
-        tx_no_frame: s.tx_no_frame,
-        tx_in_flight: s.tx_in_flight,
-        rx_no_guest: no_guest,
-    };
+    let mut value = port.stats();
+    value.rx_no_guest = no_guest;
     if let Ok(mut slot) = published.lock() {
         *slot = value;
     }
