@@ -426,3 +426,15 @@ fn the_daemon_opens_a_port_per_queue_and_publishes_their_counters() {
         "the mode is logged:\n{log}"
     );
 }
+
+#[test]
+fn the_enabled_rx_queues_come_from_ethtool_channels() {
+    if !privileged("the_enabled_rx_queues_come_from_ethtool_channels") {
+        return;
+    }
+    let topo = Topology::new(4);
+    let count = topo
+        .host
+        .run(|| xvio::xsk::queues::enabled_rx_queues(&topo.ifname));
+    assert_eq!(count, Some(4), "veth reports its rx channels");
+}

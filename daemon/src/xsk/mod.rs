@@ -5,6 +5,7 @@
 //! options xdpilone does not wrap.
 
 pub mod port;
+pub mod queues;
 pub mod umem;
 pub mod worker;
 
