@@ -202,7 +202,9 @@ fn work(shared: &Shared, idle_spin: Duration) {
         // Announce the sleep, then look once more, so a submit in between is not missed.
         shared.sleeping.store(true, Ordering::SeqCst);
         if shared.tail.load(Ordering::SeqCst) == head && !shared.stop.load(Ordering::SeqCst) {
-            std::thread::park_timeout(Duration::from_millis(1));
+            // Woken by `submit` (or `drop`), which sees `sleeping` after storing `tail`: with
+            // both sides SeqCst, either that store is visible above or the unpark comes.
+            std::thread::park();
         }
         shared.sleeping.store(false, Ordering::SeqCst);
         idle_spins = 0;
