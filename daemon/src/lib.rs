@@ -14,6 +14,7 @@ pub mod events;
 pub mod netlink;
 pub mod privileges;
 pub mod stats;
+pub mod vhost;
 pub mod xsk;
 
 /// The compiled XDP program (`ebpf/xvio.bpf.c`, built by `build.rs`), with BTF.

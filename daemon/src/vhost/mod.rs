@@ -1,0 +1,10 @@
+//! The guest side: vhost-user-net backends (one per guest) and the L2 switch between them.
+//!
+//! - `net`: virtio-net features, header and config space.
+//! - `queue`: frames out of TX chains and into RX chains, validating every descriptor.
+//! - `mailbox`, `switch`: frames from one guest's worker to another's.
+
+pub mod mailbox;
+pub mod net;
+pub mod queue;
+pub mod switch;

@@ -1,0 +1,240 @@
+//! Moving frames in and out of split virtqueues, trusting nothing the guest wrote.
+//!
+//! TX: one descriptor chain is one frame (the 12-byte virtio-net header, then the Ethernet
+//! frame), read descriptor by descriptor through vm-memory's bounds-checked accesses.
+//! RX: a frame is written behind a header into one chain, or, with MRG_RXBUF, into as many
+//! chains as it needs (`num_buffers` in the first header); if the queue runs out midway, the
+//! chains taken are given back to the avail ring untouched as far as the guest can see (the
+//! used ring was not written) and the frame waits.
+//!
+//! A chain is malformed when it points outside guest memory, loops or runs past the queue
+//! (the descriptor iterator stops while the last descriptor still says NEXT), mixes the
+//! wrong direction of descriptors, or is shorter than a header and an Ethernet header. Such
+//! chains are completed with length 0 and counted; nothing is read or written outside guest
+//! memory, and nothing panics.
+
+use std::ops::Deref;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestMemory};
+
+use super::net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME};
+
+/// Room for the largest chain the backend reads: a header and the largest frame.
+pub const TX_BUF: usize = HDR_LEN + MAX_FRAME;
+
+/// What one TX chain held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxChain {
+    /// A frame of this many bytes, at `buf[HDR_LEN..HDR_LEN + len]`.
+    Frame(usize),
+    /// Longer than the backend moves.
+    Oversize,
+    /// See the module doc.
+    Malformed,
+}
+
+/// The queue could not be read at all: the guest's avail index is inconsistent (it jumped by
+/// more than the queue size) or the ring is outside guest memory. The queue must stop until
+/// the device is reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Broken;
+
+/// Takes the next available chain, or `Ok(None)` when there is none.
+pub fn pop<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, Broken>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    match queue.iter(mem) {
+        Ok(mut iter) => Ok(iter.next()),
+        Err(_) => Err(Broken),
+    }
+}
+
+/// Reads a TX chain into `buf`.
+pub fn read_tx<M>(chain: DescriptorChain<M>, mem: &M::Target, buf: &mut [u8; TX_BUF]) -> TxChain
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut total = 0usize;
+    let mut descriptors = 0usize;
+    let mut last_has_next = false;
+    let mut oversize = false;
+    for desc in chain {
+        descriptors += 1;
+        last_has_next = desc.has_next();
+        if desc.is_write_only() {
+            return TxChain::Malformed;
+        }
+        let len = desc.len() as usize;
+        if oversize || total + len > TX_BUF {
+            oversize = true;
+            continue;
+        }
+        if mem
+            .read_slice(&mut buf[total..total + len], desc.addr())
+            .is_err()
+        {
+            return TxChain::Malformed;
+        }
+        total += len;
+    }
+    if descriptors == 0 || last_has_next {
+        return TxChain::Malformed;
+    }
+    if oversize {
+        return TxChain::Oversize;
+    }
+    if total < HDR_LEN + 14 {
+        return TxChain::Malformed;
+    }
+    TxChain::Frame(total - HDR_LEN)
+}
+
+/// What writing one frame into the RX queue did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxWrite {
+    /// Written into this many chains (used entries added; the caller signals).
+    Written(u16),
+    /// Not enough buffers now; nothing used, the frame should wait.
+    NoBuffers,
+    /// A single chain (no MRG_RXBUF) too small for the frame: completed with length 0, the
+    /// frame dropped.
+    TooSmall,
+    /// A chain that is malformed: every chain taken was completed with length 0, the frame
+    /// dropped.
+    Malformed,
+}
+
+/// Chains one frame may take at most with MRG_RXBUF (a 9 KiB frame in 1 KiB buffers needs 10).
+const MAX_MERGE: usize = 64;
+
+/// Writes `frame` behind a header into the RX `queue`.
+pub fn write_rx<M>(
+    queue: &mut Queue,
+    mem: M,
+    frame: &[u8],
+    mrg_rxbuf: bool,
+) -> Result<RxWrite, Broken>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+{
+    let mut heads = [(0u16, 0u32); MAX_MERGE];
+    let mut taken = 0usize;
+    let mut written = 0usize; // bytes of header + frame placed so far
+    let total = HDR_LEN + frame.len();
+    // Where the header's bytes go (it may be split across descriptors); written last, once
+    // num_buffers is known: (guest address, header offset, length).
+    let mut header_spots = [(vm_memory::GuestAddress(0), 0usize, 0usize); HDR_LEN];
+    let mut spots = 0usize;
+    while written < total {
+        if taken == MAX_MERGE || (!mrg_rxbuf && taken == 1) {
+            return Ok(give_up(
+                queue,
+                &*mem,
+                &heads[..taken],
+                if mrg_rxbuf {
+                    RxWrite::Malformed
+                } else {
+                    RxWrite::TooSmall
+                },
+            ));
+        }
+        let Some(chain) = pop(queue, mem.clone())? else {
+            // Out of buffers midway: put the chains back, as if never taken.
+            for _ in 0..taken {
+                queue.go_to_previous_position();
+            }
+            return Ok(RxWrite::NoBuffers);
+        };
+        let head = chain.head_index();
+        let mut chain_len = 0u32;
+        let mut last_has_next = false;
+        let mut descriptors = 0;
+        let mut bad = false;
+        for desc in chain {
+            descriptors += 1;
+            last_has_next = desc.has_next();
+            if !desc.is_write_only() {
+                bad = true;
+                break;
+            }
+            if written == total {
+                continue;
+            }
+            let room = desc.len() as usize;
+            let mut off = 0usize;
+            // The header's place first, then the frame.
+            while off < room && written < total {
+                let Some(addr) = desc.addr().checked_add(off as u64) else {
+                    bad = true;
+                    break;
+                };
+                let n = if written < HDR_LEN {
+                    let n = (HDR_LEN - written).min(room - off);
+                    // Checked now, written below: the range must be guest memory.
+                    if !mem.check_range(addr, n, vm_memory::Permissions::Write) {
+                        bad = true;
+                        break;
+                    }
+                    header_spots[spots] = (addr, written, n);
+                    spots += 1;
+                    n
+                } else {
+                    let start = written - HDR_LEN;
+                    let n = (frame.len() - start).min(room - off);
+                    if mem.write_slice(&frame[start..start + n], addr).is_err() {
+                        bad = true;
+                        break;
+                    }
+                    n
+                };
+                off += n;
+                written += n;
+                chain_len += n as u32;
+            }
+            if bad {
+                break;
+            }
+        }
+        heads[taken] = (head, chain_len);
+        taken += 1;
+        if bad || descriptors == 0 || last_has_next {
+            return Ok(give_up(queue, &*mem, &heads[..taken], RxWrite::Malformed));
+        }
+    }
+    // The header: no offloads, num_buffers = the chains the frame took (1 without MRG_RXBUF).
+    let mut header = [0u8; HDR_LEN];
+    header[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&(taken as u16).to_le_bytes());
+    for &(addr, hoff, n) in &header_spots[..spots] {
+        if mem.write_slice(&header[hoff..hoff + n], addr).is_err() {
+            return Ok(give_up(queue, &*mem, &heads[..taken], RxWrite::Malformed));
+        }
+    }
+    for &(head, len) in &heads[..taken] {
+        if queue.add_used(&*mem, head, len).is_err() {
+            return Err(Broken);
+        }
+    }
+    Ok(RxWrite::Written(taken as u16))
+}
+
+/// Completes every chain taken with length 0, and says why.
+fn give_up<G: GuestMemory>(
+    queue: &mut Queue,
+    mem: &G,
+    heads: &[(u16, u32)],
+    why: RxWrite,
+) -> RxWrite {
+    for &(head, _) in heads {
+        let _ = queue.add_used(mem, head, 0);
+    }
+    why
+}
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;

@@ -1,0 +1,222 @@
+//! Unit tests of `vhost::queue` on mock split queues (virtio-queue's `MockSplitQueue`).
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{
+    Queue,
+    desc::{RawDescriptor, split::Descriptor as SplitDescriptor},
+    mock::MockSplitQueue,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+fn memory() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+}
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+fn frame(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+fn used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, i: usize) -> (u32, u32) {
+    let e = vq.used().ring().ref_at(i).unwrap().load();
+    (e.id(), e.len())
+}
+
+#[test]
+fn tx_reads_a_frame_split_over_descriptors() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let data = frame(HDR_LEN + 100);
+    mem.write_slice(&data[..20], GuestAddress(0x1_0000))
+        .unwrap();
+    mem.write_slice(&data[20..], GuestAddress(0x2_0000))
+        .unwrap();
+    vq.add_desc_chains(
+        &[
+            desc(0x1_0000, 20, NEXT, 1),
+            desc(0x2_0000, (data.len() - 20) as u32, 0, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let chain = pop(&mut q, &mem).unwrap().unwrap();
+    let mut buf = [0u8; TX_BUF];
+    assert_eq!(read_tx(chain, &mem, &mut buf), TxChain::Frame(100));
+    assert_eq!(&buf[..data.len()], &data[..]);
+    assert!(pop(&mut q, &mem).unwrap().is_none());
+}
+
+#[test]
+fn tx_refuses_hostile_chains() {
+    let cases: Vec<(&str, Vec<RawDescriptor>, TxChain)> = vec![
+        (
+            "outside guest memory",
+            vec![desc(0xffff_0000, 100, 0, 0)],
+            TxChain::Malformed,
+        ),
+        (
+            "straddling the end of memory",
+            vec![desc(0x10_0000 - 10, 100, 0, 0)],
+            TxChain::Malformed,
+        ),
+        (
+            "a loop",
+            vec![desc(0x1_0000, 64, NEXT, 1), desc(0x2_0000, 64, NEXT, 0)],
+            TxChain::Malformed,
+        ),
+        (
+            "next past the queue",
+            vec![desc(0x1_0000, 64, NEXT, 200)],
+            TxChain::Malformed,
+        ),
+        (
+            "device-writable",
+            vec![desc(0x1_0000, 64, WRITE, 0)],
+            TxChain::Malformed,
+        ),
+        (
+            "shorter than the headers",
+            vec![desc(0x1_0000, (HDR_LEN + 13) as u32, 0, 0)],
+            TxChain::Malformed,
+        ),
+        (
+            "longer than a jumbo frame",
+            vec![desc(0x1_0000, (TX_BUF + 1) as u32, 0, 0)],
+            TxChain::Oversize,
+        ),
+        (
+            "zero length",
+            vec![desc(0x1_0000, 0, 0, 0)],
+            TxChain::Malformed,
+        ),
+    ];
+    for (what, descs, want) in cases {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = pop(&mut q, &mem).unwrap().unwrap();
+        let mut buf = [0u8; TX_BUF];
+        assert_eq!(read_tx(chain, &mem, &mut buf), want, "{what}");
+    }
+}
+
+#[test]
+fn an_avail_index_jumping_past_the_queue_size_breaks_the_queue() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.avail().idx().store(u16::to_le(17));
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert_eq!(pop(&mut q, &mem).err(), Some(Broken));
+}
+
+#[test]
+fn rx_writes_header_and_frame_into_one_chain() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.add_desc_chains(&[desc(0x1_0000, 2048, WRITE, 0)], 0)
+        .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let f = frame(1000);
+    assert_eq!(write_rx(&mut q, &mem, &f, false), Ok(RxWrite::Written(1)));
+    let mut got = vec![0u8; HDR_LEN + 1000];
+    mem.read_slice(&mut got, GuestAddress(0x1_0000)).unwrap();
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    assert_eq!(&got[HDR_LEN..], &f[..]);
+    assert_eq!(used(&vq, 0), (0, (HDR_LEN + 1000) as u32));
+}
+
+#[test]
+fn rx_without_mrg_drops_a_frame_too_big_for_the_chain() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.add_desc_chains(&[desc(0x1_0000, 512, WRITE, 0)], 0)
+        .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert_eq!(
+        write_rx(&mut q, &mem, &frame(1000), false),
+        Ok(RxWrite::TooSmall)
+    );
+    assert_eq!(used(&vq, 0), (0, 0));
+}
+
+#[test]
+fn rx_with_mrg_spreads_a_frame_and_waits_for_buffers() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    // Two 512-byte buffers, the first split 4 + 508 so that the header straddles descriptors.
+    vq.add_desc_chains(
+        &[
+            desc(0x1_0000, 4, WRITE | NEXT, 1),
+            desc(0x1_1000, 508, WRITE, 0),
+            desc(0x2_0000, 512, WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let f = frame(1200);
+    assert_eq!(
+        write_rx(&mut q, &mem, &f, true),
+        Ok(RxWrite::NoBuffers),
+        "1212 bytes need three"
+    );
+    assert_eq!(vq.used().idx().load(), 0, "nothing used");
+    vq.add_desc_chains(&[desc(0x3_0000, 512, WRITE, 0)], 3)
+        .unwrap();
+    assert_eq!(write_rx(&mut q, &mem, &f, true), Ok(RxWrite::Written(3)));
+    let mut hdr = [0u8; HDR_LEN];
+    mem.read_slice(&mut hdr[..4], GuestAddress(0x1_0000))
+        .unwrap();
+    mem.read_slice(&mut hdr[4..], GuestAddress(0x1_1000))
+        .unwrap();
+    assert_eq!(
+        u16::from_le_bytes([hdr[10], hdr[11]]),
+        3,
+        "num_buffers across a split header"
+    );
+    let mut got = vec![0u8; 1200];
+    mem.read_slice(&mut got[..500], GuestAddress(0x1_1000 + 8))
+        .unwrap();
+    mem.read_slice(&mut got[500..1012], GuestAddress(0x2_0000))
+        .unwrap();
+    mem.read_slice(&mut got[1012..], GuestAddress(0x3_0000))
+        .unwrap();
+    assert_eq!(got, f);
+    assert_eq!(
+        (used(&vq, 0), used(&vq, 1), used(&vq, 2)),
+        ((0, 512), (2, 512), (3, 188))
+    );
+}
+
+#[test]
+fn rx_chains_outside_memory_are_completed_empty() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.add_desc_chains(&[desc(0xfff0_0000, 2048, WRITE, 0)], 0)
+        .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert_eq!(
+        write_rx(&mut q, &mem, &frame(100), true),
+        Ok(RxWrite::Malformed)
+    );
+    assert_eq!(used(&vq, 0), (0, 0));
+    let vq2 = MockSplitQueue::new(&mem, 16);
+    vq2.add_desc_chains(&[desc(0x1_0000, 2048, 0, 0)], 0)
+        .unwrap();
+    let mut q2: Queue = vq2.create_queue().unwrap();
+    assert_eq!(
+        write_rx(&mut q2, &mem, &frame(100), true),
+        Ok(RxWrite::Malformed),
+        "device-readable RX buffer"
+    );
+}
