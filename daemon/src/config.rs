@@ -40,8 +40,12 @@ pub struct StatsConfig {
 #[derive(Debug, Args, Clone)]
 pub struct RunConfig {
     /// Interface to attach to (repeatable).
-    #[arg(long = "iface", value_name = "IF", required = true)]
+    #[arg(long = "iface", value_name = "IF", required_unless_present = "guests")]
     pub ifaces: Vec<String>,
+    /// A guest's vhost-user-net socket (repeatable): `socket=PATH,mac=MAC[,queues=N][,mode=server|client]`.
+    /// Server mode (default) creates the socket; client mode connects to the VMM's.
+    #[arg(long = "guest", value_name = "socket=PATH,mac=MAC,…")]
+    pub guests: Vec<GuestSpec>,
     /// How to attach the XDP program: `auto` tries native, then generic.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
@@ -117,6 +121,75 @@ impl fmt::Display for DmaSpec {
             DmaSpec::Sw { core: Some(core) } => write!(f, "sw:{core}"),
             DmaSpec::Dsa { path } => write!(f, "dsa:{}", path.display()),
         }
+    }
+}
+
+/// Who creates a guest's socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketMode {
+    /// xvio listens; the VMM connects.
+    Server,
+    /// The VMM listens; xvio connects, and reconnects when the VMM restarts.
+    Client,
+}
+
+/// `--guest socket=PATH,mac=MAC[,queues=N][,mode=server|client]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestSpec {
+    /// The vhost-user socket.
+    pub socket: std::path::PathBuf,
+    /// The guest's MAC (what the switch delivers to it).
+    pub mac: MacAddr,
+    /// Queue pairs (1 to 16).
+    pub queues: u16,
+    /// Who listens.
+    pub mode: SocketMode,
+}
+
+impl FromStr for GuestSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut socket, mut mac, mut queues, mut mode) = (None, None, 1u16, SocketMode::Server);
+        for field in s.split(',') {
+            let (key, value) = field
+                .split_once('=')
+                .ok_or_else(|| format!("'{field}' is not KEY=VALUE; expected socket=PATH,mac=MAC[,queues=N][,mode=server|client]"))?;
+            match key {
+                "socket" if !value.is_empty() => socket = Some(std::path::PathBuf::from(value)),
+                "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| e.to_string())?),
+                "queues" => {
+                    queues = value
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=16).contains(q))
+                        .ok_or_else(|| format!("queues={value}: expected 1 to 16 queue pairs"))?;
+                }
+                "mode" => {
+                    mode = match value {
+                        "server" => SocketMode::Server,
+                        "client" => SocketMode::Client,
+                        _ => return Err(format!("mode={value}: expected server or client")),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown field '{key}'; expected socket, mac, queues or mode"
+                    ));
+                }
+            }
+        }
+        let socket = socket.ok_or("socket=PATH is missing")?;
+        let mac = mac.ok_or("mac=MAC is missing")?;
+        if mac.0[0] & 1 != 0 {
+            return Err(ParseError::GroupMac(mac.to_string()).to_string());
+        }
+        Ok(GuestSpec {
+            socket,
+            mac,
+            queues,
+            mode,
+        })
     }
 }
 
@@ -345,6 +418,39 @@ mod tests {
         assert_eq!("auto".parse::<ThresholdArg>(), Ok(ThresholdArg::Auto));
         assert_eq!("512".parse::<ThresholdArg>(), Ok(ThresholdArg::Bytes(512)));
         assert!("-1".parse::<ThresholdArg>().is_err());
+    }
+
+    #[test]
+    fn parses_guest_specs() {
+        let g: GuestSpec = "socket=/run/vm1.sock,mac=52:54:00:00:00:01,queues=2,mode=client"
+            .parse()
+            .unwrap();
+        assert_eq!(g.socket, std::path::PathBuf::from("/run/vm1.sock"));
+        assert_eq!((g.queues, g.mode), (2, SocketMode::Client));
+        let g: GuestSpec = "socket=/tmp/a,mac=52:54:00:00:00:01".parse().unwrap();
+        assert_eq!((g.queues, g.mode), (1, SocketMode::Server));
+        for (bad, why) in [
+            ("mac=52:54:00:00:00:01", "socket=PATH is missing"),
+            ("socket=/tmp/a", "mac=MAC is missing"),
+            ("socket=/tmp/a,mac=zz", "is not a MAC address"),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01,queues=0",
+                "expected 1 to 16",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01,mode=x",
+                "expected server or client",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01,color=red",
+                "unknown field 'color'",
+            ),
+            ("socket=/tmp/a,mac=ff:ff:ff:ff:ff:ff", "must be unicast"),
+            ("socket", "is not KEY=VALUE"),
+        ] {
+            let err = bad.parse::<GuestSpec>().unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

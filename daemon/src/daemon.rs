@@ -45,6 +45,12 @@ pub enum DaemonError {
     /// An AF_XDP port could not be opened.
     #[error(transparent)]
     Xsk(#[from] crate::xsk::XskError),
+    /// A guest could not be started.
+    #[error(transparent)]
+    Guest(#[from] crate::vhost::guest::GuestError),
+    /// A socket was named twice.
+    #[error("guest socket {0} is given twice with --guest")]
+    DuplicateSocket(String),
     /// A port's worker thread could not be started.
     #[error("starting the worker of {iface} queue {queue}")]
     Worker {
@@ -63,7 +69,10 @@ pub enum DaemonError {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
-    privileges::check()?;
+    if !config.ifaces.is_empty() {
+        // XDP and pins need privileges; serving guests alone does not.
+        privileges::check()?;
+    }
     let mut seen = HashSet::new();
     if let Some(dup) = config
         .ifaces
@@ -72,7 +81,17 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     {
         return Err(DaemonError::DuplicateIface(dup.clone()));
     }
-    if bpffs::ensure_mounted(&config.pin_root)? {
+    let mut sockets = HashSet::new();
+    if let Some(dup) = config
+        .guests
+        .iter()
+        .find(|g| !sockets.insert(g.socket.clone()))
+    {
+        return Err(DaemonError::DuplicateSocket(
+            dup.socket.display().to_string(),
+        ));
+    }
+    if !config.ifaces.is_empty() && bpffs::ensure_mounted(&config.pin_root)? {
         info!(path = bpffs::BPFFS, "mounted bpffs");
     }
     let opts = AttachOptions {
@@ -114,7 +133,22 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         );
         ifaces.push(Iface { ports, attached });
     }
+    // The guests and the switch between them.
+    let switch = crate::vhost::switch::Switch::new();
+    let guests = config
+        .guests
+        .iter()
+        .map(|spec| {
+            let guest = crate::vhost::guest::Guest::start(spec, &switch)?;
+            info!(socket = %spec.socket.display(), mac = %spec.mac, queues = spec.queues, mode = ?spec.mode, "guest port ready");
+            Ok(guest)
+        })
+        .collect::<Result<Vec<_>, DaemonError>>()?;
     runtime.block_on(control_loop(&mut ifaces, signals))?;
+    for guest in &guests {
+        log_guest(guest);
+    }
+    drop(guests);
     for iface in &mut ifaces {
         iface.ports.clear(); // stop the workers first: their last counters are final
         log_summary(&iface.attached);
@@ -222,6 +256,20 @@ async fn control_loop(ifaces: &mut [Iface], mut signals: Signals) -> Result<(), 
     }
     readers.shutdown().await;
     Ok(())
+}
+
+fn log_guest(guest: &crate::vhost::guest::Guest) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = guest.port().counters();
+    info!(
+        socket = %guest.socket().display(),
+        rx_packets = c.rx_packets.load(Relaxed),
+        tx_packets = c.tx_packets.load(Relaxed),
+        rx_dropped_full = c.rx_dropped_full.load(Relaxed),
+        tx_unknown_dst = c.tx_unknown_dst.load(Relaxed),
+        malformed_chains = c.malformed_chains.load(Relaxed),
+        "guest counters"
+    );
 }
 
 fn log_summary(iface: &AttachedIface) {

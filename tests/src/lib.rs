@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod frames;
+pub mod guest;
 pub mod netns;
 pub mod packet;
 pub mod topology;

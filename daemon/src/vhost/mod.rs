@@ -4,6 +4,8 @@
 //! - `queue`: frames out of TX chains and into RX chains, validating every descriptor.
 //! - `mailbox`, `switch`: frames from one guest's worker to another's.
 
+pub mod backend;
+pub mod guest;
 pub mod mailbox;
 pub mod net;
 pub mod queue;

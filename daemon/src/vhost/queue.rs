@@ -48,6 +48,8 @@ where
 {
     match queue.iter(mem) {
         Ok(mut iter) => Ok(iter.next()),
+        // Not set up yet (or reset): nothing to take, nothing wrong.
+        Err(virtio_queue::Error::QueueNotReady) => Ok(None),
         Err(_) => Err(Broken),
     }
 }

@@ -1,0 +1,392 @@
+//! The vhost-user-net backend of one guest, on vhost-user-backend's epoll workers: one
+//! worker thread per queue pair; the guest's mailbox wakes the worker of pair 0, which
+//! writes frames from other guests into RX queue 0.
+//!
+//! Event ids on a worker's epoll: `0..num_queues` are the vrings' kicks, `num_queues` is the
+//! library's (exit and vring-enabled events), [`MAILBOX_EVENT`] is the mailbox.
+
+use std::{
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::{
+    epoll::EventSet,
+    event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier},
+};
+
+use super::{
+    net::{self, QUEUE_SIZE},
+    queue::{self, RxWrite, TX_BUF, TxChain},
+    switch::{GuestCounters, Port, Switch},
+};
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// The vring type the backend works with.
+pub type Vring = VringRwLock<Memory>;
+
+/// The mailbox's event id (`num_queues + 1` for the backend's queue count).
+pub fn mailbox_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
+}
+
+/// How often a malformed chain is logged at most, per guest.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// One guest's backend.
+pub struct NetBackend {
+    name: String,
+    port: Arc<Port>,
+    switch: Arc<Switch>,
+    queue_pairs: u16,
+    acked_features: u64,
+    event_idx: bool,
+    mem: Option<Memory>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    tx_buf: Vec<Box<[u8; TX_BUF]>>,
+    broken: Vec<bool>,
+    last_log: Option<Instant>,
+}
+
+impl std::fmt::Debug for NetBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetBackend")
+            .field("name", &self.name)
+            .field("queue_pairs", &self.queue_pairs)
+            .finish()
+    }
+}
+
+impl NetBackend {
+    /// A backend for the guest on switch port `port`, with `queue_pairs` queue pairs.
+    pub fn new(
+        name: &str,
+        port: Arc<Port>,
+        switch: Arc<Switch>,
+        queue_pairs: u16,
+    ) -> io::Result<NetBackend> {
+        let mut backend = NetBackend {
+            name: name.to_owned(),
+            port,
+            switch,
+            queue_pairs: queue_pairs.max(1),
+            acked_features: 0,
+            event_idx: false,
+            mem: None,
+            exits: Vec::new(),
+            tx_buf: (0..queue_pairs.max(1))
+                .map(|_| Box::new([0u8; TX_BUF]))
+                .collect(),
+            broken: vec![false; 2 * usize::from(queue_pairs.max(1))],
+            last_log: None,
+        };
+        backend.new_connection()?;
+        Ok(backend)
+    }
+
+    /// Fresh exit events for the worker threads of the next connection (the last
+    /// connection's were used up telling its workers to stop).
+    pub fn new_connection(&mut self) -> io::Result<()> {
+        self.exits = (0..self.queue_pairs)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<_>>()?;
+        self.broken.fill(false);
+        Ok(())
+    }
+
+    /// Stops the worker threads of the current connection.
+    pub fn stop_workers(&self) {
+        for (_, notifier) in &self.exits {
+            let _ = notifier.notify();
+        }
+    }
+
+    /// The switch port.
+    pub fn port(&self) -> &Arc<Port> {
+        &self.port
+    }
+
+    fn counters(&self) -> &GuestCounters {
+        self.port.counters()
+    }
+
+    fn malformed(&mut self, what: &str, queue: usize) {
+        GuestCounters::add(&self.counters().malformed_chains, 1);
+        if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.last_log = Some(Instant::now());
+            tracing::warn!(guest = %self.name, queue, "{what}; completed with length 0 (further ones counted, logged at most every 5 s)");
+        }
+    }
+
+    fn broken_queue(&mut self, queue: usize) {
+        if !self.broken[queue] {
+            self.broken[queue] = true;
+            GuestCounters::add(&self.counters().broken_queues, 1);
+            tracing::warn!(guest = %self.name, queue, "the guest's avail index is inconsistent: queue stopped until the device is reset");
+        }
+    }
+
+    /// Sends every frame the guest queued on TX queue `index`.
+    fn process_tx(
+        &mut self,
+        vring: &Vring,
+        index: usize,
+        pair: usize,
+        mem: &GuestMemoryMmap<()>,
+    ) -> io::Result<()> {
+        if self.broken[index] {
+            return Ok(());
+        }
+        let mut state = vring.get_mut();
+        let mut sent_any = false;
+        loop {
+            if self.event_idx {
+                let _ = state.disable_notification();
+            }
+            loop {
+                let chain = match queue::pop(state.get_queue_mut(), mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(queue::Broken) => {
+                        drop(state);
+                        self.broken_queue(index);
+                        return Ok(());
+                    }
+                };
+                let head = chain.head_index();
+                let outcome = queue::read_tx(chain, mem, &mut self.tx_buf[pair]);
+                if state.add_used(head, 0).is_err() {
+                    drop(state);
+                    self.broken_queue(index);
+                    return Ok(());
+                }
+                sent_any = true;
+                match outcome {
+                    TxChain::Frame(len) => {
+                        let frame = &self.tx_buf[pair][net::HDR_LEN..net::HDR_LEN + len];
+                        GuestCounters::add(&self.port.counters().tx_packets, 1);
+                        GuestCounters::add(&self.port.counters().tx_bytes, len as u64);
+                        self.switch.forward(&self.port, frame);
+                    }
+                    TxChain::Oversize => GuestCounters::add(&self.port.counters().tx_oversize, 1),
+                    TxChain::Malformed => self.malformed("malformed TX descriptor chain", index),
+                }
+            }
+            if !self.event_idx || !state.enable_notification().unwrap_or(false) {
+                break;
+            }
+        }
+        if sent_any && state.needs_notification().unwrap_or(true) {
+            state.signal_used_queue()?;
+        }
+        drop(state);
+        self.switch.notify_marked();
+        Ok(())
+    }
+
+    /// Writes the mailbox's frames into RX queue 0 while the guest has buffers.
+    fn process_rx(&mut self, vring: &Vring, mem: &GuestMemoryMmap<()>) -> io::Result<()> {
+        if self.broken[0] {
+            return Ok(());
+        }
+        let mrg = net::mrg_rxbuf(self.acked_features);
+        let port = Arc::clone(&self.port);
+        let counters = port.counters();
+        let mut state = vring.get_mut();
+        let mut used_any = false;
+        let mut broken = false;
+        let mut malformed = 0;
+        loop {
+            let mut out_of_buffers = false;
+            port.mailbox().drain(|frame| {
+                match queue::write_rx(state.get_queue_mut(), mem, frame, mrg) {
+                    Ok(RxWrite::Written(_)) => {
+                        GuestCounters::add(&counters.rx_packets, 1);
+                        GuestCounters::add(&counters.rx_bytes, frame.len() as u64);
+                        used_any = true;
+                        true
+                    }
+                    Ok(RxWrite::NoBuffers) => {
+                        out_of_buffers = true;
+                        false
+                    }
+                    Ok(RxWrite::TooSmall) => {
+                        GuestCounters::add(&counters.rx_dropped_small, 1);
+                        used_any = true;
+                        true
+                    }
+                    Ok(RxWrite::Malformed) => {
+                        malformed += 1;
+                        used_any = true;
+                        true
+                    }
+                    Err(queue::Broken) => {
+                        broken = true;
+                        false
+                    }
+                }
+            });
+            // Out of buffers: ask the guest to kick when it adds some, and look once more in
+            // case it did in between.
+            if out_of_buffers
+                && self.event_idx
+                && state.enable_notification().unwrap_or(false)
+                && !broken
+            {
+                continue;
+            }
+            break;
+        }
+        if used_any && state.needs_notification().unwrap_or(true) {
+            state.signal_used_queue()?;
+        }
+        drop(state);
+        for _ in 0..malformed {
+            self.malformed("malformed RX descriptor chain", 0);
+        }
+        if broken {
+            self.broken_queue(0);
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackendMut for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2 * usize::from(self.queue_pairs)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        net::features(self.queue_pairs)
+            | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        if !has_version_1(features) {
+            tracing::warn!(guest = %self.name, "the frontend did not accept VIRTIO_F_VERSION_1; legacy virtio-net headers are not supported");
+        }
+        self.acked_features = features;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn reset_device(&mut self) {
+        self.port.mailbox().clear();
+        self.broken.fill(false);
+        self.acked_features = 0;
+        self.event_idx = false;
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // vhost-user carries at most 256 bytes of config; never allocate what a frontend asks.
+        let size = size.min(256);
+        let config = net::config_space(self.port.mac().0, self.queue_pairs);
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        let mut out = config[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&mut self, mem: Memory) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queue_pairs).map(|i| 0b11u64 << (2 * i)).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exits.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        let num_queues = self.num_queues();
+        let event = usize::from(device_event);
+        if device_event == mailbox_event(num_queues) || event == 0 {
+            // Frames from other guests, or the guest added RX buffers: pair 0's worker.
+            if let Some(rx) = vrings.first().filter(|_| thread_id == 0) {
+                return self.process_rx(rx, &mem);
+            }
+            return Ok(());
+        }
+        if event < num_queues && event % 2 == 1 {
+            let pair = event / 2;
+            // This thread's vrings are [rx, tx] of its pair.
+            if let Some(tx) = vrings.get(event - 2 * thread_id) {
+                return self.process_tx(tx, event, pair, &mem);
+            }
+        }
+        // RX kicks of pairs other than 0: nothing to deliver there (frames go to queue 0).
+        Ok(())
+    }
+}
+
+/// Whether `features` include VERSION_1 (the backend requires it: the 12-byte header).
+pub fn has_version_1(features: u64) -> bool {
+    features & (1 << VIRTIO_F_VERSION_1) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MacAddr;
+
+    #[test]
+    fn config_reads_are_clamped_and_padded() {
+        let switch = Switch::new();
+        let port = switch.add_port(MacAddr([2, 0, 0, 0, 0, 7])).unwrap();
+        let backend = NetBackend::new("t", port, Arc::clone(&switch), 2).unwrap();
+        assert_eq!(backend.get_config(0, 6), vec![2, 0, 0, 0, 0, 7]);
+        assert_eq!(backend.get_config(8, 2), vec![2, 0], "max_virtqueue_pairs");
+        assert_eq!(
+            backend.get_config(9, 4),
+            vec![0, 0, 0, 0],
+            "past the end: zeros, no panic"
+        );
+        assert_eq!(backend.get_config(u32::MAX, 8).len(), 8);
+        assert_eq!(
+            backend.get_config(0, u32::MAX).len(),
+            256,
+            "a huge request is clamped"
+        );
+        assert_eq!(backend.queues_per_thread(), vec![0b11, 0b1100]);
+        assert_eq!(backend.num_queues(), 4);
+        assert!(has_version_1(backend.features()));
+        const { assert!(net::MAX_FRAME >= 1518) };
+    }
+}

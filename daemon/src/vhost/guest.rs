@@ -1,0 +1,252 @@
+//! Serving one guest's vhost-user socket: a thread that accepts (server mode) or connects
+//! (client mode, with back-off while the VMM is away) and runs a fresh vhost-user daemon per
+//! connection, so that every connection re-learns memory and every vring from scratch.
+//! Between connections the device is reset and the guest's mailbox emptied; the other guests
+//! keep running.
+
+use std::{
+    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use thiserror::Error;
+use tracing::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{
+    backend::{NetBackend, mailbox_event},
+    switch::{Port, Switch, SwitchError},
+};
+use crate::config::{GuestSpec, SocketMode};
+
+/// Errors of starting a guest; each names the socket.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// The socket's directory does not exist.
+    #[error("guest socket {0}: its directory does not exist (create it, or pick another path)")]
+    NoDirectory(PathBuf),
+    /// The socket could not be created.
+    #[error("creating the vhost-user socket {path}")]
+    Listen {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The MAC is taken.
+    #[error("guest socket {path}")]
+    Switch {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: SwitchError,
+    },
+    /// The backend could not be made.
+    #[error("guest socket {path}: setting up the backend")]
+    Backend {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A guest being served.
+pub struct Guest {
+    spec: GuestSpec,
+    port: Arc<Port>,
+    stop: Arc<AtomicBool>,
+    shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("socket", &self.spec.socket)
+            .finish()
+    }
+}
+
+impl Guest {
+    /// Creates the guest's switch port and starts serving its socket.
+    pub fn start(spec: &GuestSpec, switch: &Arc<Switch>) -> Result<Guest, GuestError> {
+        let path = spec.socket.clone();
+        let port = switch
+            .add_port(spec.mac)
+            .map_err(|source| GuestError::Switch {
+                path: path.clone(),
+                source,
+            })?;
+        let name = path.display().to_string();
+        let backend = NetBackend::new(&name, Arc::clone(&port), Arc::clone(switch), spec.queues)
+            .map_err(|source| GuestError::Backend {
+                path: path.clone(),
+                source,
+            })?;
+        let backend = Arc::new(RwLock::new(backend));
+        let listener = match spec.mode {
+            SocketMode::Server => Some(listen(&path)?),
+            SocketMode::Client => None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let shutdown = Arc::new(Mutex::new(None));
+        let thread = {
+            let (stop, shutdown, spec) = (Arc::clone(&stop), Arc::clone(&shutdown), spec.clone());
+            std::thread::Builder::new()
+                .name(format!("xvio-guest-{}", port.id()))
+                .spawn(move || serve(&spec, &backend, listener, &stop, &shutdown))
+                .map_err(|source| GuestError::Backend {
+                    path: path.clone(),
+                    source,
+                })?
+        };
+        Ok(Guest {
+            spec: spec.clone(),
+            port,
+            stop,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// The guest's switch port (counters, MAC).
+    pub fn port(&self) -> &Arc<Port> {
+        &self.port
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.spec.socket
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Ok(handle) = self.shutdown.lock()
+            && let Some(handle) = handle.as_ref()
+        {
+            handle.shutdown();
+        }
+        // A server blocked in accept() wakes up for a connection that closes at once.
+        if self.spec.mode == SocketMode::Server {
+            let _ = std::os::unix::net::UnixStream::connect(&self.spec.socket);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if self.spec.mode == SocketMode::Server {
+            let _ = std::fs::remove_file(&self.spec.socket);
+        }
+    }
+}
+
+/// Creates the server socket (a stale one is replaced), mode 0660.
+fn listen(path: &Path) -> Result<Listener, GuestError> {
+    if path
+        .parent()
+        .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
+    {
+        return Err(GuestError::NoDirectory(path.to_owned()));
+    }
+    let listener = Listener::new(path, true).map_err(|source| GuestError::Listen {
+        path: path.to_owned(),
+        source,
+    })?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+    Ok(listener)
+}
+
+fn serve(
+    spec: &GuestSpec,
+    backend: &Arc<RwLock<NetBackend>>,
+    mut listener: Option<Listener>,
+    stop: &AtomicBool,
+    shutdown: &Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+) {
+    let name = spec.socket.display().to_string();
+    let mut backoff = Duration::from_millis(100);
+    while !stop.load(Ordering::Acquire) {
+        if let Ok(mut b) = backend.write()
+            && let Err(e) = b.new_connection()
+        {
+            warn!(guest = %name, error = %e, "cannot prepare a connection");
+            return;
+        }
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = match VhostUserDaemon::new(name.clone(), Arc::clone(backend), mem) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(guest = %name, error = %e, "cannot start the vhost-user backend");
+                return;
+            }
+        };
+        let num_queues = backend.read().map_or(2, |b| b.num_queues());
+        if let (Some(handler), Ok(b)) = (daemon.get_epoll_handlers().first(), backend.read()) {
+            let fd = b.port().mailbox().event().as_raw_fd();
+            if let Err(e) =
+                handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))
+            {
+                warn!(guest = %name, error = %e, "cannot watch the mailbox");
+                return;
+            }
+        }
+        let started = match (&mut listener, spec.mode) {
+            (Some(listener), _) => daemon.start(listener),
+            (None, _) => daemon.start_client(&name),
+        };
+        if let Err(e) = started {
+            backend.read().map(|b| b.stop_workers()).ok();
+            if spec.mode == SocketMode::Client {
+                // The VMM is not there (yet, or any more): try again, backing off to 2 s.
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            if !stop.load(Ordering::Acquire) {
+                warn!(guest = %name, error = %e, "accepting a vhost-user connection failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        if let Ok(mut slot) = shutdown.lock() {
+            *slot = daemon.shutdown_handle();
+        }
+        if stop.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        }
+        info!(guest = %name, "vhost-user frontend connected");
+        let result = daemon.wait();
+        if let Ok(mut slot) = shutdown.lock() {
+            *slot = None;
+        }
+        if let Ok(b) = backend.read() {
+            b.stop_workers();
+        }
+        if let Ok(mut b) = backend.write() {
+            b.reset_device();
+        }
+        match result {
+            Ok(()) => {
+                info!(guest = %name, "vhost-user frontend disconnected; the socket serves the next one")
+            }
+            Err(e) => {
+                warn!(guest = %name, error = %e, "vhost-user connection ended with an error; the socket serves the next one")
+            }
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! A virtio-net driver in the test process: it connects to a vhost-user socket with the
+//! `vhost` crate's frontend, shares memfd memory, lays out split virtqueues in it and
+//! drives them (TX chains out, RX buffers in), as a guest kernel would.
+
+use std::{fs::File, os::fd::AsRawFd, path::Path, time::Duration};
+
+use vhost::{
+    VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
+    vhost_user::{
+        Frontend, VhostUserFrontend, VhostUserProtocolFeatures, message::VhostUserConfigFlags,
+    },
+};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// Bytes of guest memory.
+pub const MEMORY: usize = 8 << 20;
+/// Entries of each queue.
+pub const QUEUE: u16 = 64;
+/// Where buffers start in guest memory (the rings sit below).
+pub const BUFFERS: u64 = 0x10_0000;
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+/// One split virtqueue as the driver sees it.
+#[derive(Debug)]
+pub struct DriverQueue {
+    base: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl DriverQueue {
+    fn new(base: u64) -> DriverQueue {
+        DriverQueue {
+            base,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn desc_addr(&self) -> u64 {
+        self.base
+    }
+
+    fn avail_addr(&self) -> u64 {
+        self.base + 16 * u64::from(QUEUE)
+    }
+
+    fn used_addr(&self) -> u64 {
+        (self.avail_addr() + 6 + 2 * u64::from(QUEUE)).next_multiple_of(4)
+    }
+}
+
+/// A guest: its memory, its frontend connection, and its queues (0: RX, 1: TX).
+pub struct TestGuest {
+    /// The vhost-user frontend.
+    pub frontend: Frontend,
+    /// Its memory, as the guest sees it.
+    pub mem: GuestMemoryMmap<()>,
+    _file: File,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    queues: Vec<DriverQueue>,
+    next_buffer: u64,
+    /// The features acked.
+    pub features: u64,
+}
+
+impl std::fmt::Debug for TestGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestGuest")
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
+impl TestGuest {
+    /// Connects to `socket` (retrying while it is not there yet), negotiates every offered
+    /// feature but those in `refuse`, shares memory and sets up one queue pair.
+    pub fn connect(socket: &Path, refuse: u64) -> TestGuest {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut frontend = loop {
+            match Frontend::connect(socket, 2) {
+                Ok(f) => break f,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("connecting to {}: {e}", socket.display()),
+            }
+        };
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap() & !refuse;
+        frontend.set_features(features).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend
+            .set_protocol_features(
+                protocol
+                    & (VhostUserProtocolFeatures::MQ
+                        | VhostUserProtocolFeatures::REPLY_ACK
+                        | VhostUserProtocolFeatures::CONFIG),
+            )
+            .unwrap();
+        let fd = nix::sys::memfd::memfd_create(
+            c"xvio-test-guest",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .unwrap();
+        let file = File::from(fd);
+        file.set_len(MEMORY as u64).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            MEMORY,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: MEMORY as u64,
+                userspace_addr: host,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }])
+            .unwrap();
+        let queues = vec![DriverQueue::new(0), DriverQueue::new(0x8000)];
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
+        for (i, q) in queues.iter().enumerate() {
+            let (kick, call) = (
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            );
+            frontend.set_vring_num(i, QUEUE).unwrap();
+            frontend
+                .set_vring_addr(
+                    i,
+                    &VringConfigData {
+                        queue_max_size: QUEUE,
+                        queue_size: QUEUE,
+                        flags: 0,
+                        desc_table_addr: host + q.desc_addr(),
+                        used_ring_addr: host + q.used_addr(),
+                        avail_ring_addr: host + q.avail_addr(),
+                        log_addr: None,
+                    },
+                )
+                .unwrap();
+            frontend.set_vring_base(i, 0).unwrap();
+            frontend.set_vring_call(i, &call).unwrap();
+            frontend.set_vring_kick(i, &kick).unwrap();
+            frontend.set_vring_enable(i, true).unwrap();
+            kicks.push(kick);
+            calls.push(call);
+        }
+        TestGuest {
+            frontend,
+            mem,
+            _file: file,
+            kicks,
+            calls,
+            queues,
+            next_buffer: BUFFERS,
+            features,
+        }
+    }
+
+    /// The device config space (MAC, status, max queue pairs).
+    pub fn config(&mut self) -> Vec<u8> {
+        let (_, payload) = self
+            .frontend
+            .get_config(0, 10, VhostUserConfigFlags::WRITABLE, &[0u8; 10])
+            .unwrap();
+        payload.to_vec()
+    }
+
+    fn alloc(&mut self, len: u64) -> u64 {
+        let addr = self.next_buffer;
+        self.next_buffer = (self.next_buffer + len).next_multiple_of(64);
+        assert!(self.next_buffer < MEMORY as u64, "test guest out of memory");
+        addr
+    }
+
+    /// Adds a chain of raw descriptors (address, length, device-writable) to queue `q`,
+    /// linked in order, and kicks; `next_of_last` links the last one (for loops).
+    pub fn add_raw_chain(
+        &mut self,
+        q: usize,
+        descs: &[(u64, u32, bool)],
+        next_of_last: Option<u16>,
+    ) {
+        let queue = &mut self.queues[q];
+        let first = queue.next_desc;
+        for (i, &(addr, len, write)) in descs.iter().enumerate() {
+            let index = (first + i as u16) % QUEUE;
+            let last = i == descs.len() - 1;
+            let mut flags = if write { WRITE } else { 0 };
+            let next = match (last, next_of_last) {
+                (false, _) => {
+                    flags |= NEXT;
+                    (index + 1) % QUEUE
+                }
+                (true, Some(n)) => {
+                    flags |= NEXT;
+                    n
+                }
+                (true, None) => 0,
+            };
+            let at = GuestAddress(queue.desc_addr() + 16 * u64::from(index));
+            self.mem.write_obj(addr, at).unwrap();
+            self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+            self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        }
+        let slot = queue.avail_addr() + 4 + 2 * u64::from(queue.avail_idx % QUEUE);
+        self.mem
+            .write_obj(first % QUEUE, GuestAddress(slot))
+            .unwrap();
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        queue.next_desc = (first + descs.len() as u16) % QUEUE;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(queue.avail_idx, GuestAddress(queue.avail_addr() + 2))
+            .unwrap();
+        self.kicks[q].write(1).unwrap();
+    }
+
+    /// The index the next descriptor added to queue `q` gets.
+    pub fn next_desc(&self, q: usize) -> u16 {
+        self.queues[q].next_desc
+    }
+
+    /// Kicks queue `q` again.
+    pub fn kick(&self, q: usize) {
+        self.kicks[q].write(1).unwrap();
+    }
+
+    /// Overwrites the avail index of queue `q` (a hostile guest).
+    pub fn set_avail_idx(&self, q: usize, idx: u16) {
+        self.mem
+            .write_obj(idx, GuestAddress(self.queues[q].avail_addr() + 2))
+            .unwrap();
+    }
+
+    /// Sends one frame (a zero header and `frame`) on the TX queue.
+    pub fn send(&mut self, frame: &[u8]) {
+        let addr = self.alloc(12 + frame.len() as u64);
+        self.mem
+            .write_slice(&[0u8; 12], GuestAddress(addr))
+            .unwrap();
+        self.mem
+            .write_slice(frame, GuestAddress(addr + 12))
+            .unwrap();
+        self.add_raw_chain(1, &[(addr, 12 + frame.len() as u32, false)], None);
+    }
+
+    /// Posts `n` receive buffers of `len` bytes.
+    pub fn post_rx(&mut self, n: usize, len: u32) {
+        for _ in 0..n {
+            let addr = self.alloc(u64::from(len));
+            self.add_raw_chain(0, &[(addr, len, true)], None);
+        }
+    }
+
+    /// Used entries of queue `q` not seen yet: (descriptor head, length).
+    pub fn take_used(&mut self, q: usize) -> Vec<(u32, u32)> {
+        let queue = &mut self.queues[q];
+        let idx: u16 = self
+            .mem
+            .read_obj(GuestAddress(queue.used_addr() + 2))
+            .unwrap();
+        let mut out = Vec::new();
+        while queue.used_seen != idx {
+            let at = queue.used_addr() + 4 + 8 * u64::from(queue.used_seen % QUEUE);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            out.push((id, len));
+            queue.used_seen = queue.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Waits until queue `q`'s call eventfd fires or `timeout` passes.
+    pub fn wait_call(&self, q: usize, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.calls[q].read().is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Receives up to `n` frames (waiting at most `timeout` for each): the frames, without
+    /// their virtio-net header, read from the RX buffers the backend used.
+    pub fn receive(&mut self, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        let deadline = std::time::Instant::now() + timeout;
+        while frames.len() < n && std::time::Instant::now() < deadline {
+            for (head, len) in self.take_used(0) {
+                let at = self.queues[0].desc_addr() + 16 * u64::from(head);
+                let addr: u64 = self.mem.read_obj(GuestAddress(at)).unwrap();
+                let mut buf = vec![0u8; len as usize];
+                self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+                frames.push(buf.split_off(12.min(buf.len())));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        frames
+    }
+}
