@@ -6,6 +6,7 @@
 //! they print why they skip; in CI (`CI=true`) they never skip, they fail.
 
 pub mod daemon;
+pub mod dpdk;
 pub mod frames;
 pub mod guest;
 pub mod netns;

@@ -68,6 +68,7 @@ pub struct Guest {
     spec: GuestSpec,
     port: Arc<Port>,
     stop: Arc<AtomicBool>,
+    connected: Arc<AtomicBool>,
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -102,12 +103,18 @@ impl Guest {
             SocketMode::Client => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(Mutex::new(None));
         let thread = {
-            let (stop, shutdown, spec) = (Arc::clone(&stop), Arc::clone(&shutdown), spec.clone());
+            let state = ServeState {
+                stop: Arc::clone(&stop),
+                connected: Arc::clone(&connected),
+                shutdown: Arc::clone(&shutdown),
+            };
+            let spec = spec.clone();
             std::thread::Builder::new()
                 .name(format!("xvio-guest-{}", port.id()))
-                .spawn(move || serve(&spec, &backend, listener, &stop, &shutdown))
+                .spawn(move || serve(&spec, &backend, listener, &state))
                 .map_err(|source| GuestError::Backend {
                     path: path.clone(),
                     source,
@@ -117,6 +124,7 @@ impl Guest {
             spec: spec.clone(),
             port,
             stop,
+            connected,
             shutdown,
             thread: Some(thread),
         })
@@ -130,6 +138,11 @@ impl Guest {
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.spec.socket
+    }
+
+    /// Whether a frontend is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
     }
 }
 
@@ -146,7 +159,17 @@ impl Drop for Guest {
             let _ = std::os::unix::net::UnixStream::connect(&self.spec.socket);
         }
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // Give the serving thread a moment to notice; a thread still blocked in the
+            // vhost-user library after that is left behind rather than hanging shutdown.
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                warn!(socket = %self.spec.socket.display(), "the guest's serving thread did not stop in 2 s; leaving it");
+            }
         }
         if self.spec.mode == SocketMode::Server {
             let _ = std::fs::remove_file(&self.spec.socket);
@@ -170,13 +193,20 @@ fn listen(path: &Path) -> Result<Listener, GuestError> {
     Ok(listener)
 }
 
+/// What the serving thread shares with its [`Guest`].
+struct ServeState {
+    stop: Arc<AtomicBool>,
+    connected: Arc<AtomicBool>,
+    shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
+}
+
 fn serve(
     spec: &GuestSpec,
     backend: &Arc<RwLock<NetBackend>>,
     mut listener: Option<Listener>,
-    stop: &AtomicBool,
-    shutdown: &Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    state: &ServeState,
 ) {
+    let (stop, shutdown) = (&state.stop, &state.shutdown);
     let name = spec.socket.display().to_string();
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Acquire) {
@@ -230,7 +260,9 @@ fn serve(
             daemon.request_shutdown();
         }
         info!(guest = %name, "vhost-user frontend connected");
+        state.connected.store(true, Ordering::Release);
         let result = daemon.wait();
+        state.connected.store(false, Ordering::Release);
         if let Ok(mut slot) = shutdown.lock() {
             *slot = None;
         }

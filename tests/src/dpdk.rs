@@ -1,0 +1,145 @@
+//! DPDK's testpmd with a `net_virtio_user` vdev: a real vhost-user frontend and traffic
+//! generator (Debian's dpdk-dev), as a guest without a VM.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// Totals testpmd printed when it stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestpmdTotals {
+    /// Packets received.
+    pub rx: u64,
+    /// Packets sent.
+    pub tx: u64,
+}
+
+/// A running testpmd.
+#[derive(Debug)]
+pub struct Testpmd {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Testpmd {
+    /// Starts testpmd on vhost-user socket `socket` in forward `mode` (txonly, rxonly,
+    /// icmpecho, macswap…) with frames of `len` bytes to `peer`; `vdev_opts` are appended to
+    /// the vdev (",server=1" makes testpmd the socket's server). Runs on CPUs `cpus`.
+    pub fn start(
+        socket: &Path,
+        mode: &str,
+        len: usize,
+        peer: &str,
+        vdev_opts: &str,
+        cpus: &str,
+    ) -> Testpmd {
+        let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-testpmd-")));
+        let prefix = crate::unique_name("xvio-pmd-");
+        let main_lcore = cpus.split(',').next().unwrap_or("0").to_owned();
+        let child = Command::new("dpdk-testpmd")
+            .args([
+                "--main-lcore",
+                &main_lcore,
+                "-l",
+                cpus,
+                "--no-huge",
+                "-m",
+                "512",
+                "--no-pci",
+                "--file-prefix",
+            ])
+            .arg(&prefix)
+            .arg("--vdev")
+            .arg(format!(
+                "net_virtio_user0,path={},queues=1,queue_size=1024{vdev_opts}",
+                socket.display()
+            ))
+            .args([
+                "--",
+                "--auto-start",
+                "--nb-cores=1",
+                "--txd=1024",
+                "--rxd=1024",
+                "--burst=32",
+                "--total-num-mbufs=32768",
+            ])
+            .arg(format!("--forward-mode={mode}"))
+            .arg(format!("--txpkts={len}"))
+            .arg(format!("--eth-peer=0,{peer}"))
+            .stdin(Stdio::piped())
+            .stdout(File::create(&log).expect("testpmd log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dpdk-testpmd (apt-get install dpdk-dev; `cargo xtask test` installs it)");
+        Testpmd {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it with SIGINT and reads the accumulated totals it prints.
+    pub fn stop(mut self) -> TestpmdTotals {
+        self.kill_and_wait(Signal::SIGINT);
+        parse_totals(&self.output())
+    }
+
+    /// Kills it at once (a VMM that crashes).
+    pub fn crash(mut self) {
+        self.kill_and_wait(Signal::SIGKILL);
+    }
+
+    fn kill_and_wait(&mut self, signal: Signal) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        self.kill_and_wait(Signal::SIGKILL);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The numbers after "Accumulated forward statistics for all ports".
+pub fn parse_totals(out: &str) -> TestpmdTotals {
+    let Some(at) = out.rfind("Accumulated forward statistics for all ports") else {
+        return TestpmdTotals::default();
+    };
+    let mut totals = TestpmdTotals::default();
+    for line in out[at..].lines().take(8) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for pair in words.windows(2) {
+            match pair[0] {
+                "RX-packets:" => totals.rx = pair[1].parse().unwrap_or(0),
+                "TX-packets:" => totals.tx = pair[1].parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    totals
+}
