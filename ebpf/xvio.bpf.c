@@ -57,6 +57,14 @@ struct {
 	__type(value, struct xvio_port_stats);
 } port_stats SEC(".maps");
 
+/* Written by the daemon only, one entry per guest (pinned once, under pin_root/guests/). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XVIO_GUESTS_MAX);
+	__type(key, __u32);
+	__type(value, struct xvio_guest_stats);
+} guest_stats SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, XVIO_EVENTS_BYTES);

@@ -14,6 +14,7 @@
 /* Limits of the maps (entries). */
 #define XVIO_STEER_MAX 4096
 #define XVIO_XSKS_MAX 64
+#define XVIO_GUESTS_MAX 256
 #define XVIO_EVENTS_BYTES (64 * 1024)
 /* Kernel events of one kind are emitted at most once per this period, per CPU. */
 #define XVIO_EVENT_PERIOD_NS 1000000000ULL
@@ -45,6 +46,25 @@ struct xvio_steer_key {
 struct xvio_steer_value {
 	__u32 guest_id; /* the daemon's id of the guest port, for its own bookkeeping */
 	__u32 flags;    /* reserved, 0 */
+};
+
+/* Value of guest_stats[guest id]: one vhost-user guest, written by the daemon. */
+struct xvio_guest_stats {
+	__u32 active;            /* 1 while the guest's port exists */
+	__u32 connected;         /* 1 while a vhost-user frontend is connected */
+	__u8 mac[6];             /* the guest's MAC */
+	__u16 queue_pairs;
+	__u32 reserved;
+	__u64 rx_packets;        /* frames written into the guest */
+	__u64 rx_bytes;
+	__u64 tx_packets;        /* frames the guest sent */
+	__u64 tx_bytes;
+	__u64 rx_dropped_full;   /* frames for the guest dropped: it posted no RX buffers in time */
+	__u64 rx_dropped_small;  /* frames for the guest dropped: RX buffer too small */
+	__u64 tx_unknown_dst;    /* frames the guest sent to a MAC no guest has */
+	__u64 tx_oversize;       /* frames the guest sent longer than 9018 bytes */
+	__u64 malformed_chains;  /* descriptor chains outside memory, looping, too short… */
+	__u64 broken_queues;     /* queues stopped for an inconsistent avail index */
 };
 
 /* How the program is attached (daemon_stats.xdp_mode). */

@@ -24,6 +24,11 @@ pub mod maps {
     pub const DAEMON_STATS: &str = "daemon_stats";
     /// Array of [`crate::PortStats`], indexed by rx queue, written by the daemon.
     pub const PORT_STATS: &str = "port_stats";
+    /// Array of [`crate::GuestStats`], indexed by guest id; pinned once under
+    /// `PIN_ROOT/guests/`.
+    pub const GUEST_STATS: &str = "guest_stats";
+    /// The folder below `PIN_ROOT` that holds `guest_stats`.
+    pub const GUESTS_DIR: &str = "guests";
     /// Ring buffer of [`crate::Event`].
     pub const EVENTS: &str = "events";
     /// Per-CPU array of [`crate::EventState`], indexed by [`crate::EventKind`].
@@ -41,6 +46,8 @@ pub mod maps {
 
 /// Entries of `steer` (`XVIO_STEER_MAX`).
 pub const STEER_MAX: u32 = 4096;
+/// Entries of `guest_stats`: guests one daemon reports.
+pub const GUESTS_MAX: u32 = 256;
 /// Entries of `xsks`, so the highest rx queue that can be steered is this minus one.
 pub const XSKS_MAX: u32 = 64;
 /// Kernel events of one kind are emitted at most once per this many ns per CPU.
@@ -237,6 +244,42 @@ pub struct PortStats {
     pub rx_no_guest: u64,
 }
 
+/// Value of `guest_stats[guest id]` (`struct xvio_guest_stats`): one vhost-user guest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestStats {
+    /// 1 while the guest's port exists.
+    pub active: u32,
+    /// 1 while a vhost-user frontend is connected.
+    pub connected: u32,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
+    /// Queue pairs.
+    pub queue_pairs: u16,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// Frames written into the guest.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames the guest sent.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Frames for the guest dropped: no RX buffers in time.
+    pub rx_dropped_full: u64,
+    /// Frames for the guest dropped: RX buffer too small.
+    pub rx_dropped_small: u64,
+    /// Frames the guest sent to a MAC no guest has.
+    pub tx_unknown_dst: u64,
+    /// Frames the guest sent longer than the backend moves.
+    pub tx_oversize: u64,
+    /// Malformed descriptor chains.
+    pub malformed_chains: u64,
+    /// Queues stopped for an inconsistent avail index.
+    pub broken_queues: u64,
+}
+
 /// Kind of a kernel event (`enum xvio_event_kind`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -309,7 +352,9 @@ pub struct EventState {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{DaemonStats, Event, EventState, PortStats, SteerKey, SteerValue, XdpStats};
+    use super::{
+        DaemonStats, Event, EventState, GuestStats, PortStats, SteerKey, SteerValue, XdpStats,
+    };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays
     // with no padding (checked against the object's BTF), so any bit pattern is valid.
@@ -326,6 +371,8 @@ mod pod {
     unsafe impl aya::Pod for EventState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PortStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GuestStats {}
 }
 
 impl Event {

@@ -18,6 +18,7 @@ use crate::{
     bpffs,
     config::RunConfig,
     privileges,
+    vhost::stats::GuestStatsMap,
     xsk::{PortWorker, XskConfig, XskPort},
 };
 
@@ -144,10 +145,17 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
             Ok(guest)
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
-    runtime.block_on(control_loop(&mut ifaces, signals))?;
+    let mut guest_map = open_guest_stats(config, &guests);
+    runtime.block_on(control_loop(
+        &mut ifaces,
+        &guests,
+        guest_map.as_mut(),
+        signals,
+    ))?;
     for guest in &guests {
         log_guest(guest);
     }
+    drop(guest_map);
     drop(guests);
     for iface in &mut ifaces {
         iface.ports.clear(); // stop the workers first: their last counters are final
@@ -219,7 +227,45 @@ struct Signals {
     term: tokio::signal::unix::Signal,
 }
 
-async fn control_loop(ifaces: &mut [Iface], mut signals: Signals) -> Result<(), DaemonError> {
+/// The pinned map of the guests' counters, when there are guests and the privileges for it.
+fn open_guest_stats(
+    config: &RunConfig,
+    guests: &[crate::vhost::guest::Guest],
+) -> Option<GuestStatsMap> {
+    if guests.is_empty() {
+        return None;
+    }
+    if let Err(e) = privileges::check() {
+        warn!("guest counters are not exported to bpffs: {e}");
+        return None;
+    }
+    if let Err(e) = bpffs::ensure_mounted(&config.pin_root) {
+        warn!(error = %e, "guest counters are not exported to bpffs");
+        return None;
+    }
+    match GuestStatsMap::open(&config.pin_root) {
+        Ok(map) => {
+            info!(
+                "guest counters: bpftool map dump pinned {}/{}/{}",
+                config.pin_root.display(),
+                xvio_common::maps::GUESTS_DIR,
+                xvio_common::maps::GUEST_STATS
+            );
+            Some(map)
+        }
+        Err(e) => {
+            warn!(error = %e, "guest counters are not exported to bpffs");
+            None
+        }
+    }
+}
+
+async fn control_loop(
+    ifaces: &mut [Iface],
+    guests: &[crate::vhost::guest::Guest],
+    mut guest_map: Option<&mut GuestStatsMap>,
+    mut signals: Signals,
+) -> Result<(), DaemonError> {
     let mut readers = tokio::task::JoinSet::new();
     for iface in ifaces.iter_mut() {
         let ring = iface.attached.take_events()?;
@@ -244,6 +290,11 @@ async fn control_loop(ifaces: &mut [Iface], mut signals: Signals) -> Result<(), 
                 let now_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                if let Some(map) = guest_map.as_deref_mut()
+                    && let Err(e) = map.publish(guests)
+                {
+                    warn!(error = %e, "could not write guest_stats");
+                }
                 for iface in ifaces.iter_mut() {
                     let ports: Vec<(u32, xvio_common::PortStats)> =
                         iface.ports.iter().map(|p| (p.queue(), p.stats())).collect();

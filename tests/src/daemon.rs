@@ -80,10 +80,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `xvio run ARGS…` in `ns` and waits until `ready` (a pin path) exists.
-    pub fn start(ns: &Netns, args: &[&str], ready: &Path) -> Result<Daemon, String> {
+    /// Starts `xvio run ARGS…` in `ns` (or here) and waits until `ready` (a path) exists.
+    pub fn start(ns: Option<&Netns>, args: &[&str], ready: &Path) -> Result<Daemon, String> {
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-daemon-")));
-        let mut cmd = command(Some(ns), &[&["run"], args].concat());
+        let mut cmd = command(ns, &[&["run"], args].concat());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).map_err(|e| e.to_string())?);

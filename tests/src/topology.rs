@@ -56,7 +56,11 @@ impl Topology {
     pub fn start(&self, extra: &[&str]) -> Daemon {
         let mut args = vec!["--iface", &self.ifname];
         args.extend_from_slice(extra);
-        Daemon::start(&self.host, &args, &self.pin_dir().join(maps::EVENT_STATE))
-            .unwrap_or_else(|e| panic!("{e}"))
+        Daemon::start(
+            Some(&self.host),
+            &args,
+            &self.pin_dir().join(maps::EVENT_STATE),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 }

@@ -4,8 +4,8 @@
 use std::{collections::HashMap, mem::offset_of, process::Command};
 
 use xvio_common::{
-    DaemonStats, Event, EventKind, EventState, PortStats, SteerKey, SteerValue, XdpMode,
-    XdpOutcome, XdpStats,
+    DaemonStats, Event, EventKind, EventState, GuestStats, PortStats, SteerKey, SteerValue,
+    XdpMode, XdpOutcome, XdpStats,
 };
 
 /// A struct or enum from `bpftool btf dump`: its size and its members (name → bit offset
@@ -162,6 +162,28 @@ fn common_matches_btf() {
             ("steer_entries", offset_of!(DaemonStats, steer_entries)),
             ("xsk_sockets", offset_of!(DaemonStats, xsk_sockets)),
             ("xsk_zero_copy", offset_of!(DaemonStats, xsk_zero_copy)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_guest_stats",
+        size_of::<GuestStats>(),
+        &[
+            ("active", offset_of!(GuestStats, active)),
+            ("connected", offset_of!(GuestStats, connected)),
+            ("mac", offset_of!(GuestStats, mac)),
+            ("queue_pairs", offset_of!(GuestStats, queue_pairs)),
+            ("reserved", offset_of!(GuestStats, reserved)),
+            ("rx_packets", offset_of!(GuestStats, rx_packets)),
+            ("rx_bytes", offset_of!(GuestStats, rx_bytes)),
+            ("tx_packets", offset_of!(GuestStats, tx_packets)),
+            ("tx_bytes", offset_of!(GuestStats, tx_bytes)),
+            ("rx_dropped_full", offset_of!(GuestStats, rx_dropped_full)),
+            ("rx_dropped_small", offset_of!(GuestStats, rx_dropped_small)),
+            ("tx_unknown_dst", offset_of!(GuestStats, tx_unknown_dst)),
+            ("tx_oversize", offset_of!(GuestStats, tx_oversize)),
+            ("malformed_chains", offset_of!(GuestStats, malformed_chains)),
+            ("broken_queues", offset_of!(GuestStats, broken_queues)),
         ],
     );
     check_struct(

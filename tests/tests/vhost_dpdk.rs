@@ -173,6 +173,7 @@ fn a_client_mode_socket_reconnects_when_the_vmm_restarts() {
     assert!(delivered > 0, "{}", counters(&rx_guest));
     second.stop();
     rx.stop();
+    let _ = std::fs::remove_file(&client.socket);
 }
 
 fn wait_for(cond: impl Fn() -> bool) -> bool {

@@ -140,6 +140,11 @@ impl Guest {
         &self.spec.socket
     }
 
+    /// Its queue pairs.
+    pub fn queue_pairs(&self) -> u16 {
+        self.spec.queues
+    }
+
     /// Whether a frontend is connected now.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)

@@ -9,4 +9,5 @@ pub mod guest;
 pub mod mailbox;
 pub mod net;
 pub mod queue;
+pub mod stats;
 pub mod switch;

@@ -1,0 +1,122 @@
+//! The guests' counters in a pinned BPF map (`guest_stats`, one entry per guest id), so that
+//! `bpftool map dump pinned PIN_ROOT/guests/guest_stats` shows them with field names, with or
+//! without an attached interface. The map comes from the XDP object (for its BTF); no program
+//! is loaded or attached for it.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::Ordering::Relaxed,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, MapError},
+    pin::PinError,
+};
+use thiserror::Error;
+use xvio_common::{GUESTS_MAX, GuestStats, maps};
+
+use super::guest::Guest;
+use crate::bpffs;
+
+/// Errors of the guest counters' map.
+#[derive(Debug, Error)]
+pub enum GuestStatsError {
+    /// The object's maps could not be created.
+    #[error("creating the guest_stats map")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// The map is missing or of another type.
+    #[error("the guest_stats map")]
+    Map(#[source] Box<MapError>),
+    /// Pinning failed.
+    #[error("pinning guest_stats at {path}")]
+    Pin {
+        /// The pin.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<PinError>,
+    },
+    /// The pin folder could not be made.
+    #[error(transparent)]
+    Bpffs(#[from] bpffs::BpffsError),
+}
+
+/// The pinned `guest_stats` map.
+pub struct GuestStatsMap {
+    ebpf: Ebpf,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for GuestStatsMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestStatsMap")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl GuestStatsMap {
+    /// Creates the map and pins it at `pin_root/guests/guest_stats` (replacing a stale pin).
+    pub fn open(pin_root: &Path) -> Result<GuestStatsMap, GuestStatsError> {
+        let ebpf = Ebpf::load(crate::XDP_OBJECT).map_err(|e| GuestStatsError::Load(Box::new(e)))?;
+        let dir = bpffs::pin_dir(pin_root, maps::GUESTS_DIR)?;
+        let path = dir.join(maps::GUEST_STATS);
+        let _ = std::fs::remove_file(&path);
+        let map = ebpf.map(maps::GUEST_STATS).ok_or_else(|| {
+            GuestStatsError::Map(Box::new(MapError::InvalidName {
+                name: maps::GUEST_STATS.into(),
+            }))
+        })?;
+        map.pin(&path).map_err(|e| GuestStatsError::Pin {
+            path,
+            source: Box::new(e),
+        })?;
+        Ok(GuestStatsMap { ebpf, dir })
+    }
+
+    /// Writes every guest's counters (entry = its id).
+    pub fn publish(&mut self, guests: &[Guest]) -> Result<(), GuestStatsError> {
+        let map = self.ebpf.map_mut(maps::GUEST_STATS).ok_or_else(|| {
+            GuestStatsError::Map(Box::new(MapError::InvalidName {
+                name: maps::GUEST_STATS.into(),
+            }))
+        })?;
+        let mut array: Array<&mut MapData, GuestStats> =
+            Array::try_from(map).map_err(|e| GuestStatsError::Map(Box::new(e)))?;
+        for guest in guests.iter().filter(|g| g.port().id() < GUESTS_MAX) {
+            array
+                .set(guest.port().id(), snapshot(guest), 0)
+                .map_err(|e| GuestStatsError::Map(Box::new(e)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestStatsMap {
+    fn drop(&mut self) {
+        let _ = bpffs::remove_pins(&self.dir, &[maps::GUEST_STATS]);
+    }
+}
+
+/// One guest's counters as the map holds them.
+pub fn snapshot(guest: &Guest) -> GuestStats {
+    let c = guest.port().counters();
+    GuestStats {
+        active: 1,
+        connected: u32::from(guest.is_connected()),
+        mac: guest.port().mac().0,
+        queue_pairs: guest.queue_pairs(),
+        reserved: 0,
+        rx_packets: c.rx_packets.load(Relaxed),
+        rx_bytes: c.rx_bytes.load(Relaxed),
+        tx_packets: c.tx_packets.load(Relaxed),
+        tx_bytes: c.tx_bytes.load(Relaxed),
+        rx_dropped_full: c.rx_dropped_full.load(Relaxed),
+        rx_dropped_small: c.rx_dropped_small.load(Relaxed),
+        tx_unknown_dst: c.tx_unknown_dst.load(Relaxed),
+        tx_oversize: c.tx_oversize.load(Relaxed),
+        malformed_chains: c.malformed_chains.load(Relaxed),
+        broken_queues: c.broken_queues.load(Relaxed),
+    }
+}

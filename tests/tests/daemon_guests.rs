@@ -1,0 +1,81 @@
+//! The daemon serving guests only (no interface): frames between two vhost-user frontends,
+//! the guests' counters in the pinned `guest_stats` map as bpftool shows them, and a clean
+//! exit on SIGTERM.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use xvio_tests::{
+    daemon::Daemon,
+    frames::{ETH_P_EXPERIMENTAL, frame},
+    guest::TestGuest,
+    privileged, unique_name,
+};
+
+const MAC_A: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x01, 0x0a];
+const MAC_B: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x01, 0x0b];
+
+#[test]
+fn guest_counters_are_in_a_pinned_map_with_field_names() {
+    if !privileged("guest_counters_are_in_a_pinned_map_with_field_names") {
+        return;
+    }
+    let pin_root = PathBuf::from("/sys/fs/bpf").join(unique_name("xvio-g"));
+    let sock = |n: &str| std::env::temp_dir().join(format!("{}-{n}.sock", unique_name("xvio-d")));
+    let (sa, sb) = (sock("a"), sock("b"));
+    let args = [
+        "--guest".to_owned(),
+        format!("socket={},mac=52:54:00:00:01:0a", sa.display()),
+        "--guest".to_owned(),
+        format!("socket={},mac=52:54:00:00:01:0b", sb.display()),
+        "--pin-root".to_owned(),
+        pin_root.display().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let map = pin_root.join("guests/guest_stats");
+    let daemon = Daemon::start(None, &args, &map).unwrap_or_else(|e| panic!("{e}"));
+    let mut a = TestGuest::connect(
+        &sa,
+        1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+    );
+    let mut b = TestGuest::connect(
+        &sb,
+        1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+    );
+    b.post_rx(8, 2048);
+    let f = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 300, 1);
+    a.send(&f);
+    assert_eq!(b.receive(1, Duration::from_secs(5)), vec![f]);
+    std::thread::sleep(Duration::from_millis(1300));
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    for field in [
+        "tx_packets",
+        "rx_packets",
+        "malformed_chains",
+        "rx_dropped_full",
+        "connected",
+        "mac",
+    ] {
+        assert!(dump.contains(field), "bpftool shows {field}: {dump}");
+    }
+    assert!(
+        dump.contains("\"tx_packets\":1"),
+        "A sent one frame: {dump}"
+    );
+    assert!(
+        dump.contains("\"rx_packets\":1"),
+        "B received one frame: {dump}"
+    );
+    assert!(
+        dump.contains("\"tx_bytes\":300") && dump.contains("\"rx_bytes\":300"),
+        "{dump}"
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(!pin_root.exists(), "the daemon removed its pins:\n{log}");
+    assert!(!sa.exists() && !sb.exists(), "and its sockets");
+}
