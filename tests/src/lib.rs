@@ -11,6 +11,7 @@ pub mod frames;
 pub mod guest;
 pub mod netns;
 pub mod packet;
+pub mod qemu;
 pub mod topology;
 pub mod xsk;
 

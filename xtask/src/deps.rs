@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 /// Packages the build and the tests need: clang and the libbpf headers build the XDP
 /// program; bpftool inspects maps; iproute2 and util-linux (nsenter, setpriv) make the
 /// namespaces the tests run in; gcc and linux-libc-dev check the DSA encoding against
-/// `linux/idxd.h`; dpdk-dev's testpmd is a real vhost-user frontend.
+/// `linux/idxd.h`; dpdk-dev's testpmd is a real vhost-user frontend; QEMU, busybox-static,
+/// iperf3 and python3 build and boot the test guest (tests/guest/build-image.sh).
 pub const TEST_PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",

@@ -5,7 +5,13 @@
 //! keep running.
 
 use std::{
-    os::{fd::AsRawFd, unix::fs::PermissionsExt},
+    os::{
+        fd::AsRawFd,
+        unix::{
+            fs::PermissionsExt,
+            net::{UnixListener, UnixStream},
+        },
+    },
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
@@ -24,6 +30,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{
     backend::{NetBackend, mailbox_event},
+    compat,
     switch::{Port, Switch, SwitchError},
 };
 use crate::config::{GuestSpec, SocketMode};
@@ -41,7 +48,7 @@ pub enum GuestError {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: vhost::vhost_user::Error,
+        source: std::io::Error,
     },
     /// The MAC is taken.
     #[error("guest socket {path}")]
@@ -183,14 +190,15 @@ impl Drop for Guest {
 }
 
 /// Creates the server socket (a stale one is replaced), mode 0660.
-fn listen(path: &Path) -> Result<Listener, GuestError> {
+fn listen(path: &Path) -> Result<UnixListener, GuestError> {
     if path
         .parent()
         .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
     {
         return Err(GuestError::NoDirectory(path.to_owned()));
     }
-    let listener = Listener::new(path, true).map_err(|source| GuestError::Listen {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|source| GuestError::Listen {
         path: path.to_owned(),
         source,
     })?;
@@ -208,13 +216,44 @@ struct ServeState {
 fn serve(
     spec: &GuestSpec,
     backend: &Arc<RwLock<NetBackend>>,
-    mut listener: Option<Listener>,
+    outer: Option<UnixListener>,
     state: &ServeState,
 ) {
     let (stop, shutdown) = (&state.stop, &state.shutdown);
     let name = spec.socket.display().to_string();
+    // The library listens on an abstract socket of its own; the shim connects each frontend
+    // connection to it (see `compat`).
+    let (inner, inner_addr) = match compat::inner_listener() {
+        Ok(pair) => pair,
+        Err(e) => {
+            warn!(guest = %name, error = %e, "cannot create the backend's listener");
+            return;
+        }
+    };
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Acquire) {
+        // The frontend's connection: accepted (server mode) or made (client mode).
+        let frontend = match &outer {
+            Some(listener) => listener.accept().map(|(stream, _)| stream),
+            None => UnixStream::connect(&spec.socket),
+        };
+        let frontend = match frontend {
+            Ok(stream) => stream,
+            Err(e) => {
+                if spec.mode == SocketMode::Client {
+                    // The VMM is not there (yet, or any more): try again, backing off to 2 s.
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                } else if !stop.load(Ordering::Acquire) {
+                    warn!(guest = %name, error = %e, "accepting a vhost-user connection failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+        };
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
         if let Ok(mut b) = backend.write()
             && let Err(e) = b.new_connection()
         {
@@ -239,22 +278,17 @@ fn serve(
                 return;
             }
         }
-        let started = match (&mut listener, spec.mode) {
-            (Some(listener), _) => daemon.start(listener),
-            (None, _) => daemon.start_client(&name),
-        };
+        let started = compat::proxy(frontend, &inner_addr)
+            .and_then(|_| inner.try_clone())
+            .map_err(|e| e.to_string())
+            .and_then(|listener| {
+                daemon
+                    .start(&mut Listener::from(listener))
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = started {
             backend.read().map(|b| b.stop_workers()).ok();
-            if spec.mode == SocketMode::Client {
-                // The VMM is not there (yet, or any more): try again, backing off to 2 s.
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-            if !stop.load(Ordering::Acquire) {
-                warn!(guest = %name, error = %e, "accepting a vhost-user connection failed");
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            warn!(guest = %name, error = %e, "starting a vhost-user connection failed");
             continue;
         }
         backoff = Duration::from_millis(100);

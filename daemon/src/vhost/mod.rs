@@ -5,6 +5,7 @@
 //! - `mailbox`, `switch`: frames from one guest's worker to another's.
 
 pub mod backend;
+pub mod compat;
 pub mod guest;
 pub mod mailbox;
 pub mod net;

@@ -1,0 +1,224 @@
+//! A shim on the vhost-user control socket for frontends that send `SET_VRING_ENABLE` before
+//! `SET_FEATURES`.
+//!
+//! QEMU 7.2 and later enable the first queue pair of a vhost-user net device as soon as it
+//! connects, before the guest has negotiated features. vhost 0.18 and vhost-user-backend 0.24
+//! refuse `SET_VRING_ENABLE` until `SET_FEATURES` has acknowledged
+//! `VHOST_USER_F_PROTOCOL_FEATURES`, and drop the connection. The shim sits between the
+//! frontend and the library: it holds such early `SET_VRING_ENABLE` messages (answering
+//! `NEED_REPLY` itself, with success) and hands them to the library right after
+//! `SET_FEATURES`. Every other message, with the file descriptors it carries, passes through
+//! unchanged in both directions. Only the control channel goes through it: guest memory,
+//! kicks and calls are shared with the library directly through those descriptors.
+
+use std::{
+    io::{self, IoSlice, IoSliceMut, Read},
+    os::{
+        fd::{AsRawFd, OwnedFd, RawFd},
+        linux::net::SocketAddrExt,
+        unix::net::{SocketAddr, UnixListener, UnixStream},
+    },
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const VERSION: u32 = 0x1;
+const HEADER: usize = 12;
+/// The largest payload vhost-user messages carry (a memory table with 8 regions is 328
+/// bytes; config space at most 268; be generous).
+const MAX_PAYLOAD: usize = 4096;
+/// File descriptors one message may carry.
+const MAX_FDS: usize = 32;
+
+/// A listener for the library's side, in the abstract namespace (no file to clean up), with
+/// a name unique in this process.
+pub fn inner_listener() -> io::Result<(UnixListener, SocketAddr)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("xvio-vhost-user-{}-{n}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    Ok((listener, addr))
+}
+
+/// One vhost-user message and the descriptors that came with it.
+struct Message {
+    header: [u8; HEADER],
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn request(&self) -> u32 {
+        u32::from_le_bytes([
+            self.header[0],
+            self.header[1],
+            self.header[2],
+            self.header[3],
+        ])
+    }
+
+    fn flags(&self) -> u32 {
+        u32::from_le_bytes([
+            self.header[4],
+            self.header[5],
+            self.header[6],
+            self.header[7],
+        ])
+    }
+
+    fn set_flags(&mut self, flags: u32) {
+        self.header[4..8].copy_from_slice(&flags.to_le_bytes());
+    }
+}
+
+/// Reads one message; `None` at end of stream.
+fn read_message(stream: &mut UnixStream) -> io::Result<Option<Message>> {
+    let mut header = [0u8; HEADER];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut fds = Vec::new();
+    let received = {
+        let mut iov = [IoSliceMut::new(&mut header)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just installed these descriptors in this process for
+                // this message; nothing else owns them.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+                );
+            }
+        }
+        msg.bytes
+    };
+    if received == 0 {
+        return Ok(None);
+    }
+    if received < HEADER {
+        stream.read_exact(&mut header[received..])?;
+    }
+    let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("vhost-user message of {size} bytes"),
+        ));
+    }
+    let mut payload = vec![0u8; size];
+    stream.read_exact(&mut payload)?;
+    Ok(Some(Message {
+        header,
+        payload,
+        fds,
+    }))
+}
+
+fn write_message(stream: &UnixStream, msg: &Message) -> io::Result<()> {
+    let iov = [IoSlice::new(&msg.header), IoSlice::new(&msg.payload)];
+    let raw: Vec<RawFd> = msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsgs = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let total = HEADER + msg.payload.len();
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &iov,
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    if sent != total {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short vhost-user message write",
+        ));
+    }
+    Ok(())
+}
+
+/// Proxies one frontend connection to the library's listener at `inner` until either side
+/// closes. Returns the thread carrying frontend messages (the other direction has its own).
+pub fn proxy(frontend: UnixStream, inner: &SocketAddr) -> io::Result<JoinHandle<()>> {
+    let backend = UnixStream::connect_addr(inner)?;
+    let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+    // Backend to frontend: replies pass through as they are.
+    {
+        let mut from = backend.try_clone()?;
+        let to = Arc::clone(&frontend_writer);
+        let (f, b) = (frontend.try_clone()?, backend.try_clone()?);
+        std::thread::Builder::new()
+            .name("xvio-vu-shim-reply".into())
+            .spawn(move || {
+                while let Ok(Some(msg)) = read_message(&mut from) {
+                    let ok = to
+                        .lock()
+                        .map(|s| write_message(&s, &msg).is_ok())
+                        .unwrap_or(false);
+                    if !ok {
+                        break;
+                    }
+                }
+                let _ = f.shutdown(std::net::Shutdown::Both);
+                let _ = b.shutdown(std::net::Shutdown::Both);
+            })?;
+    }
+    // Frontend to backend, holding early SET_VRING_ENABLE until SET_FEATURES.
+    std::thread::Builder::new()
+        .name("xvio-vu-shim".into())
+        .spawn(move || {
+            let mut from = frontend;
+            let mut features_seen = false;
+            let mut held: Vec<Message> = Vec::new();
+            while let Ok(Some(mut msg)) = read_message(&mut from) {
+                if msg.request() == SET_VRING_ENABLE && !features_seen {
+                    if msg.flags() & FLAG_NEED_REPLY != 0 {
+                        let mut ack = Message {
+                            header: [0; HEADER],
+                            payload: 0u64.to_le_bytes().to_vec(),
+                            fds: Vec::new(),
+                        };
+                        ack.header[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+                        ack.header[4..8].copy_from_slice(&(VERSION | FLAG_REPLY).to_le_bytes());
+                        ack.header[8..12].copy_from_slice(&8u32.to_le_bytes());
+                        if frontend_writer
+                            .lock()
+                            .map(|s| write_message(&s, &ack))
+                            .is_err()
+                        {
+                            break;
+                        }
+                        msg.set_flags(msg.flags() & !FLAG_NEED_REPLY);
+                    }
+                    held.push(msg);
+                    continue;
+                }
+                if write_message(&backend, &msg).is_err() {
+                    break;
+                }
+                if msg.request() == SET_FEATURES {
+                    features_seen = true;
+                    if held.drain(..).any(|m| write_message(&backend, &m).is_err()) {
+                        break;
+                    }
+                }
+            }
+            let _ = backend.shutdown(std::net::Shutdown::Both);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+        })
+}
