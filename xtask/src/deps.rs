@@ -18,6 +18,11 @@ pub const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "gcc",
     "linux-libc-dev",
+    "dpdk-dev",
+    "qemu-system-x86",
+    "busybox-static",
+    "iperf3",
+    "python3",
 ];
 /// Packages `cargo xtask run` needs (the demo pings from its namespace).
 pub const RUN_PACKAGES: &[&str] = &[
