@@ -41,6 +41,19 @@ impl Testpmd {
         vdev_opts: &str,
         cpus: &str,
     ) -> Testpmd {
+        Testpmd::start_with(socket, mode, len, peer, vdev_opts, cpus, &[])
+    }
+
+    /// As [`Testpmd::start`], with more testpmd arguments (`--stats-period 1` …).
+    pub fn start_with(
+        socket: &Path,
+        mode: &str,
+        len: usize,
+        peer: &str,
+        vdev_opts: &str,
+        cpus: &str,
+        extra: &[&str],
+    ) -> Testpmd {
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-testpmd-")));
         let prefix = crate::unique_name("xvio-pmd-");
         let main_lcore = cpus.split(',').next().unwrap_or("0").to_owned();
@@ -74,6 +87,7 @@ impl Testpmd {
             .arg(format!("--forward-mode={mode}"))
             .arg(format!("--txpkts={len}"))
             .arg(format!("--eth-peer=0,{peer}"))
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(File::create(&log).expect("testpmd log"))
             .stderr(Stdio::null())
@@ -88,6 +102,15 @@ impl Testpmd {
     /// What it printed so far.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The `Rx-pps` values it printed once a second (started with `--stats-period 1`).
+    pub fn rx_pps_samples(&self) -> Vec<u64> {
+        self.output()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Rx-pps:"))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect()
     }
 
     /// Stops it with SIGINT and reads the accumulated totals it prints.

@@ -162,7 +162,18 @@ fn bench(args: &[String]) -> Result<()> {
             cargo_args.extend(extra.iter().map(String::as_str));
             cargo(&cargo_args)
         }
-        other => bail!("no benchmark '{other}'; available: copy, xsk"),
+        "vhost" => {
+            deps::ensure(deps::TEST_PACKAGES)?;
+            deps::ensure(&["openvswitch-switch-dpdk"])?;
+            if !deps::is_root() {
+                bail!("bench vhost runs DPDK and OVS-DPDK: run it as root");
+            }
+            cargo(&["build", "--release", "-p", "xvio", "--bin", "xvio"])?;
+            let mut cargo_args = vec!["bench", "-p", "xvio-tests", "--bench", "vhost", "--"];
+            cargo_args.extend(extra.iter().map(String::as_str));
+            cargo(&cargo_args)
+        }
+        other => bail!("no benchmark '{other}'; available: copy, xsk, vhost"),
     }
 }
 
