@@ -57,6 +57,37 @@ fn a_qemu_guest_pings_a_virtio_user_endpoint() {
     );
 }
 
+#[test]
+fn a_guest_that_resets_its_device_is_served_again() {
+    if !privileged("a_guest_that_resets_its_device_is_served_again") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let switch = Switch::new();
+    let vm = guest(&switch, "52:54:00:99:00:02");
+    let echo = guest(&switch, "02:00:00:00:00:01");
+    let pmd = Testpmd::start(
+        echo.socket(),
+        "icmpecho",
+        64,
+        "52:54:00:99:00:02",
+        ",mac=02:00:00:00:00:01",
+        "1,0",
+    );
+    // Unbinding and rebinding the driver resets the device (status 0, vhost stopped and
+    // started again by QEMU); the network must come back.
+    let cmd = "ping -c 2 -W 5 10.99.0.1 && D=$(basename $(readlink /sys/class/net/eth0/device)) \
+               && echo $D > /sys/bus/virtio/drivers/virtio_net/unbind && echo $D > /sys/bus/virtio/drivers/virtio_net/bind \
+               && sleep 1 && ip link set eth0 up && ip addr add 10.99.0.2/24 dev eth0 && ping -c 2 -W 5 10.99.0.1";
+    let qemu = QemuGuest::start(vm.socket(), "52:54:00:99:00:02", "10.99.0.2/24", cmd, true);
+    let (ok, console) = qemu.wait(BOOT_AND_RUN);
+    drop(pmd);
+    assert!(
+        ok && console.matches("2 packets received").count() == 2,
+        "ping works before and after the reset:\n{console}"
+    );
+}
+
 fn iperf_between_two_guests(mrg_rxbuf: bool) {
     let switch = Switch::new();
     let (a, b) = (
