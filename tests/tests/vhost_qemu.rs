@@ -25,12 +25,8 @@ fn guest(switch: &std::sync::Arc<Switch>, mac: &str) -> Guest {
     Guest::start(&spec, switch).unwrap()
 }
 
-#[test]
-fn a_qemu_guest_pings_a_virtio_user_endpoint() {
-    if !privileged("a_qemu_guest_pings_a_virtio_user_endpoint") {
-        return;
-    }
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+/// A switch with the VM's port and a port served by a testpmd that answers ARP and ICMP.
+fn guest_and_echo() -> (std::sync::Arc<Switch>, Guest, Guest, Testpmd) {
     let switch = Switch::new();
     let vm = guest(&switch, "52:54:00:99:00:02");
     let echo = guest(&switch, "02:00:00:00:00:01");
@@ -42,6 +38,16 @@ fn a_qemu_guest_pings_a_virtio_user_endpoint() {
         ",mac=02:00:00:00:00:01",
         "1,0",
     );
+    (switch, vm, echo, pmd)
+}
+
+#[test]
+fn a_qemu_guest_pings_a_virtio_user_endpoint() {
+    if !privileged("a_qemu_guest_pings_a_virtio_user_endpoint") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (_switch, vm, _echo, pmd) = guest_and_echo();
     let qemu = QemuGuest::start(
         vm.socket(),
         "52:54:00:99:00:02",
@@ -63,17 +69,7 @@ fn a_guest_that_resets_its_device_is_served_again() {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let switch = Switch::new();
-    let vm = guest(&switch, "52:54:00:99:00:02");
-    let echo = guest(&switch, "02:00:00:00:00:01");
-    let pmd = Testpmd::start(
-        echo.socket(),
-        "icmpecho",
-        64,
-        "52:54:00:99:00:02",
-        ",mac=02:00:00:00:00:01",
-        "1,0",
-    );
+    let (_switch, vm, _echo, pmd) = guest_and_echo();
     // Unbinding and rebinding the driver resets the device (status 0, vhost stopped and
     // started again by QEMU); the network must come back.
     let cmd = "ping -c 2 -W 5 10.99.0.1 && D=$(basename $(readlink /sys/class/net/eth0/device)) \
