@@ -278,6 +278,8 @@ fn serve(
                 return;
             }
         }
+        // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
+        let hangup = frontend.try_clone().ok();
         let started = compat::proxy(frontend, &inner_addr)
             .and_then(|_| inner.try_clone())
             .map_err(|e| e.to_string())
@@ -288,6 +290,9 @@ fn serve(
             });
         if let Err(e) = started {
             backend.read().map(|b| b.stop_workers()).ok();
+            if let Some(stream) = hangup {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
             warn!(guest = %name, error = %e, "starting a vhost-user connection failed");
             continue;
         }
