@@ -95,62 +95,85 @@ where
     TxChain::Frame(total - HDR_LEN)
 }
 
-/// What writing one frame into the RX queue did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxWrite {
-    /// Written into this many chains (used entries added; the caller signals).
-    Written(u16),
-    /// Not enough buffers now; nothing used, the frame should wait.
+/// Chains one frame may take at most with MRG_RXBUF (a 9 KiB frame in 1 KiB buffers needs 10).
+pub const MAX_MERGE: usize = 64;
+
+/// The chains a frame was placed in: (head, bytes) each, in the order they must be used.
+#[derive(Clone, Copy, Debug)]
+pub struct RxChains {
+    heads: [(u16, u32); MAX_MERGE],
+    count: usize,
+}
+
+impl RxChains {
+    /// The chains.
+    pub fn heads(&self) -> &[(u16, u32)] {
+        &self.heads[..self.count]
+    }
+
+    /// Marks them used, consecutively (as MRG_RXBUF requires).
+    pub fn complete<G: GuestMemory>(&self, queue: &mut Queue, mem: &G) -> Result<(), Broken> {
+        for &(head, len) in self.heads() {
+            queue.add_used(mem, head, len).map_err(|_| Broken)?;
+        }
+        Ok(())
+    }
+}
+
+/// What placing one frame in the RX queue did.
+#[derive(Clone, Copy, Debug)]
+pub enum RxPlaced {
+    /// Placed in these chains, not yet marked used.
+    Placed(RxChains),
+    /// Not enough buffers now; nothing taken, the frame should wait.
     NoBuffers,
-    /// A single chain (no MRG_RXBUF) too small for the frame: completed with length 0, the
-    /// frame dropped.
+    /// A single chain (no MRG_RXBUF) too small for the frame: completed with length 0.
     TooSmall,
-    /// A chain that is malformed: every chain taken was completed with length 0, the frame
-    /// dropped.
+    /// A chain that is malformed: every chain taken was completed with length 0.
     Malformed,
 }
 
-/// Chains one frame may take at most with MRG_RXBUF (a 9 KiB frame in 1 KiB buffers needs 10).
-const MAX_MERGE: usize = 64;
-
-/// Writes `frame` behind a header into the RX `queue`.
-pub fn write_rx<M>(
+/// Takes the chains `frame_len` bytes (behind a header) need from the RX `queue`, checks
+/// every descriptor, writes the header, and hands each piece of the frame's place to
+/// `place(guest address, offset in the frame, length)`, which copies it (now, or later
+/// through a DMA channel) and returns false if it cannot. The chains are not marked used.
+pub fn place_rx<M>(
     queue: &mut Queue,
     mem: M,
-    frame: &[u8],
+    frame_len: usize,
     mrg_rxbuf: bool,
-) -> Result<RxWrite, Broken>
+    mut place: impl FnMut(vm_memory::GuestAddress, usize, usize) -> bool,
+) -> Result<RxPlaced, Broken>
 where
     M: Deref + Clone,
     M::Target: GuestMemory + Sized,
 {
-    let mut heads = [(0u16, 0u32); MAX_MERGE];
-    let mut taken = 0usize;
+    let mut chains = RxChains {
+        heads: [(0u16, 0u32); MAX_MERGE],
+        count: 0,
+    };
     let mut written = 0usize; // bytes of header + frame placed so far
-    let total = HDR_LEN + frame.len();
+    let total = HDR_LEN + frame_len;
     // Where the header's bytes go (it may be split across descriptors); written last, once
     // num_buffers is known: (guest address, header offset, length).
     let mut header_spots = [(vm_memory::GuestAddress(0), 0usize, 0usize); HDR_LEN];
     let mut spots = 0usize;
     while written < total {
+        let taken = chains.count;
         if taken == MAX_MERGE || (!mrg_rxbuf && taken == 1) {
-            return Ok(give_up(
-                queue,
-                &*mem,
-                &heads[..taken],
-                if mrg_rxbuf {
-                    RxWrite::Malformed
-                } else {
-                    RxWrite::TooSmall
-                },
-            ));
+            let why = if mrg_rxbuf {
+                RxPlaced::Malformed
+            } else {
+                RxPlaced::TooSmall
+            };
+            return Ok(give_up(queue, &*mem, chains.heads(), why));
         }
         let Some(chain) = pop(queue, mem.clone())? else {
             // Out of buffers midway: put the chains back, as if never taken.
             for _ in 0..taken {
                 queue.go_to_previous_position();
             }
-            return Ok(RxWrite::NoBuffers);
+            return Ok(RxPlaced::NoBuffers);
         };
         let head = chain.head_index();
         let mut chain_len = 0u32;
@@ -176,24 +199,22 @@ where
                     break;
                 };
                 let n = if written < HDR_LEN {
-                    let n = (HDR_LEN - written).min(room - off);
-                    // Checked now, written below: the range must be guest memory.
-                    if !mem.check_range(addr, n, vm_memory::Permissions::Write) {
-                        bad = true;
-                        break;
-                    }
+                    (HDR_LEN - written).min(room - off)
+                } else {
+                    (total - written).min(room - off)
+                };
+                // Every piece must be guest memory before anything is written to it.
+                if !mem.check_range(addr, n, vm_memory::Permissions::Write) {
+                    bad = true;
+                    break;
+                }
+                if written < HDR_LEN {
                     header_spots[spots] = (addr, written, n);
                     spots += 1;
-                    n
-                } else {
-                    let start = written - HDR_LEN;
-                    let n = (frame.len() - start).min(room - off);
-                    if mem.write_slice(&frame[start..start + n], addr).is_err() {
-                        bad = true;
-                        break;
-                    }
-                    n
-                };
+                } else if !place(addr, written - HDR_LEN, n) {
+                    bad = true;
+                    break;
+                }
                 off += n;
                 written += n;
                 chain_len += n as u32;
@@ -202,26 +223,67 @@ where
                 break;
             }
         }
-        heads[taken] = (head, chain_len);
-        taken += 1;
+        chains.heads[taken] = (head, chain_len);
+        chains.count += 1;
         if bad || descriptors == 0 || last_has_next {
-            return Ok(give_up(queue, &*mem, &heads[..taken], RxWrite::Malformed));
+            return Ok(give_up(queue, &*mem, chains.heads(), RxPlaced::Malformed));
         }
     }
     // The header: no offloads, num_buffers = the chains the frame took (1 without MRG_RXBUF).
     let mut header = [0u8; HDR_LEN];
-    header[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2].copy_from_slice(&(taken as u16).to_le_bytes());
+    header[HDR_NUM_BUFFERS..HDR_NUM_BUFFERS + 2]
+        .copy_from_slice(&(chains.count as u16).to_le_bytes());
     for &(addr, hoff, n) in &header_spots[..spots] {
         if mem.write_slice(&header[hoff..hoff + n], addr).is_err() {
-            return Ok(give_up(queue, &*mem, &heads[..taken], RxWrite::Malformed));
+            return Ok(give_up(queue, &*mem, chains.heads(), RxPlaced::Malformed));
         }
     }
-    for &(head, len) in &heads[..taken] {
-        if queue.add_used(&*mem, head, len).is_err() {
-            return Err(Broken);
+    Ok(RxPlaced::Placed(chains))
+}
+
+/// What writing one frame into the RX queue did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxWrite {
+    /// Written into this many chains (used entries added; the caller signals).
+    Written(u16),
+    /// Not enough buffers now; nothing used, the frame should wait.
+    NoBuffers,
+    /// A single chain (no MRG_RXBUF) too small for the frame: completed with length 0, the
+    /// frame dropped.
+    TooSmall,
+    /// A chain that is malformed: every chain taken was completed with length 0, the frame
+    /// dropped.
+    Malformed,
+}
+
+/// Writes `frame` behind a header into the RX `queue` with the CPU, and marks it used.
+pub fn write_rx<M>(
+    queue: &mut Queue,
+    mem: M,
+    frame: &[u8],
+    mrg_rxbuf: bool,
+) -> Result<RxWrite, Broken>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+{
+    let target = mem.clone();
+    let placed = place_rx(
+        queue,
+        mem.clone(),
+        frame.len(),
+        mrg_rxbuf,
+        |addr, off, n| target.write_slice(&frame[off..off + n], addr).is_ok(),
+    )?;
+    Ok(match placed {
+        RxPlaced::Placed(chains) => {
+            chains.complete(queue, &*mem)?;
+            RxWrite::Written(chains.count as u16)
         }
-    }
-    Ok(RxWrite::Written(taken as u16))
+        RxPlaced::NoBuffers => RxWrite::NoBuffers,
+        RxPlaced::TooSmall => RxWrite::TooSmall,
+        RxPlaced::Malformed => RxWrite::Malformed,
+    })
 }
 
 /// Completes every chain taken with length 0, and says why.
@@ -229,8 +291,8 @@ fn give_up<G: GuestMemory>(
     queue: &mut Queue,
     mem: &G,
     heads: &[(u16, u32)],
-    why: RxWrite,
-) -> RxWrite {
+    why: RxPlaced,
+) -> RxPlaced {
     for &(head, _) in heads {
         let _ = queue.add_used(mem, head, 0);
     }
