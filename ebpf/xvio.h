@@ -65,6 +65,10 @@ struct xvio_guest_stats {
 	__u64 tx_oversize;       /* frames the guest sent longer than 9018 bytes */
 	__u64 malformed_chains;  /* descriptor chains outside memory, looping, too short… */
 	__u64 broken_queues;     /* queues stopped for an inconsistent avail index */
+	__u64 copy_cpu;          /* RX copies done by the CPU (below the threshold, or fallback) */
+	__u64 copy_dma;          /* RX copies done by the guest's DMA channel */
+	__u64 copy_fallbacks;    /* RX copies meant for the channel and done by the CPU */
+	__u64 copy_inflight;     /* frames whose RX copies are in flight */
 };
 
 /* How the program is attached (daemon_stats.xdp_mode). */

@@ -278,6 +278,14 @@ pub struct GuestStats {
     pub malformed_chains: u64,
     /// Queues stopped for an inconsistent avail index.
     pub broken_queues: u64,
+    /// RX copies done by the CPU.
+    pub copy_cpu: u64,
+    /// RX copies done by the guest's DMA channel.
+    pub copy_dma: u64,
+    /// RX copies meant for the channel and done by the CPU.
+    pub copy_fallbacks: u64,
+    /// Frames whose RX copies are in flight.
+    pub copy_inflight: u64,
 }
 
 /// Kind of a kernel event (`enum xvio_event_kind`).

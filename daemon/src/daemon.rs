@@ -115,7 +115,10 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         }
     };
     // The copy engine's channels; the datapath binds them to virtqueues as guests come.
-    let dma = crate::copy::ChannelPool::start(&config.dma, config.copy_threshold)?;
+    let dma = std::sync::Mutex::new(crate::copy::ChannelPool::start(
+        &config.dma,
+        config.copy_threshold,
+    )?);
     // On an error, the interfaces attached so far are dropped: ports closed, program
     // detached, pins removed.
     let mut ifaces = Vec::with_capacity(config.ifaces.len());
@@ -140,7 +143,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         .guests
         .iter()
         .map(|spec| {
-            let guest = crate::vhost::guest::Guest::start(spec, &switch)?;
+            let guest = crate::vhost::guest::Guest::start_with_dma(spec, &switch, Some(&dma))?;
             info!(socket = %spec.socket.display(), mac = %spec.mac, queues = spec.queues, mode = ?spec.mode, "guest port ready");
             Ok(guest)
         })

@@ -296,6 +296,39 @@ impl TestGuest {
         false
     }
 
+    /// Receives up to `n` frames that may span several buffers (MRG_RXBUF): each frame's
+    /// first buffer's header says how many used entries (`num_buffers`) it takes.
+    pub fn receive_merged(&mut self, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        let mut pending: Vec<(u32, u32)> = Vec::new();
+        let deadline = std::time::Instant::now() + timeout;
+        while frames.len() < n && std::time::Instant::now() < deadline {
+            pending.extend(self.take_used(0));
+            while let Some(&(head, len)) = pending.first() {
+                let read = |mem: &GuestMemoryMmap<()>, head: u32, len: u32| -> Vec<u8> {
+                    let at = self.queues[0].desc_addr() + 16 * u64::from(head);
+                    let addr: u64 = mem.read_obj(GuestAddress(at)).unwrap();
+                    let mut buf = vec![0u8; len as usize];
+                    mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+                    buf
+                };
+                let first = read(&self.mem, head, len);
+                let count = usize::from(u16::from_le_bytes([first[10], first[11]])).max(1);
+                if pending.len() < count {
+                    break;
+                }
+                let mut frame = first[12..].to_vec();
+                for &(h, l) in &pending[1..count] {
+                    frame.extend(read(&self.mem, h, l));
+                }
+                pending.drain(..count);
+                frames.push(frame);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        frames
+    }
+
     /// Receives up to `n` frames (waiting at most `timeout` for each): the frames, without
     /// their virtio-net header, read from the RX buffers the backend used.
     pub fn receive(&mut self, n: usize, timeout: Duration) -> Vec<Vec<u8>> {

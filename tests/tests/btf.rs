@@ -184,6 +184,10 @@ fn common_matches_btf() {
             ("tx_oversize", offset_of!(GuestStats, tx_oversize)),
             ("malformed_chains", offset_of!(GuestStats, malformed_chains)),
             ("broken_queues", offset_of!(GuestStats, broken_queues)),
+            ("copy_cpu", offset_of!(GuestStats, copy_cpu)),
+            ("copy_dma", offset_of!(GuestStats, copy_dma)),
+            ("copy_fallbacks", offset_of!(GuestStats, copy_fallbacks)),
+            ("copy_inflight", offset_of!(GuestStats, copy_inflight)),
         ],
     );
     check_struct(

@@ -29,6 +29,13 @@ fn guest_counters_are_in_a_pinned_map_with_field_names() {
         format!("socket={},mac=52:54:00:00:01:0b", sb.display()),
         "--pin-root".to_owned(),
         pin_root.display().to_string(),
+        // RX copies through software DMA channels (one per guest), every size.
+        "--dma".to_owned(),
+        "sw".to_owned(),
+        "--dma".to_owned(),
+        "sw".to_owned(),
+        "--copy-threshold".to_owned(),
+        "0".to_owned(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let map = pin_root.join("guests/guest_stats");
@@ -73,6 +80,10 @@ fn guest_counters_are_in_a_pinned_map_with_field_names() {
     assert!(
         dump.contains("\"tx_bytes\":300") && dump.contains("\"rx_bytes\":300"),
         "{dump}"
+    );
+    assert!(
+        dump.contains("\"copy_dma\":1"),
+        "the frame went through B's DMA channel"
     );
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");

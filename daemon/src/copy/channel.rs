@@ -141,4 +141,8 @@ pub trait DmaChannel: Send + std::fmt::Debug {
 
     /// Asks for one wake-up on `completion_fd` at the next completion.
     fn arm_notification(&mut self) {}
+
+    /// Consumes a wake-up that `completion_fd` signalled (so that a level-triggered epoll
+    /// does not report it again).
+    fn clear_notification(&mut self) {}
 }

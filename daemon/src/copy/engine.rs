@@ -235,6 +235,27 @@ impl<T> CopyEngine<T> {
         self.threshold = threshold;
     }
 
+    /// The bound channel's completion fd, for an epoll worker to wait on.
+    pub fn completion_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.channel
+            .as_ref()
+            .and_then(|c| c.channel().completion_fd())
+    }
+
+    /// Consumes a wake-up the channel's completion fd signalled.
+    pub fn clear_notification(&mut self) {
+        if let Some(channel) = self.channel.as_mut() {
+            channel.channel_mut().clear_notification();
+        }
+    }
+
+    /// Asks the channel for a wake-up on its completion fd at the next completion.
+    pub fn arm_notification(&mut self) {
+        if let Some(channel) = self.channel.as_mut() {
+            channel.channel_mut().arm_notification();
+        }
+    }
+
     /// The counters.
     pub fn stats(&self) -> CopyStats {
         self.stats

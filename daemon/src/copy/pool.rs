@@ -146,6 +146,16 @@ impl ChannelPool {
         }
     }
 
+    /// Takes the first free channel for `queue`, if any.
+    pub fn bind_any(&mut self, queue: QueueRef) -> Option<BoundChannel> {
+        let name = self
+            .entries
+            .iter()
+            .find(|e| matches!(e.slot, Slot::Free(_)))
+            .map(|e| e.name.clone())?;
+        self.bind(&name, queue).ok()
+    }
+
     /// Gives a channel back (after its engine drained it).
     pub fn release(&mut self, bound: BoundChannel) {
         if let Some(entry) = self.entries.get_mut(bound.slot) {

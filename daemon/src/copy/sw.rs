@@ -266,6 +266,10 @@ impl DmaChannel for SwChannel {
         Some(self.shared.eventfd.as_fd())
     }
 
+    fn clear_notification(&mut self) {
+        self.consume_eventfd();
+    }
+
     fn arm_notification(&mut self) {
         self.shared.notify.store(true, Ordering::SeqCst);
         // Completions that landed before arming would not wake anyone: signal them now.
@@ -274,6 +278,13 @@ impl DmaChannel for SwChannel {
         {
             let _ = self.shared.eventfd.write(1);
         }
+    }
+}
+
+impl SwChannel {
+    fn consume_eventfd(&self) {
+        // Non-blocking: EAGAIN when nothing was signalled.
+        let _ = self.shared.eventfd.read();
     }
 }
 

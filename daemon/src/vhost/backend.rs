@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -23,6 +23,7 @@ use vmm_sys_util::{
 use super::{
     net::{self, QUEUE_SIZE},
     queue::{self, RxWrite, TX_BUF, TxChain},
+    rx_dma::RxDma,
     switch::{GuestCounters, Port, Switch},
 };
 
@@ -33,6 +34,11 @@ pub type Vring = VringRwLock<Memory>;
 /// The mailbox's event id (`num_queues + 1` for the backend's queue count).
 pub fn mailbox_event(num_queues: usize) -> u16 {
     num_queues as u16 + 1
+}
+
+/// The RX copy channel's completion event id.
+pub fn completion_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 2
 }
 
 /// How often a malformed chain is logged at most, per guest.
@@ -51,6 +57,10 @@ pub struct NetBackend {
     tx_buf: Vec<Box<[u8; TX_BUF]>>,
     broken: Vec<bool>,
     last_log: Option<Instant>,
+    /// RX copies through a DMA channel, when one is bound (else the CPU copies).
+    rx_dma: Option<Mutex<RxDma>>,
+    /// RX queue 0, kept to complete in-flight copies when memory changes.
+    rx_vring: Option<Vring>,
 }
 
 impl std::fmt::Debug for NetBackend {
@@ -69,8 +79,11 @@ impl NetBackend {
         port: Arc<Port>,
         switch: Arc<Switch>,
         queue_pairs: u16,
+        rx_channel: Option<crate::copy::BoundChannel>,
     ) -> io::Result<NetBackend> {
         let mut backend = NetBackend {
+            rx_dma: rx_channel.map(|c| Mutex::new(RxDma::new(c))),
+            rx_vring: None,
             name: name.to_owned(),
             port,
             switch,
@@ -194,6 +207,12 @@ impl NetBackend {
         if self.broken[0] {
             return Ok(());
         }
+        if self.rx_vring.is_none() {
+            self.rx_vring = Some(vring.clone());
+        }
+        if self.rx_dma.is_some() {
+            return self.process_rx_dma(vring, mem);
+        }
         let mrg = net::mrg_rxbuf(self.acked_features);
         let port = Arc::clone(&self.port);
         let counters = port.counters();
@@ -256,6 +275,94 @@ impl NetBackend {
     }
 }
 
+impl NetBackend {
+    /// As `process_rx`, the copies going to the DMA channel.
+    fn process_rx_dma(&mut self, vring: &Vring, mem: &GuestMemoryMmap<()>) -> io::Result<()> {
+        let mrg = net::mrg_rxbuf(self.acked_features);
+        let port = Arc::clone(&self.port);
+        let Some(dma) = self.rx_dma.as_ref() else {
+            return Ok(());
+        };
+        let mut dma = dma.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = vring.get_mut();
+        let mut pass = dma.run(
+            state.get_queue_mut(),
+            mem,
+            port.mailbox(),
+            port.counters(),
+            mrg,
+        );
+        // Out of buffers: ask the guest to kick when it adds some, and look once more.
+        if pass.out_of_buffers
+            && self.event_idx
+            && !pass.broken
+            && state.enable_notification().unwrap_or(false)
+        {
+            let again = dma.run(
+                state.get_queue_mut(),
+                mem,
+                port.mailbox(),
+                port.counters(),
+                mrg,
+            );
+            pass.used |= again.used;
+            pass.malformed += again.malformed;
+            pass.broken |= again.broken;
+        }
+        if pass.used && state.needs_notification().unwrap_or(true) {
+            state.signal_used_queue()?;
+        }
+        drop(state);
+        drop(dma);
+        for _ in 0..pass.malformed {
+            self.malformed("malformed RX descriptor chain", 0);
+        }
+        if pass.broken {
+            self.broken_queue(0);
+        }
+        Ok(())
+    }
+
+    /// Completes every RX copy in flight: into the queue when it is still valid
+    /// (`complete`), else dropping the frames. Runs before memory changes, queue stops,
+    /// resets and disconnects.
+    fn drain_rx(&mut self, complete: bool) {
+        let port = Arc::clone(&self.port);
+        let Some(dma) = self.rx_dma.as_ref() else {
+            return;
+        };
+        let mut dma = dma.lock().unwrap_or_else(|e| e.into_inner());
+        let mem = self.mem.as_ref().map(|m| m.memory());
+        match (complete, self.rx_vring.as_ref(), mem.as_ref()) {
+            (true, Some(vring), Some(mem)) => {
+                let mut state = vring.get_mut();
+                dma.drain(
+                    Some((state.get_queue_mut(), mem)),
+                    port.mailbox(),
+                    port.counters(),
+                );
+                let _ = state.signal_used_queue();
+            }
+            _ => dma.drain(None, port.mailbox(), port.counters()),
+        }
+    }
+
+    /// The RX copy engine's counters (zero without a channel).
+    pub fn copy_stats(&self) -> crate::copy::CopyStats {
+        self.rx_dma
+            .as_ref()
+            .and_then(|d| d.lock().ok().map(|d| d.stats()))
+            .unwrap_or_default()
+    }
+
+    /// The RX copy channel's completion fd, to wait on with the mailbox.
+    pub fn rx_completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let dma = self.rx_dma.as_ref()?.lock().ok()?;
+        dma.completion_fd().map(|fd| fd.as_raw_fd())
+    }
+}
+
 impl VhostUserBackendMut for NetBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -287,6 +394,8 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn reset_device(&mut self) {
+        self.drain_rx(false);
+        self.rx_vring = None;
         self.port.mailbox().clear();
         self.broken.fill(false);
         self.acked_features = 0;
@@ -309,7 +418,16 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn update_memory(&mut self, mem: Memory) -> io::Result<()> {
+        // No copy may still be writing into the memory about to be replaced.
+        self.drain_rx(true);
         self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        if queue_index == 0 {
+            self.drain_rx(true);
+        }
         Ok(())
     }
 
@@ -337,7 +455,10 @@ impl VhostUserBackendMut for NetBackend {
         };
         let num_queues = self.num_queues();
         let event = usize::from(device_event);
-        if device_event == mailbox_event(num_queues) || event == 0 {
+        if device_event == mailbox_event(num_queues)
+            || device_event == completion_event(num_queues)
+            || event == 0
+        {
             // Frames from other guests, or the guest added RX buffers: pair 0's worker.
             if let Some(rx) = vrings.first().filter(|_| thread_id == 0) {
                 return self.process_rx(rx, &mem);
@@ -370,7 +491,7 @@ mod tests {
     fn config_reads_are_clamped_and_padded() {
         let switch = Switch::new();
         let port = switch.add_port(MacAddr([2, 0, 0, 0, 0, 7])).unwrap();
-        let backend = NetBackend::new("t", port, Arc::clone(&switch), 2).unwrap();
+        let backend = NetBackend::new("t", port, Arc::clone(&switch), 2, None).unwrap();
         assert_eq!(backend.get_config(0, 6), vec![2, 0, 0, 0, 0, 7]);
         assert_eq!(backend.get_config(8, 2), vec![2, 0], "max_virtqueue_pairs");
         assert_eq!(

@@ -29,7 +29,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    backend::{NetBackend, mailbox_event},
+    backend::{NetBackend, completion_event, mailbox_event},
     compat,
     switch::{Port, Switch, SwitchError},
 };
@@ -78,6 +78,7 @@ pub struct Guest {
     connected: Arc<AtomicBool>,
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
+    backend: Arc<RwLock<NetBackend>>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -91,6 +92,15 @@ impl std::fmt::Debug for Guest {
 impl Guest {
     /// Creates the guest's switch port and starts serving its socket.
     pub fn start(spec: &GuestSpec, switch: &Arc<Switch>) -> Result<Guest, GuestError> {
+        Guest::start_with_dma(spec, switch, None)
+    }
+
+    /// As [`Guest::start`]; the guest's RX copies go to a channel of `dma` when one is free.
+    pub fn start_with_dma(
+        spec: &GuestSpec,
+        switch: &Arc<Switch>,
+        dma: Option<&Mutex<crate::copy::ChannelPool>>,
+    ) -> Result<Guest, GuestError> {
         let path = spec.socket.clone();
         let port = switch
             .add_port(spec.mac)
@@ -99,11 +109,25 @@ impl Guest {
                 source,
             })?;
         let name = path.display().to_string();
-        let backend = NetBackend::new(&name, Arc::clone(&port), Arc::clone(switch), spec.queues)
-            .map_err(|source| GuestError::Backend {
-                path: path.clone(),
-                source,
-            })?;
+        let queue = crate::copy::QueueRef {
+            device: name.clone(),
+            queue: 0,
+        };
+        let channel = dma.and_then(|pool| pool.lock().ok()?.bind_any(queue));
+        if let Some(c) = &channel {
+            info!(guest = %name, channel = c.name(), threshold = c.threshold(), "RX copies go to a DMA channel");
+        }
+        let backend = NetBackend::new(
+            &name,
+            Arc::clone(&port),
+            Arc::clone(switch),
+            spec.queues,
+            channel,
+        )
+        .map_err(|source| GuestError::Backend {
+            path: path.clone(),
+            source,
+        })?;
         let backend = Arc::new(RwLock::new(backend));
         let listener = match spec.mode {
             SocketMode::Server => Some(listen(&path)?),
@@ -118,7 +142,7 @@ impl Guest {
                 connected: Arc::clone(&connected),
                 shutdown: Arc::clone(&shutdown),
             };
-            let spec = spec.clone();
+            let (spec, backend) = (spec.clone(), Arc::clone(&backend));
             std::thread::Builder::new()
                 .name(format!("xvio-guest-{}", port.id()))
                 .spawn(move || serve(&spec, &backend, listener, &state))
@@ -134,6 +158,7 @@ impl Guest {
             connected,
             shutdown,
             thread: Some(thread),
+            backend,
         })
     }
 
@@ -150,6 +175,14 @@ impl Guest {
     /// Its queue pairs.
     pub fn queue_pairs(&self) -> u16 {
         self.spec.queues
+    }
+
+    /// The RX copy engine's counters.
+    pub fn copy_stats(&self) -> crate::copy::CopyStats {
+        self.backend
+            .read()
+            .map(|b| b.copy_stats())
+            .unwrap_or_default()
     }
 
     /// Whether a frontend is connected now.
@@ -275,6 +308,16 @@ fn serve(
                 handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))
             {
                 warn!(guest = %name, error = %e, "cannot watch the mailbox");
+                return;
+            }
+            if let Some(fd) = b.rx_completion_fd()
+                && let Err(e) = handler.register_listener(
+                    fd,
+                    EventSet::IN,
+                    u64::from(completion_event(num_queues)),
+                )
+            {
+                warn!(guest = %name, error = %e, "cannot watch the DMA channel's completions");
                 return;
             }
         }

@@ -90,6 +90,31 @@ impl Mailbox {
         n
     }
 
+    /// Takes the oldest waiting frame's buffer out (for a copy that finishes later); give it
+    /// back with [`Mailbox::recycle`] once copied, or [`Mailbox::put_back`] if not.
+    pub fn take(&self) -> Option<Vec<u8>> {
+        self.slots.lock().ok()?.full.pop_front()
+    }
+
+    /// Returns a frame taken with [`Mailbox::take`] to the front of the line.
+    pub fn put_back(&self, frame: Vec<u8>) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.full.push_front(frame);
+        }
+    }
+
+    /// Returns the buffer of a frame taken with [`Mailbox::take`] and delivered (or dropped).
+    pub fn recycle(&self, frame: Vec<u8>) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.free.push(frame);
+        }
+    }
+
+    /// Consumes a pending wake-up (the caller is about to look at the frames).
+    pub fn clear_wakeup(&self) {
+        let _ = self.event.read();
+    }
+
     /// Frames waiting.
     pub fn pending(&self) -> usize {
         self.slots.lock().map_or(0, |s| s.full.len())
@@ -135,7 +160,19 @@ mod tests {
         assert_eq!(seen[9], 9, "the refused frame comes first next time");
         assert_eq!(mb.pending(), 0);
         mb.push(&[1; 10]);
+        mb.push(&[2; 10]);
+        let first = mb.take().unwrap();
+        assert_eq!(first[0], 1);
+        mb.put_back(first);
+        let again = mb.take().unwrap();
+        assert_eq!(again[0], 1, "put back in front");
+        mb.recycle(again);
         mb.clear();
         assert_eq!(mb.pending(), 0);
+        // Every buffer is home: all MAILBOX_FRAMES can be pushed again.
+        assert_eq!(
+            (0..MAILBOX_FRAMES).filter(|_| mb.push(&[0; 60])).count(),
+            MAILBOX_FRAMES
+        );
     }
 }

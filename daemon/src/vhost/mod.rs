@@ -10,5 +10,6 @@ pub mod guest;
 pub mod mailbox;
 pub mod net;
 pub mod queue;
+pub mod rx_dma;
 pub mod stats;
 pub mod switch;

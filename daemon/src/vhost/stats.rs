@@ -102,6 +102,7 @@ impl Drop for GuestStatsMap {
 /// One guest's counters as the map holds them.
 pub fn snapshot(guest: &Guest) -> GuestStats {
     let c = guest.port().counters();
+    let copy = guest.copy_stats();
     GuestStats {
         active: 1,
         connected: u32::from(guest.is_connected()),
@@ -118,5 +119,12 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         tx_oversize: c.tx_oversize.load(Relaxed),
         malformed_chains: c.malformed_chains.load(Relaxed),
         broken_queues: c.broken_queues.load(Relaxed),
+        copy_cpu: copy.cpu_copies,
+        copy_dma: copy.dma_copies,
+        copy_fallbacks: copy.fallback_full
+            + copy.fallback_enqueue
+            + copy.fallback_error
+            + copy.fallback_submit,
+        copy_inflight: copy.inflight,
     }
 }

@@ -1,0 +1,218 @@
+//! Writing frames into a guest's RX queue through a DMA channel: the copy engine takes each
+//! frame's pieces (the header is written by the CPU when the chains are taken), and the
+//! chains are marked used only when the frame's copies are complete, in order, as DPDK's
+//! vhost async path does.
+//!
+//! Invariants: a frame's buffer leaves the mailbox with `take` and returns with `recycle`
+//! only after its copies completed (or were drained); the guest memory a copy writes stays
+//! mapped until then, because the backend drains before memory changes, resets and
+//! disconnects.
+
+use virtio_queue::Queue;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+use super::{
+    mailbox::Mailbox,
+    queue::{self, RxChains, RxPlaced},
+    switch::GuestCounters,
+};
+use crate::copy::{BoundChannel, CopyEngine, CopyStats, Segment};
+
+/// Frames in flight at most (the mailbox's size).
+const MAX_INFLIGHT: usize = super::mailbox::MAILBOX_FRAMES;
+
+/// A frame whose copies are in flight.
+struct Inflight {
+    chains: RxChains,
+    frame: Vec<u8>,
+}
+
+/// What one pass over the mailbox did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RxPass {
+    /// Used entries were added (the guest should be notified).
+    pub used: bool,
+    /// The guest had no RX buffers for the next frame.
+    pub out_of_buffers: bool,
+    /// Malformed chains met.
+    pub malformed: u32,
+    /// The queue is broken.
+    pub broken: bool,
+}
+
+/// The RX copy engine of one guest.
+pub struct RxDma {
+    engine: CopyEngine<Inflight>,
+    segments: Vec<Segment>,
+}
+
+impl std::fmt::Debug for RxDma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RxDma")
+            .field("engine", &self.engine)
+            .finish()
+    }
+}
+
+impl RxDma {
+    /// An engine on `channel`.
+    pub fn new(channel: BoundChannel) -> RxDma {
+        let mut engine = CopyEngine::new(MAX_INFLIGHT, None);
+        // A fresh engine has no channel, so binding cannot be refused.
+        let _ = engine.bind(channel);
+        RxDma {
+            engine,
+            segments: Vec::with_capacity(2 * queue::MAX_MERGE),
+        }
+    }
+
+    /// The channel's completion fd.
+    pub fn completion_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.engine.completion_fd()
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> CopyStats {
+        self.engine.stats()
+    }
+
+    /// Completes finished frames, then starts the copies of waiting ones.
+    pub fn run(
+        &mut self,
+        rxq: &mut Queue,
+        mem: &GuestMemoryMmap<()>,
+        mailbox: &Mailbox,
+        counters: &GuestCounters,
+        mrg_rxbuf: bool,
+    ) -> RxPass {
+        self.engine.clear_notification();
+        let mut pass = RxPass {
+            used: self.complete(rxq, mem, mailbox, counters),
+            ..RxPass::default()
+        };
+        mailbox.clear_wakeup();
+        while self.engine.room() > 0 {
+            let Some(frame) = mailbox.take() else { break };
+            let segments = &mut self.segments;
+            segments.clear();
+            let placed = queue::place_rx(rxq, mem, frame.len(), mrg_rxbuf, |addr, off, n| {
+                let mut done = 0usize;
+                for slice in GuestMemoryBackend::get_slices(mem, addr, n) {
+                    let Ok(slice) = slice else { return false };
+                    let len = slice.len();
+                    // `off + done + len <= frame.len()`: place_rx hands out pieces of the frame.
+                    let src = frame[off + done..off + done + len].as_ptr();
+                    let dst = slice.ptr_guard_mut().as_ptr();
+                    segments
+                        .push(Segment::new(src, dst, len as u32).into_guest(addr.0 + done as u64));
+                    done += len;
+                }
+                done == n
+            });
+            match placed {
+                Ok(RxPlaced::Placed(chains)) => {
+                    let segments = std::mem::take(&mut self.segments);
+                    // SAFETY: each segment's source lies in `frame`, whose buffer moves into
+                    // the token and is released only when the token comes back; each
+                    // destination is guest memory checked by place_rx and get_slices, mapped
+                    // until the backend drains this engine (before memory changes, resets
+                    // and disconnects); sources and destinations cannot overlap.
+                    let queued =
+                        unsafe { self.engine.enqueue(Inflight { chains, frame }, &segments) };
+                    self.segments = segments;
+                    if let Err(back) = queued {
+                        // No room (checked above, so not expected): complete on the spot.
+                        pass.used |= self.finish(back, rxq, mem, mailbox, counters);
+                    }
+                }
+                Ok(RxPlaced::NoBuffers) => {
+                    mailbox.put_back(frame);
+                    pass.out_of_buffers = true;
+                    break;
+                }
+                Ok(RxPlaced::TooSmall) => {
+                    GuestCounters::add(&counters.rx_dropped_small, 1);
+                    mailbox.recycle(frame);
+                    pass.used = true;
+                }
+                Ok(RxPlaced::Malformed) => {
+                    pass.malformed += 1;
+                    mailbox.recycle(frame);
+                    pass.used = true;
+                }
+                Err(queue::Broken) => {
+                    mailbox.put_back(frame);
+                    pass.broken = true;
+                    break;
+                }
+            }
+        }
+        self.engine.flush();
+        pass.used |= self.complete(rxq, mem, mailbox, counters);
+        if self.engine.inflight() > 0 {
+            self.engine.arm_notification();
+        }
+        pass
+    }
+
+    /// Marks used the frames whose copies finished; returns whether any were.
+    pub fn complete(
+        &mut self,
+        rxq: &mut Queue,
+        mem: &GuestMemoryMmap<()>,
+        mailbox: &Mailbox,
+        counters: &GuestCounters,
+    ) -> bool {
+        let mut done = Vec::new();
+        // Collected first: `finish` needs `self`, the engine releases through a closure.
+        self.engine
+            .poll_completed(usize::MAX, |token| done.push(token));
+        let any = !done.is_empty();
+        for token in done {
+            self.finish(token, rxq, mem, mailbox, counters);
+        }
+        any
+    }
+
+    fn finish(
+        &self,
+        token: Inflight,
+        rxq: &mut Queue,
+        mem: &GuestMemoryMmap<()>,
+        mailbox: &Mailbox,
+        counters: &GuestCounters,
+    ) -> bool {
+        let ok = token.chains.complete(rxq, mem).is_ok();
+        if ok {
+            GuestCounters::add(&counters.rx_packets, 1);
+            GuestCounters::add(&counters.rx_bytes, token.frame.len() as u64);
+        }
+        mailbox.recycle(token.frame);
+        ok
+    }
+
+    /// Waits for every copy in flight; their frames are marked used in `rxq` when given (the
+    /// queue is still valid), else dropped (the device is being reset).
+    pub fn drain(
+        &mut self,
+        rxq: Option<(&mut Queue, &GuestMemoryMmap<()>)>,
+        mailbox: &Mailbox,
+        counters: &GuestCounters,
+    ) {
+        let mut done = Vec::new();
+        if let Err(e) = self
+            .engine
+            .drain(std::time::Duration::from_secs(2), |token| done.push(token))
+        {
+            tracing::warn!(error = %e, "RX copies did not finish; their frames are dropped");
+        }
+        match rxq {
+            Some((q, mem)) => {
+                for token in done {
+                    self.finish(token, q, mem, mailbox, counters);
+                }
+            }
+            None => done.into_iter().for_each(|t| mailbox.recycle(t.frame)),
+        }
+    }
+}
