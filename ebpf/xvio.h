@@ -66,8 +66,13 @@ struct xvio_guest_stats {
 	__u64 malformed_chains;  /* descriptor chains outside memory, looping, too short… */
 	__u64 broken_queues;     /* queues stopped for an inconsistent avail index */
 	__u64 copy_cpu;          /* RX copies done by the CPU (below the threshold, or fallback) */
+	__u64 copy_cpu_bytes;
 	__u64 copy_dma;          /* RX copies done by the guest's DMA channel */
-	__u64 copy_fallbacks;    /* RX copies meant for the channel and done by the CPU */
+	__u64 copy_dma_bytes;
+	__u64 copy_fallback_full;    /* meant for the channel, done by the CPU: channel full */
+	__u64 copy_fallback_enqueue; /* … the channel refused the copy */
+	__u64 copy_fallback_error;   /* … the channel reported the copy failed */
+	__u64 copy_fallback_submit;  /* … the doorbell failed */
 	__u64 copy_inflight;     /* frames whose RX copies are in flight */
 };
 

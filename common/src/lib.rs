@@ -280,10 +280,20 @@ pub struct GuestStats {
     pub broken_queues: u64,
     /// RX copies done by the CPU.
     pub copy_cpu: u64,
+    /// Their bytes.
+    pub copy_cpu_bytes: u64,
     /// RX copies done by the guest's DMA channel.
     pub copy_dma: u64,
-    /// RX copies meant for the channel and done by the CPU.
-    pub copy_fallbacks: u64,
+    /// Their bytes.
+    pub copy_dma_bytes: u64,
+    /// Copies meant for the channel, done by the CPU: the channel was full.
+    pub copy_fallback_full: u64,
+    /// … the channel refused the copy.
+    pub copy_fallback_enqueue: u64,
+    /// … the channel reported the copy failed.
+    pub copy_fallback_error: u64,
+    /// … the doorbell failed.
+    pub copy_fallback_submit: u64,
     /// Frames whose RX copies are in flight.
     pub copy_inflight: u64,
 }

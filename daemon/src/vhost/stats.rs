@@ -120,11 +120,13 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         malformed_chains: c.malformed_chains.load(Relaxed),
         broken_queues: c.broken_queues.load(Relaxed),
         copy_cpu: copy.cpu_copies,
+        copy_cpu_bytes: copy.cpu_bytes,
         copy_dma: copy.dma_copies,
-        copy_fallbacks: copy.fallback_full
-            + copy.fallback_enqueue
-            + copy.fallback_error
-            + copy.fallback_submit,
+        copy_dma_bytes: copy.dma_bytes,
+        copy_fallback_full: copy.fallback_full,
+        copy_fallback_enqueue: copy.fallback_enqueue,
+        copy_fallback_error: copy.fallback_error,
+        copy_fallback_submit: copy.fallback_submit,
         copy_inflight: copy.inflight,
     }
 }
