@@ -19,6 +19,10 @@ pub const MEMORY: usize = 8 << 20;
 pub const QUEUE: u16 = 64;
 /// Where buffers start in guest memory (the rings sit below).
 pub const BUFFERS: u64 = 0x10_0000;
+/// `VHOST_F_LOG_ALL`: the backend logs the guest pages it writes.
+pub const LOG_ALL: u64 = 1 << 26;
+/// Bytes of guest memory one bit of the dirty log covers.
+pub const LOG_PAGE: u64 = 4096;
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 
@@ -51,6 +55,23 @@ impl DriverQueue {
 
     fn used_addr(&self) -> u64 {
         (self.avail_addr() + 6 + 2 * u64::from(QUEUE)).next_multiple_of(4)
+    }
+}
+
+/// The dirty log a frontend shares with the backend during a migration.
+#[derive(Debug)]
+pub struct DirtyLogFile {
+    file: File,
+}
+
+impl DirtyLogFile {
+    /// Whether the page holding guest address `addr` is marked.
+    pub fn is_dirty(&self, addr: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let page = addr / LOG_PAGE;
+        let mut byte = [0u8];
+        self.file.read_exact_at(&mut byte, page / 8).unwrap();
+        byte[0] & (1 << (page % 8)) != 0
     }
 }
 
@@ -93,7 +114,8 @@ impl TestGuest {
             }
         };
         frontend.set_owner().unwrap();
-        let features = frontend.get_features().unwrap() & !refuse;
+        // A frontend asks for dirty logging only while it migrates ([`Self::start_dirty_log`]).
+        let features = frontend.get_features().unwrap() & !refuse & !LOG_ALL;
         frontend.set_features(features).unwrap();
         let protocol = frontend.get_protocol_features().unwrap();
         frontend
@@ -101,7 +123,8 @@ impl TestGuest {
                 protocol
                     & (VhostUserProtocolFeatures::MQ
                         | VhostUserProtocolFeatures::REPLY_ACK
-                        | VhostUserProtocolFeatures::CONFIG),
+                        | VhostUserProtocolFeatures::CONFIG
+                        | VhostUserProtocolFeatures::LOG_SHMFD),
             )
             .unwrap();
         let fd = nix::sys::memfd::memfd_create(
@@ -167,6 +190,40 @@ impl TestGuest {
             next_buffer: BUFFERS,
             features,
         }
+    }
+
+    /// Where the next buffer [`Self::send`] or [`Self::post_rx`] allocates starts.
+    pub fn next_buffer(&self) -> u64 {
+        self.next_buffer
+    }
+
+    /// The guest address of queue `q`'s used ring.
+    pub fn used_ring(&self, q: usize) -> u64 {
+        self.queues[q].used_addr()
+    }
+
+    /// Starts a migration's dirty logging as QEMU does: shares a log (`SET_LOG_BASE` with a
+    /// memfd, one bit per [`LOG_PAGE`] of guest memory) and acks `VHOST_F_LOG_ALL`.
+    pub fn start_dirty_log(&mut self) -> DirtyLogFile {
+        let fd =
+            nix::sys::memfd::memfd_create(c"xvio-test-log", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
+        let file = File::from(fd);
+        let size = (MEMORY as u64 / LOG_PAGE / 8).next_multiple_of(4096);
+        file.set_len(size).unwrap();
+        self.frontend
+            .set_log_base(
+                0,
+                Some(vhost::VhostUserDirtyLogRegion {
+                    mmap_size: size,
+                    mmap_offset: 0,
+                    mmap_handle: file.as_raw_fd(),
+                }),
+            )
+            .unwrap();
+        self.features |= LOG_ALL;
+        self.frontend.set_features(self.features).unwrap();
+        DirtyLogFile { file }
     }
 
     /// The device config space (MAC, status, max queue pairs).

@@ -188,10 +188,22 @@ fn common_matches_btf() {
             ("copy_cpu_bytes", offset_of!(GuestStats, copy_cpu_bytes)),
             ("copy_dma", offset_of!(GuestStats, copy_dma)),
             ("copy_dma_bytes", offset_of!(GuestStats, copy_dma_bytes)),
-            ("copy_fallback_full", offset_of!(GuestStats, copy_fallback_full)),
-            ("copy_fallback_enqueue", offset_of!(GuestStats, copy_fallback_enqueue)),
-            ("copy_fallback_error", offset_of!(GuestStats, copy_fallback_error)),
-            ("copy_fallback_submit", offset_of!(GuestStats, copy_fallback_submit)),
+            (
+                "copy_fallback_full",
+                offset_of!(GuestStats, copy_fallback_full),
+            ),
+            (
+                "copy_fallback_enqueue",
+                offset_of!(GuestStats, copy_fallback_enqueue),
+            ),
+            (
+                "copy_fallback_error",
+                offset_of!(GuestStats, copy_fallback_error),
+            ),
+            (
+                "copy_fallback_submit",
+                offset_of!(GuestStats, copy_fallback_submit),
+            ),
             ("copy_inflight", offset_of!(GuestStats, copy_inflight)),
         ],
     );

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use vhost::VhostBackend;
 use virtio_bindings::{
     virtio_config::VIRTIO_F_VERSION_1,
     virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS},
@@ -20,7 +21,7 @@ use xvio::{
 };
 use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
-    guest::{BUFFERS, TestGuest},
+    guest::{BUFFERS, LOG_PAGE, TestGuest},
     unique_name,
 };
 
@@ -60,6 +61,12 @@ fn negotiation_offers_the_features_and_the_config_space_has_the_mac() {
     ] {
         assert_ne!(g.features & (1 << bit), 0, "feature bit {bit} offered");
     }
+    let offered = g.frontend.get_features().unwrap();
+    assert_ne!(
+        offered & xvio_tests::guest::LOG_ALL,
+        0,
+        "LOG_ALL offered for migration"
+    );
     let config = g.config();
     assert_eq!(&config[..6], &MAC_A);
     assert_eq!(u16::from_le_bytes([config[6], config[7]]), 1, "link up");
@@ -325,4 +332,82 @@ fn frames_reach_b_through_the_software_dma_channel_in_order() {
         "the copies went to the channel: {stats:?}"
     );
     assert_eq!(stats.inflight, 0, "{stats:?}");
+}
+
+/// Live migration's dirty log: once the frontend shares a log and acks `VHOST_F_LOG_ALL`,
+/// every guest page the backend writes is marked, whether the CPU copied the frame (through
+/// vm-memory) or a DMA channel did (through raw pointers, marked by the copy engine), and the
+/// pages it did not write stay clean.
+#[test]
+fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
+    let switch = Switch::new();
+    let pool = std::sync::Mutex::new(
+        xvio::copy::ChannelPool::start(
+            &[xvio::config::DmaSpec::Sw { core: None }],
+            xvio::config::ThresholdArg::Bytes(0),
+        )
+        .unwrap(),
+    );
+    let a = start(&switch, MAC_A);
+    let cpu = start(&switch, MAC_B);
+    let spec = GuestSpec {
+        socket: socket(),
+        mac: MacAddr(MAC_C),
+        queues: 1,
+        mode: SocketMode::Server,
+    };
+    let dma = Guest::start_with_dma(&spec, &switch, Some(&pool)).unwrap();
+    let mut ga = TestGuest::connect(a.socket(), REFUSE);
+    let mut receivers = [
+        ("cpu", TestGuest::connect(cpu.socket(), REFUSE), MAC_B),
+        ("dma", TestGuest::connect(dma.socket(), REFUSE), MAC_C),
+    ];
+    for (name, g, mac) in &mut receivers {
+        // Before the migration: frames land, nothing is logged anywhere.
+        g.post_rx(4, 2048);
+        for i in 0..4 {
+            ga.send(&frame(*mac, MAC_A, None, ETH_P_EXPERIMENTAL, 600, i));
+        }
+        assert_eq!(g.receive(4, WAIT).len(), 4, "{name}: frames before the log");
+
+        let log = g.start_dirty_log();
+        let start = g.next_buffer();
+        // One jumbo frame per 8 KiB buffer: the header goes through vm-memory into the
+        // buffer's first page; the second page is written by the frame's copy alone.
+        let n = 12;
+        g.post_rx(n, 8192);
+        let end = g.next_buffer();
+        let sent: Vec<Vec<u8>> = (0..n)
+            .map(|i| frame(*mac, MAC_A, None, ETH_P_EXPERIMENTAL, 6000, 100 + i as u32))
+            .collect();
+        for f in &sent {
+            ga.send(f);
+        }
+        let got = g.receive(n, WAIT);
+        assert_eq!(got, sent, "{name}: frames during the migration");
+        let mut page = start / LOG_PAGE * LOG_PAGE;
+        while page < end {
+            assert!(
+                log.is_dirty(page),
+                "{name}: RX buffer page {page:#x} is marked"
+            );
+            page += LOG_PAGE;
+        }
+        assert!(
+            log.is_dirty(g.used_ring(0)),
+            "{name}: the used ring's page is marked"
+        );
+        // Pages the backend never wrote: the TX queue's descriptor table (the driver writes
+        // it), and memory no buffer uses.
+        assert!(!log.is_dirty(0x8000), "{name}: TX descriptor page is clean");
+        assert!(
+            !log.is_dirty(xvio_tests::guest::MEMORY as u64 - 1),
+            "{name}: unused memory is clean"
+        );
+    }
+    let stats = dma.copy_stats();
+    assert!(
+        stats.dma_copies >= 12,
+        "the DMA guest's copies went to the channel: {stats:?}"
+    );
 }

@@ -14,20 +14,20 @@ use std::{
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::{
     epoll::EventSet,
     event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier},
 };
 
 use super::{
+    dirty::{self, DirtyPages, GuestMem, Memory},
     net::{self, QUEUE_SIZE},
     queue::{self, RxWrite, TX_BUF, TxChain},
     rx_dma::RxDma,
     switch::{GuestCounters, Port, Switch},
 };
 
-type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// The vring type the backend works with.
 pub type Vring = VringRwLock<Memory>;
 
@@ -61,6 +61,8 @@ pub struct NetBackend {
     rx_dma: Option<Mutex<RxDma>>,
     /// RX queue 0, kept to complete in-flight copies when memory changes.
     rx_vring: Option<Vring>,
+    /// Marks the pages DMA copies write while the frontend logs dirty pages.
+    dirty: Arc<DirtyPages>,
 }
 
 impl std::fmt::Debug for NetBackend {
@@ -81,8 +83,10 @@ impl NetBackend {
         queue_pairs: u16,
         rx_channel: Option<crate::copy::BoundChannel>,
     ) -> io::Result<NetBackend> {
+        let dirty = Arc::new(DirtyPages::default());
         let mut backend = NetBackend {
-            rx_dma: rx_channel.map(|c| Mutex::new(RxDma::new(c))),
+            rx_dma: rx_channel.map(|c| Mutex::new(RxDma::new(c, Arc::clone(&dirty)))),
+            dirty,
             rx_vring: None,
             name: name.to_owned(),
             port,
@@ -150,7 +154,7 @@ impl NetBackend {
         vring: &Vring,
         index: usize,
         pair: usize,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMem,
     ) -> io::Result<()> {
         if self.broken[index] {
             return Ok(());
@@ -203,7 +207,7 @@ impl NetBackend {
     }
 
     /// Writes the mailbox's frames into RX queue 0 while the guest has buffers.
-    fn process_rx(&mut self, vring: &Vring, mem: &GuestMemoryMmap<()>) -> io::Result<()> {
+    fn process_rx(&mut self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
         if self.broken[0] {
             return Ok(());
         }
@@ -277,7 +281,7 @@ impl NetBackend {
 
 impl NetBackend {
     /// As `process_rx`, the copies going to the DMA channel.
-    fn process_rx_dma(&mut self, vring: &Vring, mem: &GuestMemoryMmap<()>) -> io::Result<()> {
+    fn process_rx_dma(&mut self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
         let mrg = net::mrg_rxbuf(self.acked_features);
         let port = Arc::clone(&self.port);
         let Some(dma) = self.rx_dma.as_ref() else {
@@ -364,7 +368,7 @@ impl NetBackend {
 }
 
 impl VhostUserBackendMut for NetBackend {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -378,6 +382,7 @@ impl VhostUserBackendMut for NetBackend {
     fn features(&self) -> u64 {
         net::features(self.queue_pairs)
             | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&mut self, features: u64) {
@@ -385,12 +390,14 @@ impl VhostUserBackendMut for NetBackend {
             tracing::warn!(guest = %self.name, "the frontend did not accept VIRTIO_F_VERSION_1; legacy virtio-net headers are not supported");
         }
         self.acked_features = features;
+        self.dirty.set_logging(dirty::log_all(features));
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reset_device(&mut self) {
@@ -399,6 +406,7 @@ impl VhostUserBackendMut for NetBackend {
         self.port.mailbox().clear();
         self.broken.fill(false);
         self.acked_features = 0;
+        self.dirty.set_logging(false);
         self.event_idx = false;
     }
 
@@ -420,6 +428,7 @@ impl VhostUserBackendMut for NetBackend {
     fn update_memory(&mut self, mem: Memory) -> io::Result<()> {
         // No copy may still be writing into the memory about to be replaced.
         self.drain_rx(true);
+        self.dirty.set_memory(Some(mem.clone()));
         self.mem = Some(mem);
         Ok(())
     }

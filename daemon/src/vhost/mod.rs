@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod compat;
+pub mod dirty;
 pub mod guest;
 pub mod mailbox;
 pub mod net;

@@ -8,10 +8,13 @@
 //! mapped until then, because the backend drains before memory changes, resets and
 //! disconnects.
 
+use std::sync::Arc;
 use virtio_queue::Queue;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+use vm_memory::GuestMemoryBackend;
 
 use super::{
+    dirty::{DirtyPages, GuestMem},
     mailbox::Mailbox,
     queue::{self, RxChains, RxPlaced},
     switch::GuestCounters,
@@ -55,9 +58,10 @@ impl std::fmt::Debug for RxDma {
 }
 
 impl RxDma {
-    /// An engine on `channel`.
-    pub fn new(channel: BoundChannel) -> RxDma {
-        let mut engine = CopyEngine::new(MAX_INFLIGHT, None);
+    /// An engine on `channel`, reporting the guest pages its copies write to `dirty`.
+    pub fn new(channel: BoundChannel, dirty: Arc<DirtyPages>) -> RxDma {
+        let mut engine =
+            CopyEngine::new(MAX_INFLIGHT, Some(dirty as Arc<dyn crate::copy::DirtyLog>));
         // A fresh engine has no channel, so binding cannot be refused.
         let _ = engine.bind(channel);
         RxDma {
@@ -80,7 +84,7 @@ impl RxDma {
     pub fn run(
         &mut self,
         rxq: &mut Queue,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMem,
         mailbox: &Mailbox,
         counters: &GuestCounters,
         mrg_rxbuf: bool,
@@ -159,7 +163,7 @@ impl RxDma {
     pub fn complete(
         &mut self,
         rxq: &mut Queue,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMem,
         mailbox: &Mailbox,
         counters: &GuestCounters,
     ) -> bool {
@@ -178,7 +182,7 @@ impl RxDma {
         &self,
         token: Inflight,
         rxq: &mut Queue,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestMem,
         mailbox: &Mailbox,
         counters: &GuestCounters,
     ) -> bool {
@@ -195,7 +199,7 @@ impl RxDma {
     /// queue is still valid), else dropped (the device is being reset).
     pub fn drain(
         &mut self,
-        rxq: Option<(&mut Queue, &GuestMemoryMmap<()>)>,
+        rxq: Option<(&mut Queue, &GuestMem)>,
         mailbox: &Mailbox,
         counters: &GuestCounters,
     ) {
