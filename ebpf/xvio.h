@@ -93,6 +93,17 @@ struct xvio_daemon_stats {
 	__u32 steer_entries;     /* entries the daemon put in steer */
 	__u32 xsk_sockets;       /* AF_XDP sockets open on this interface (one per rx queue) */
 	__u32 xsk_zero_copy;     /* how many of them the driver bound in zero-copy mode */
+	/* The daemon's guests, summed over guest_stats (the same in every interface's map). */
+	__u32 guests;            /* vhost-user guest ports served */
+	__u32 guests_connected;  /* of them, with a frontend connected */
+	__u64 guest_rx_packets;  /* frames written into guests */
+	__u64 guest_tx_packets;  /* frames guests sent */
+	__u64 guest_dropped;     /* rx_dropped_full + rx_dropped_small + tx_unknown_dst + tx_oversize */
+	__u64 guest_malformed_chains;
+	__u64 copy_cpu;          /* guest RX copies the copy engine gave the CPU (guests with a channel) */
+	__u64 copy_dma;          /* guest RX copies done by DMA channels */
+	__u64 copy_fallbacks;    /* meant for a channel, done by the CPU (all four reasons) */
+	__u64 copy_inflight;     /* frames whose RX copies are in flight */
 };
 
 /* Value of port_stats[rx queue]: one AF_XDP port, written by the daemon about once a second. */

@@ -206,6 +206,28 @@ pub struct DaemonStats {
     pub xsk_sockets: u32,
     /// How many of them are in zero-copy mode.
     pub xsk_zero_copy: u32,
+    /// vhost-user guest ports the daemon serves (this and the fields below are the daemon's
+    /// guests summed over `guest_stats`, the same in every interface's map).
+    pub guests: u32,
+    /// Of them, with a frontend connected.
+    pub guests_connected: u32,
+    /// Frames written into guests.
+    pub guest_rx_packets: u64,
+    /// Frames guests sent.
+    pub guest_tx_packets: u64,
+    /// Frames dropped: no RX buffer in time, buffer too small, unknown destination, oversize.
+    pub guest_dropped: u64,
+    /// Malformed descriptor chains.
+    pub guest_malformed_chains: u64,
+    /// Guest RX copies the copy engine gave the CPU (guests with a DMA channel; a guest
+    /// without one copies on the CPU outside the engine and counts only `guest_rx_packets`).
+    pub copy_cpu: u64,
+    /// Guest RX copies done by DMA channels.
+    pub copy_dma: u64,
+    /// Copies meant for a channel that the CPU did (every reason).
+    pub copy_fallbacks: u64,
+    /// Frames whose RX copies are in flight.
+    pub copy_inflight: u64,
 }
 
 /// Value of `port_stats[rx queue]` (`struct xvio_port_stats`): one AF_XDP port.

@@ -232,24 +232,22 @@ impl AttachedIface {
         &self.pin_dir
     }
 
-    /// Writes the daemon's counters for this interface: `daemon_stats[0]` and one
-    /// `port_stats` entry per AF_XDP port (`ports`: rx queue and counters).
+    /// Writes the daemon's counters for this interface: `daemon_stats[0]` (the daemon-wide
+    /// fields from `daemon`: uptime, clock, interfaces, guest totals; the interface's own
+    /// filled in here) and one `port_stats` entry per AF_XDP port (`ports`: rx queue and
+    /// counters).
     pub fn publish(
         &mut self,
-        uptime_ms: u64,
-        updated_unix_ms: u64,
-        ifaces_attached: u32,
+        daemon: DaemonStats,
         ports: &[(u32, xvio_common::PortStats)],
     ) -> Result<(), AttachError> {
         let stats = DaemonStats {
-            uptime_ms,
-            updated_unix_ms,
             pid: std::process::id(),
-            ifaces_attached,
             xdp_mode: self.mode as u32,
             steer_entries: self.steer_entries,
             xsk_sockets: ports.len() as u32,
             xsk_zero_copy: ports.iter().filter(|(_, p)| p.zero_copy != 0).count() as u32,
+            ..daemon
         };
         let map = self
             .ebpf

@@ -298,10 +298,16 @@ async fn control_loop(
                 {
                     warn!(error = %e, "could not write guest_stats");
                 }
+                let daemon = xvio_common::DaemonStats {
+                    uptime_ms,
+                    updated_unix_ms: now_ms,
+                    ifaces_attached: count,
+                    ..crate::vhost::stats::totals(guests)
+                };
                 for iface in ifaces.iter_mut() {
                     let ports: Vec<(u32, xvio_common::PortStats)> =
                         iface.ports.iter().map(|p| (p.queue(), p.stats())).collect();
-                    if let Err(e) = iface.attached.publish(uptime_ms, now_ms, count, &ports) {
+                    if let Err(e) = iface.attached.publish(daemon, &ports) {
                         warn!(iface = iface.attached.name(), error = %e, "could not write daemon_stats");
                     }
                 }

@@ -162,6 +162,28 @@ fn common_matches_btf() {
             ("steer_entries", offset_of!(DaemonStats, steer_entries)),
             ("xsk_sockets", offset_of!(DaemonStats, xsk_sockets)),
             ("xsk_zero_copy", offset_of!(DaemonStats, xsk_zero_copy)),
+            ("guests", offset_of!(DaemonStats, guests)),
+            (
+                "guests_connected",
+                offset_of!(DaemonStats, guests_connected),
+            ),
+            (
+                "guest_rx_packets",
+                offset_of!(DaemonStats, guest_rx_packets),
+            ),
+            (
+                "guest_tx_packets",
+                offset_of!(DaemonStats, guest_tx_packets),
+            ),
+            ("guest_dropped", offset_of!(DaemonStats, guest_dropped)),
+            (
+                "guest_malformed_chains",
+                offset_of!(DaemonStats, guest_malformed_chains),
+            ),
+            ("copy_cpu", offset_of!(DaemonStats, copy_cpu)),
+            ("copy_dma", offset_of!(DaemonStats, copy_dma)),
+            ("copy_fallbacks", offset_of!(DaemonStats, copy_fallbacks)),
+            ("copy_inflight", offset_of!(DaemonStats, copy_inflight)),
         ],
     );
     check_struct(

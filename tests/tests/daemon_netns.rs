@@ -11,6 +11,7 @@ use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
 use xvio_tests::{
     daemon::run_xvio,
     frames::{ETH_P_EXPERIMENTAL, frame, seq_of},
+    guest::TestGuest,
     netns::mac_of,
     packet::RawSocket,
     privileged,
@@ -219,6 +220,12 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
         return;
     }
     let topo = Topology::new(2);
+    // Two guests as well: their totals appear in daemon_stats. The first guest gets the
+    // software DMA channel.
+    let sock = |n: &str| std::env::temp_dir().join(format!("{}-{n}.sock", unique_name("xvio-n")));
+    let (sa, sb) = (sock("a"), sock("b"));
+    let guest_a = format!("socket={},mac=52:54:00:00:02:0a", sa.display());
+    let guest_b = format!("socket={},mac=52:54:00:00:02:0b", sb.display());
     let daemon = topo.start(&[
         "--steer",
         "02:58:56:49:4f:01",
@@ -226,9 +233,36 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
         "generic",
         "--dma",
         "sw",
+        "--copy-threshold",
+        "0",
         "--queues",
         "0",
+        "--guest",
+        &guest_a,
+        "--guest",
+        &guest_b,
     ]);
+    let refuse = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    let mut a = TestGuest::connect(&sa, refuse);
+    let mut b = TestGuest::connect(&sb, refuse);
+    a.post_rx(4, 2048);
+    b.post_rx(4, 2048);
+    let (mac_a, mac_b) = ([0x52, 0x54, 0, 0, 2, 0x0a], [0x52, 0x54, 0, 0, 2, 0x0b]);
+    for seq in 0..3 {
+        b.send(&frame(mac_a, mac_b, None, ETH_P_EXPERIMENTAL, 200, seq));
+    }
+    a.send(&frame(mac_b, mac_a, None, ETH_P_EXPERIMENTAL, 200, 9));
+    // To a MAC no guest has: dropped and counted.
+    a.send(&frame(
+        [0x52, 0x54, 0, 0, 2, 0xff],
+        mac_a,
+        None,
+        ETH_P_EXPERIMENTAL,
+        200,
+        10,
+    ));
+    assert_eq!(a.receive(3, Duration::from_secs(5)).len(), 3);
+    assert_eq!(b.receive(1, Duration::from_secs(5)).len(), 1);
     let src = mac_of(&topo.peer, &topo.peer_if);
     topo.peer.run(|| {
         let raw = RawSocket::bind(&topo.peer_if).unwrap();
@@ -244,10 +278,30 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
         10,
         "{stats:?}"
     );
+    let ds = daemon_stats(&topo.pin_dir());
+    assert_eq!(ds.xdp_mode, XdpMode::Generic as u32);
+    assert_eq!((ds.guests, ds.guests_connected), (2, 2), "{ds:?}");
+    assert_eq!((ds.guest_tx_packets, ds.guest_rx_packets), (5, 4), "{ds:?}");
+    assert_eq!(ds.guest_dropped, 1, "the frame to an unknown MAC: {ds:?}");
     assert_eq!(
-        daemon_stats(&topo.pin_dir()).xdp_mode,
-        XdpMode::Generic as u32
+        (
+            ds.copy_dma,
+            ds.copy_cpu,
+            ds.copy_fallbacks,
+            ds.copy_inflight
+        ),
+        (3, 0, 0, 0),
+        "A's copies by its channel (B has no copy engine: its frames count in rx only): {ds:?}"
     );
+    let dump = bpftool_dump(&topo.pin_dir().join(maps::DAEMON_STATS));
+    for field in [
+        "guests_connected",
+        "guest_rx_packets",
+        "copy_dma",
+        "copy_fallbacks",
+    ] {
+        assert!(dump.contains(field), "bpftool shows {field}: {dump}");
+    }
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     assert!(

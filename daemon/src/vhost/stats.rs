@@ -130,3 +130,27 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         copy_inflight: copy.inflight,
     }
 }
+
+/// The guests' counters summed into the guest fields of `daemon_stats` (the others zero).
+pub fn totals(guests: &[Guest]) -> xvio_common::DaemonStats {
+    let mut t = xvio_common::DaemonStats {
+        guests: u32::try_from(guests.len()).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    for g in guests.iter().map(snapshot) {
+        t.guests_connected += g.connected;
+        t.guest_rx_packets += g.rx_packets;
+        t.guest_tx_packets += g.tx_packets;
+        t.guest_dropped +=
+            g.rx_dropped_full + g.rx_dropped_small + g.tx_unknown_dst + g.tx_oversize;
+        t.guest_malformed_chains += g.malformed_chains;
+        t.copy_cpu += g.copy_cpu;
+        t.copy_dma += g.copy_dma;
+        t.copy_fallbacks += g.copy_fallback_full
+            + g.copy_fallback_enqueue
+            + g.copy_fallback_error
+            + g.copy_fallback_submit;
+        t.copy_inflight += g.copy_inflight;
+    }
+    t
+}
