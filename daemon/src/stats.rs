@@ -122,5 +122,21 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
             p.tx_no_frame
         );
     }
+    if ds.guests > 0 {
+        let _ = writeln!(
+            out,
+            "guests: {} ({} connected), rx {} pkts, tx {} pkts, dropped {}, malformed chains {}; copies: cpu {}, dma {}, fallbacks {}, in flight {}",
+            ds.guests,
+            ds.guests_connected,
+            ds.guest_rx_packets,
+            ds.guest_tx_packets,
+            ds.guest_dropped,
+            ds.guest_malformed_chains,
+            ds.copy_cpu,
+            ds.copy_dma,
+            ds.copy_fallbacks,
+            ds.copy_inflight
+        );
+    }
     Ok(out)
 }

@@ -302,6 +302,12 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
     ] {
         assert!(dump.contains(field), "bpftool shows {field}: {dump}");
     }
+    let out = run_xvio(None, &["stats", "--iface", &topo.ifname]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("guests: 2 (2 connected), rx 4 pkts, tx 5 pkts, dropped 1"),
+        "xvio stats:\n{report}"
+    );
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     assert!(
