@@ -46,6 +46,24 @@ fn start(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
     Guest::start(&spec, switch).expect("start the guest's backend")
 }
 
+/// A guest whose RX copies all go to a software DMA channel (threshold 0).
+fn start_with_sw_dma(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
+    let pool = std::sync::Mutex::new(
+        xvio::copy::ChannelPool::start(
+            &[xvio::config::DmaSpec::Sw { core: None }],
+            xvio::config::ThresholdArg::Bytes(0),
+        )
+        .unwrap(),
+    );
+    let spec = GuestSpec {
+        socket: socket(),
+        mac: MacAddr(mac),
+        queues: 1,
+        mode: SocketMode::Server,
+    };
+    Guest::start_with_dma(&spec, switch, Some(&pool)).expect("start the guest's backend")
+}
+
 #[test]
 fn negotiation_offers_the_features_and_the_config_space_has_the_mac() {
     let switch = Switch::new();
@@ -279,21 +297,8 @@ fn a_guest_that_disconnects_and_reconnects_is_served_again() {
 #[test]
 fn frames_reach_b_through_the_software_dma_channel_in_order() {
     let switch = Switch::new();
-    let pool = std::sync::Mutex::new(
-        xvio::copy::ChannelPool::start(
-            &[xvio::config::DmaSpec::Sw { core: None }],
-            xvio::config::ThresholdArg::Bytes(0),
-        )
-        .unwrap(),
-    );
     let a = start(&switch, MAC_A);
-    let spec = GuestSpec {
-        socket: socket(),
-        mac: MacAddr(MAC_B),
-        queues: 1,
-        mode: SocketMode::Server,
-    };
-    let b = Guest::start_with_dma(&spec, &switch, Some(&pool)).unwrap();
+    let b = start_with_sw_dma(&switch, MAC_B);
     let mut ga = TestGuest::connect(a.socket(), REFUSE);
     let mut gb = TestGuest::connect(b.socket(), REFUSE);
     // Small buffers, so that big frames spread over several (MRG_RXBUF) and pieces multiply.
@@ -341,22 +346,9 @@ fn frames_reach_b_through_the_software_dma_channel_in_order() {
 #[test]
 fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
     let switch = Switch::new();
-    let pool = std::sync::Mutex::new(
-        xvio::copy::ChannelPool::start(
-            &[xvio::config::DmaSpec::Sw { core: None }],
-            xvio::config::ThresholdArg::Bytes(0),
-        )
-        .unwrap(),
-    );
     let a = start(&switch, MAC_A);
     let cpu = start(&switch, MAC_B);
-    let spec = GuestSpec {
-        socket: socket(),
-        mac: MacAddr(MAC_C),
-        queues: 1,
-        mode: SocketMode::Server,
-    };
-    let dma = Guest::start_with_dma(&spec, &switch, Some(&pool)).unwrap();
+    let dma = start_with_sw_dma(&switch, MAC_C);
     let mut ga = TestGuest::connect(a.socket(), REFUSE);
     let mut receivers = [
         ("cpu", TestGuest::connect(cpu.socket(), REFUSE), MAC_B),
