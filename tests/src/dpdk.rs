@@ -32,7 +32,8 @@ pub struct Testpmd {
 impl Testpmd {
     /// Starts testpmd on vhost-user socket `socket` in forward `mode` (txonly, rxonly,
     /// icmpecho, macswap…) with frames of `len` bytes to `peer`; `vdev_opts` are appended to
-    /// the vdev (",server=1" makes testpmd the socket's server). Runs on CPUs `cpus`.
+    /// the vdev (",server=1" makes testpmd the socket's server; ",queues=2" two queue pairs,
+    /// with `--rxq=2 --txq=2` in `extra`). Runs on CPUs `cpus`.
     pub fn start(
         socket: &Path,
         mode: &str,
@@ -72,8 +73,14 @@ impl Testpmd {
             .arg(&prefix)
             .arg("--vdev")
             .arg(format!(
-                "net_virtio_user0,path={},queues=1,queue_size=1024{vdev_opts}",
-                socket.display()
+                "net_virtio_user0,path={},queue_size=1024{}{vdev_opts}",
+                socket.display(),
+                // One queue pair unless the options name a count.
+                if vdev_opts.contains("queues=") {
+                    ""
+                } else {
+                    ",queues=1"
+                }
             ))
             .args([
                 "--",
@@ -117,6 +124,13 @@ impl Testpmd {
     pub fn stop(mut self) -> TestpmdTotals {
         self.kill_and_wait(Signal::SIGINT);
         parse_totals(&self.output())
+    }
+
+    /// As [`Testpmd::stop`], also returning everything it printed.
+    pub fn stop_keep_output(mut self) -> (TestpmdTotals, String) {
+        self.kill_and_wait(Signal::SIGINT);
+        let out = self.output();
+        (parse_totals(&out), out)
     }
 
     /// Kills it at once (a VMM that crashes).

@@ -29,6 +29,30 @@ fn spec(mac: [u8; 6], mode: SocketMode) -> GuestSpec {
     }
 }
 
+/// TX-packets of each forwarding stream testpmd printed when it stopped, by TX queue.
+fn tx_by_queue(out: &str) -> Vec<(u32, u64)> {
+    let mut streams = Vec::new();
+    let mut queue = None;
+    for line in out.lines() {
+        if let Some(at) = line.find("-> TX Port=") {
+            queue = line[at..]
+                .split("Queue=")
+                .nth(1)
+                .and_then(|q| q.split_whitespace().next())
+                .and_then(|q| q.parse().ok());
+        } else if let (Some(q), Some(at)) = (queue, line.find("TX-packets:")) {
+            let n = line[at + "TX-packets:".len()..]
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            streams.push((q, n));
+            queue = None;
+        }
+    }
+    streams
+}
+
 fn counters(guest: &Guest) -> String {
     let c = guest.port().counters();
     format!(
@@ -109,6 +133,84 @@ fn two_virtio_user_frontends_exchange_frames_with_only_counted_drops() {
         0,
         "{report}"
     );
+}
+
+/// Multi-queue: a frontend with two queue pairs sends on both TX queues; xvio serves each on
+/// its own worker and delivers every frame it took to the other guest.
+#[test]
+fn a_two_queue_pair_frontend_sends_on_both_queues() {
+    if !privileged("a_two_queue_pair_frontend_sends_on_both_queues") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let switch = Switch::new();
+    let tx_guest = Guest::start(
+        &GuestSpec {
+            queues: 2,
+            ..spec(MAC_TX, SocketMode::Server)
+        },
+        &switch,
+    )
+    .unwrap();
+    let rx_guest = Guest::start(&spec(MAC_RX, SocketMode::Server), &switch).unwrap();
+    let rx = Testpmd::start(
+        rx_guest.socket(),
+        "rxonly",
+        64,
+        "02:00:00:00:00:0a",
+        "",
+        "1,0",
+    );
+    wait_until(|| rx_guest.is_connected(), "the rxonly testpmd connects");
+    std::thread::sleep(Duration::from_secs(1));
+    let tx = Testpmd::start_with(
+        tx_guest.socket(),
+        "txonly",
+        64,
+        "02:00:00:00:00:01",
+        ",queues=2",
+        "0,1",
+        &["--rxq=2", "--txq=2"],
+    );
+    wait_until(|| tx_guest.is_connected(), "the txonly testpmd connects");
+    std::thread::sleep(Duration::from_secs(3));
+    let sent = tx.stop_keep_output();
+    std::thread::sleep(Duration::from_millis(500));
+    let received = rx.stop();
+    let streams = tx_by_queue(&sent.1);
+    let sent = sent.0;
+    let t = tx_guest.port().counters();
+    let report = format!(
+        "testpmd tx {sent:?} by queue {streams:?} rx {received:?}\nxvio tx guest: {}\nxvio rx guest: {}",
+        counters(&tx_guest),
+        counters(&rx_guest)
+    );
+    eprintln!("{report}");
+    for queue in [0, 1] {
+        let n = streams
+            .iter()
+            .filter(|(q, _)| *q == queue)
+            .map(|(_, n)| n)
+            .sum::<u64>();
+        // More than its ring holds: xvio must have drained this queue.
+        assert!(n > 2048, "testpmd sent on TX queue {queue}: {report}");
+    }
+    let xvio_tx = t.tx_packets.load(Relaxed);
+    assert!(
+        xvio_tx <= sent.tx && sent.tx - xvio_tx <= 2 * 1024,
+        "xvio took what testpmd sent on both queues (a ring each may be left): {report}"
+    );
+    let r = rx_guest.port().counters();
+    let accounted = r.rx_packets.load(Relaxed)
+        + r.rx_dropped_full.load(Relaxed)
+        + r.rx_dropped_small.load(Relaxed)
+        + rx_guest.port().mailbox().pending() as u64;
+    assert_eq!(
+        accounted,
+        xvio_tx - t.tx_unknown_dst.load(Relaxed),
+        "{report}"
+    );
+    assert_eq!(t.malformed_chains.load(Relaxed), 0, "{report}");
 }
 
 #[test]

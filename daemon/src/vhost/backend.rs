@@ -463,10 +463,11 @@ impl VhostUserBackendMut for NetBackend {
             return Ok(());
         };
         let num_queues = self.num_queues();
-        let event = usize::from(device_event);
+        // vhost-user-backend numbers a vring's kick by its place among the thread's vrings,
+        // not by its queue index: thread `t` serves pair `t`, [rx, tx] = events [0, 1].
         if device_event == mailbox_event(num_queues)
             || device_event == completion_event(num_queues)
-            || event == 0
+            || (device_event == 0 && thread_id == 0)
         {
             // Frames from other guests, or the guest added RX buffers: pair 0's worker.
             if let Some(rx) = vrings.first().filter(|_| thread_id == 0) {
@@ -474,12 +475,11 @@ impl VhostUserBackendMut for NetBackend {
             }
             return Ok(());
         }
-        if event < num_queues && event % 2 == 1 {
-            let pair = event / 2;
-            // This thread's vrings are [rx, tx] of its pair.
-            if let Some(tx) = vrings.get(event - 2 * thread_id) {
-                return self.process_tx(tx, event, pair, &mem);
-            }
+        if device_event == 1
+            && let Some(tx) = vrings.get(1)
+        {
+            let pair = thread_id;
+            return self.process_tx(tx, 2 * pair + 1, pair, &mem);
         }
         // RX kicks of pairs other than 0: nothing to deliver there (frames go to queue 0).
         Ok(())
