@@ -205,25 +205,31 @@ impl TestGuest {
     /// Starts a migration's dirty logging as QEMU does: shares a log (`SET_LOG_BASE` with a
     /// memfd, one bit per [`LOG_PAGE`] of guest memory) and acks `VHOST_F_LOG_ALL`.
     pub fn start_dirty_log(&mut self) -> DirtyLogFile {
+        let size = (MEMORY as u64 / LOG_PAGE / 8).next_multiple_of(4096);
+        let log = self.share_log(size, size).expect("SET_LOG_BASE");
+        self.features |= LOG_ALL;
+        self.frontend.set_features(self.features).unwrap();
+        log
+    }
+
+    /// Sends `SET_LOG_BASE` with a memfd of `file_len` bytes announced as `mmap_size` bytes.
+    pub fn share_log(&mut self, file_len: u64, mmap_size: u64) -> Result<DirtyLogFile, String> {
         let fd =
             nix::sys::memfd::memfd_create(c"xvio-test-log", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
                 .unwrap();
         let file = File::from(fd);
-        let size = (MEMORY as u64 / LOG_PAGE / 8).next_multiple_of(4096);
-        file.set_len(size).unwrap();
+        file.set_len(file_len).unwrap();
         self.frontend
             .set_log_base(
                 0,
                 Some(vhost::VhostUserDirtyLogRegion {
-                    mmap_size: size,
+                    mmap_size,
                     mmap_offset: 0,
                     mmap_handle: file.as_raw_fd(),
                 }),
             )
-            .unwrap();
-        self.features |= LOG_ALL;
-        self.frontend.set_features(self.features).unwrap();
-        DirtyLogFile { file }
+            .map_err(|e| e.to_string())?;
+        Ok(DirtyLogFile { file })
     }
 
     /// The device config space (MAC, status, max queue pairs).

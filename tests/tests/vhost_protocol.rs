@@ -403,3 +403,34 @@ fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
         "the DMA guest's copies went to the channel: {stats:?}"
     );
 }
+
+/// A frontend that shares a dirty log shorter than it says (a memfd of 0 bytes announced as
+/// a page): the backend must not map past the end of the file (touching it would raise
+/// SIGBUS and kill the daemon); it drops that connection and serves the next one.
+#[test]
+fn a_dirty_log_shorter_than_announced_is_refused() {
+    let switch = Switch::new();
+    let a = start(&switch, MAC_A);
+    let b = start(&switch, MAC_B);
+    let mut ga = TestGuest::connect(a.socket(), REFUSE);
+    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    gb.post_rx(4, 2048);
+    let refused = gb.share_log(0, 4096);
+    assert!(
+        refused.is_err(),
+        "a log past the end of its file is refused"
+    );
+    // Had the log been installed, this write into B would touch it.
+    ga.send(&frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 100, 1));
+    std::thread::sleep(Duration::from_millis(200));
+    drop(gb);
+    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    gb.post_rx(4, 2048);
+    let f = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 100, 2);
+    ga.send(&f);
+    assert_eq!(
+        gb.receive(1, WAIT),
+        vec![f],
+        "the next connection is served"
+    );
+}

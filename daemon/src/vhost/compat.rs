@@ -25,6 +25,7 @@ use std::{
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
 const SET_FEATURES: u32 = 2;
+const SET_LOG_BASE: u32 = 6;
 const SET_VRING_ENABLE: u32 = 18;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -152,6 +153,31 @@ fn write_message(stream: &UnixStream, msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
+/// Checks that the log a `SET_LOG_BASE` shares lies inside its file: vhost-user-backend maps
+/// `mmap_size` bytes at `mmap_offset` without looking at the file's length, and touching a
+/// mapped page past the end of a file raises SIGBUS, which would kill the daemon and every
+/// guest with it. Malformed messages pass: the library refuses them itself.
+fn log_fits(msg: &Message) -> io::Result<()> {
+    let (Some(fd), Some(size), Some(offset)) = (
+        msg.fds.first(),
+        msg.payload.get(0..8),
+        msg.payload.get(8..16),
+    ) else {
+        return Ok(());
+    };
+    let size = u64::from_le_bytes(size.try_into().unwrap_or_default());
+    let offset = u64::from_le_bytes(offset.try_into().unwrap_or_default());
+    let len = nix::sys::stat::fstat(fd).map_err(io::Error::from)?.st_size;
+    let end = offset.checked_add(size);
+    match end {
+        Some(end) if end <= u64::try_from(len).unwrap_or(0) => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("log of {size} bytes at offset {offset} in a file of {len} bytes"),
+        )),
+    }
+}
+
 /// Proxies one frontend connection to the library's listener at `inner` until either side
 /// closes. Returns the thread carrying frontend messages (the other direction has its own).
 pub fn proxy(frontend: UnixStream, inner: &SocketAddr) -> io::Result<JoinHandle<()>> {
@@ -207,6 +233,12 @@ pub fn proxy(frontend: UnixStream, inner: &SocketAddr) -> io::Result<JoinHandle<
                     }
                     held.push(msg);
                     continue;
+                }
+                if msg.request() == SET_LOG_BASE
+                    && let Err(e) = log_fits(&msg)
+                {
+                    tracing::warn!(error = %e, "SET_LOG_BASE refused: the frontend's dirty log is shorter than it says; connection dropped");
+                    break;
                 }
                 if write_message(&backend, &msg).is_err() {
                     break;
