@@ -102,6 +102,14 @@ impl TestGuest {
     /// Connects to `socket` (retrying while it is not there yet), negotiates every offered
     /// feature but those in `refuse`, shares memory and sets up one queue pair.
     pub fn connect(socket: &Path, refuse: u64) -> TestGuest {
+        TestGuest::try_connect(socket, refuse, MEMORY as u64)
+            .unwrap_or_else(|e| panic!("setting up the device on {}: {e}", socket.display()))
+    }
+
+    /// As [`Self::connect`], with the memory's file `file_len` bytes long (the table still
+    /// announces [`MEMORY`] bytes: a shorter file is a broken frontend); errors of the
+    /// messages after feature negotiation are returned.
+    pub fn try_connect(socket: &Path, refuse: u64, file_len: u64) -> Result<TestGuest, String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut frontend = loop {
             match Frontend::connect(socket, 2) {
@@ -133,7 +141,7 @@ impl TestGuest {
         )
         .unwrap();
         let file = File::from(fd);
-        file.set_len(MEMORY as u64).unwrap();
+        file.set_len(file_len).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
             MEMORY,
@@ -149,7 +157,7 @@ impl TestGuest {
                 mmap_offset: 0,
                 mmap_handle: file.as_raw_fd(),
             }])
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         let queues = vec![DriverQueue::new(0), DriverQueue::new(0x8000)];
         let mut kicks = Vec::new();
         let mut calls = Vec::new();
@@ -158,7 +166,9 @@ impl TestGuest {
                 EventFd::new(EFD_NONBLOCK).unwrap(),
                 EventFd::new(EFD_NONBLOCK).unwrap(),
             );
-            frontend.set_vring_num(i, QUEUE).unwrap();
+            frontend
+                .set_vring_num(i, QUEUE)
+                .map_err(|e| e.to_string())?;
             frontend
                 .set_vring_addr(
                     i,
@@ -172,15 +182,21 @@ impl TestGuest {
                         log_addr: None,
                     },
                 )
-                .unwrap();
-            frontend.set_vring_base(i, 0).unwrap();
-            frontend.set_vring_call(i, &call).unwrap();
-            frontend.set_vring_kick(i, &kick).unwrap();
-            frontend.set_vring_enable(i, true).unwrap();
+                .map_err(|e| e.to_string())?;
+            frontend.set_vring_base(i, 0).map_err(|e| e.to_string())?;
+            frontend
+                .set_vring_call(i, &call)
+                .map_err(|e| e.to_string())?;
+            frontend
+                .set_vring_kick(i, &kick)
+                .map_err(|e| e.to_string())?;
+            frontend
+                .set_vring_enable(i, true)
+                .map_err(|e| e.to_string())?;
             kicks.push(kick);
             calls.push(call);
         }
-        TestGuest {
+        Ok(TestGuest {
             frontend,
             mem,
             _file: file,
@@ -189,7 +205,7 @@ impl TestGuest {
             queues,
             next_buffer: BUFFERS,
             features,
-        }
+        })
     }
 
     /// Where the next buffer [`Self::send`] or [`Self::post_rx`] allocates starts.

@@ -25,7 +25,9 @@ use std::{
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
 const SET_FEATURES: u32 = 2;
+const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
+const ADD_MEM_REG: u32 = 37;
 const SET_VRING_ENABLE: u32 = 18;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -153,29 +155,67 @@ fn write_message(stream: &UnixStream, msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
-/// Checks that the log a `SET_LOG_BASE` shares lies inside its file: vhost-user-backend maps
-/// `mmap_size` bytes at `mmap_offset` without looking at the file's length, and touching a
-/// mapped page past the end of a file raises SIGBUS, which would kill the daemon and every
-/// guest with it. Malformed messages pass: the library refuses them itself.
-fn log_fits(msg: &Message) -> io::Result<()> {
-    let (Some(fd), Some(size), Some(offset)) = (
-        msg.fds.first(),
-        msg.payload.get(0..8),
-        msg.payload.get(8..16),
-    ) else {
-        return Ok(());
+/// Checks that what a message asks the library to map lies inside its files: the guest
+/// memory regions of `SET_MEM_TABLE` and `ADD_MEM_REG`, the dirty log of `SET_LOG_BASE`.
+/// vm-memory 0.18 and vhost-user-backend 0.24 map `size` bytes at `offset` without looking at
+/// the file's length, and touching a mapped page past the end of a file raises SIGBUS, which
+/// would end the daemon and every guest with it. Only regular files (memfd, tmpfs, hugetlbfs)
+/// have a length to check; malformed messages pass, for the library to refuse.
+fn mappings_fit(msg: &Message) -> io::Result<()> {
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            msg.payload.get(at..at + 8)?.try_into().ok()?,
+        ))
     };
-    let size = u64::from_le_bytes(size.try_into().unwrap_or_default());
-    let offset = u64::from_le_bytes(offset.try_into().unwrap_or_default());
-    let len = nix::sys::stat::fstat(fd).map_err(io::Error::from)?.st_size;
-    let end = offset.checked_add(size);
-    match end {
-        Some(end) if end <= u64::try_from(len).unwrap_or(0) => Ok(()),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("log of {size} bytes at offset {offset} in a file of {len} bytes"),
-        )),
+    // (fd index, offset in file, size) of each mapping.
+    let mut maps: Vec<(usize, u64, u64)> = Vec::new();
+    match msg.request() {
+        SET_MEM_TABLE => {
+            let count = msg.payload.get(0..4).map_or(0, |n| {
+                u32::from_le_bytes(n.try_into().unwrap_or_default()) as usize
+            });
+            for i in 0..count.min(msg.fds.len()) {
+                // Region i: guest_phys_addr, memory_size, userspace_addr, mmap_offset.
+                let at = 8 + 32 * i;
+                if let (Some(size), Some(offset)) = (u64_at(at + 8), u64_at(at + 24)) {
+                    maps.push((i, offset, size));
+                }
+            }
+        }
+        ADD_MEM_REG => {
+            // A u64 of padding, then one region.
+            if let (Some(size), Some(offset)) = (u64_at(16), u64_at(32)) {
+                maps.push((0, offset, size));
+            }
+        }
+        SET_LOG_BASE => {
+            // VhostUserLog: mmap_size, mmap_offset.
+            if let (Some(size), Some(offset)) = (u64_at(0), u64_at(8)) {
+                maps.push((0, offset, size));
+            }
+        }
+        _ => {}
     }
+    for (index, offset, size) in maps {
+        let Some(fd) = msg.fds.get(index) else {
+            continue;
+        };
+        let stat = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            continue;
+        }
+        let len = u64::try_from(stat.st_size).unwrap_or(0);
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "request {}: {size} bytes at offset {offset} of a file of {len} bytes",
+                    msg.request()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Proxies one frontend connection to the library's listener at `inner` until either side
@@ -234,10 +274,8 @@ pub fn proxy(frontend: UnixStream, inner: &SocketAddr) -> io::Result<JoinHandle<
                     held.push(msg);
                     continue;
                 }
-                if msg.request() == SET_LOG_BASE
-                    && let Err(e) = log_fits(&msg)
-                {
-                    tracing::warn!(error = %e, "SET_LOG_BASE refused: the frontend's dirty log is shorter than it says; connection dropped");
+                if let Err(e) = mappings_fit(&msg) {
+                    tracing::warn!(error = %e, "vhost-user message refused: it maps past the end of a file (the access would raise SIGBUS); connection dropped");
                     break;
                 }
                 if write_message(&backend, &msg).is_err() {
