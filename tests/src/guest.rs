@@ -225,6 +225,9 @@ impl TestGuest {
         let log = self.share_log(size, size).expect("SET_LOG_BASE");
         self.features |= LOG_ALL;
         self.frontend.set_features(self.features).unwrap();
+        // SET_FEATURES has no reply; as QEMU does when it turns logging on, a request that
+        // has one makes sure the backend has taken it.
+        self.frontend.get_features().unwrap();
         log
     }
 

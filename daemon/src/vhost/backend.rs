@@ -152,6 +152,11 @@ impl NetBackend {
         self.event_idx.load(Relaxed)
     }
 
+    /// The dirty-page log marks go to (installed by the control-socket shim).
+    pub fn dirty(&self) -> Arc<DirtyPages> {
+        Arc::clone(&self.dirty)
+    }
+
     /// The switch port.
     pub fn port(&self) -> &Arc<Port> {
         &self.port
@@ -228,6 +233,9 @@ impl NetBackend {
                 break;
             }
         }
+        if sent_any {
+            self.dirty.mark_used_ring(state.get_queue());
+        }
         if sent_any && state.needs_notification().unwrap_or(true) {
             state.signal_used_queue()?;
         }
@@ -260,7 +268,7 @@ impl NetBackend {
         loop {
             let mut out_of_buffers = false;
             port.mailbox().drain(|frame| {
-                match queue::write_rx(state.get_queue_mut(), mem, frame, mrg) {
+                match queue::write_rx(state.get_queue_mut(), mem, frame, mrg, Some(&self.dirty)) {
                     Ok(RxWrite::Written(_)) => {
                         GuestCounters::add(&counters.rx_packets, 1);
                         GuestCounters::add(&counters.rx_bytes, frame.len() as u64);
@@ -297,6 +305,9 @@ impl NetBackend {
                 continue;
             }
             break;
+        }
+        if used_any {
+            self.dirty.mark_used_ring(state.get_queue());
         }
         if used_any && state.needs_notification().unwrap_or(true) {
             state.signal_used_queue()?;
@@ -346,6 +357,9 @@ impl NetBackend {
             pass.malformed += again.malformed;
             pass.broken |= again.broken;
         }
+        if pass.used {
+            self.dirty.mark_used_ring(state.get_queue());
+        }
         if pass.used && state.needs_notification().unwrap_or(true) {
             state.signal_used_queue()?;
         }
@@ -383,6 +397,7 @@ impl NetBackend {
                     port.mailbox(),
                     port.counters(),
                 );
+                self.dirty.mark_used_ring(state.get_queue());
                 let _ = state.signal_used_queue();
             }
             _ => dma.drain(None, port.mailbox(), port.counters()),
@@ -406,7 +421,7 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+    type Bitmap = ();
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -445,6 +460,7 @@ impl VhostUserBackend for NetBackend {
         self.clear_broken();
         self.acked_features.store(0, Relaxed);
         self.dirty.set_logging(false);
+        self.dirty.set_log(None);
         self.event_idx.store(false, Relaxed);
     }
 
@@ -466,7 +482,6 @@ impl VhostUserBackend for NetBackend {
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
         // No copy may still be writing into the memory about to be replaced.
         self.drain_rx(true);
-        self.dirty.set_memory(Some(mem.clone()));
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }

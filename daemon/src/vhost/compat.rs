@@ -7,14 +7,16 @@
 //! `VHOST_USER_F_PROTOCOL_FEATURES`, and drop the connection. The shim sits between the
 //! frontend and the library: it holds such early `SET_VRING_ENABLE` messages (answering
 //! `NEED_REPLY` itself, with success) and hands them to the library right after
-//! `SET_FEATURES`. Every other message, with the file descriptors it carries, passes through
+//! `SET_FEATURES`. It also refuses (by hanging up) a message that would map past the end of
+//! its file, and keeps `SET_LOG_BASE` for xvio's own dirty log (answering it itself; see
+//! `dirty`). Every other message, with the file descriptors it carries, passes through
 //! unchanged in both directions. Only the control channel goes through it: guest memory,
 //! kicks and calls are shared with the library directly through those descriptors.
 
 use std::{
     io::{self, IoSlice, IoSliceMut, Read},
     os::{
-        fd::{AsRawFd, OwnedFd, RawFd},
+        fd::{AsFd, AsRawFd, OwnedFd, RawFd},
         linux::net::SocketAddrExt,
         unix::net::{SocketAddr, UnixListener, UnixStream},
     },
@@ -23,6 +25,8 @@ use std::{
 };
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+use super::dirty::{DirtyPages, LogMap};
 
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
@@ -155,10 +159,10 @@ fn write_message(stream: &UnixStream, msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
-/// Checks that what a message asks the library to map lies inside its files: the guest
+/// Checks that what a message asks to have mapped lies inside its files: the guest
 /// memory regions of `SET_MEM_TABLE` and `ADD_MEM_REG`, the dirty log of `SET_LOG_BASE`.
-/// vm-memory 0.18 and vhost-user-backend 0.24 map `size` bytes at `offset` without looking at
-/// the file's length, and touching a mapped page past the end of a file raises SIGBUS, which
+/// vm-memory 0.18 and vhost-user-backend 0.24 (and [`LogMap`], for the log) map `size` bytes
+/// at `offset` without looking at the file's length, and touching a mapped page past the end of a file raises SIGBUS, which
 /// would end the daemon and every guest with it. Only regular files (memfd, tmpfs, hugetlbfs)
 /// have a length to check; malformed messages pass, for the library to refuse.
 fn mappings_fit(msg: &Message) -> io::Result<()> {
@@ -218,9 +222,43 @@ fn mappings_fit(msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
+/// Maps the dirty log a `SET_LOG_BASE` shares (already checked by [`mappings_fit`]) into
+/// `dirty`.
+fn install_log(msg: &Message, dirty: &DirtyPages) -> io::Result<()> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+    let fd = msg
+        .fds
+        .first()
+        .ok_or_else(|| invalid("no log descriptor"))?;
+    let field = |at: usize| -> io::Result<u64> {
+        let bytes = msg
+            .payload
+            .get(at..at + 8)
+            .ok_or_else(|| invalid("short SET_LOG_BASE"))?;
+        Ok(u64::from_le_bytes(bytes.try_into().unwrap_or_default()))
+    };
+    let (size, offset) = (field(0)?, field(8)?);
+    let log = LogMap::map(fd.as_fd(), offset, size)?;
+    dirty.set_log(Some(log));
+    Ok(())
+}
+
+/// The header of a reply to `request` with `size` bytes of payload.
+fn reply_header(request: u32, size: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&request.to_le_bytes());
+    h[4..8].copy_from_slice(&(VERSION | FLAG_REPLY).to_le_bytes());
+    h[8..12].copy_from_slice(&size.to_le_bytes());
+    h
+}
+
 /// Proxies one frontend connection to the library's listener at `inner` until either side
 /// closes. Returns the thread carrying frontend messages (the other direction has its own).
-pub fn proxy(frontend: UnixStream, inner: &SocketAddr) -> io::Result<JoinHandle<()>> {
+pub fn proxy(
+    frontend: UnixStream,
+    inner: &SocketAddr,
+    dirty: Arc<DirtyPages>,
+) -> io::Result<JoinHandle<()>> {
     let backend = UnixStream::connect_addr(inner)?;
     let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
     // Backend to frontend: replies pass through as they are.
@@ -254,14 +292,11 @@ pub fn proxy(frontend: UnixStream, inner: &SocketAddr) -> io::Result<JoinHandle<
             while let Ok(Some(mut msg)) = read_message(&mut from) {
                 if msg.request() == SET_VRING_ENABLE && !features_seen {
                     if msg.flags() & FLAG_NEED_REPLY != 0 {
-                        let mut ack = Message {
-                            header: [0; HEADER],
+                        let ack = Message {
+                            header: reply_header(SET_VRING_ENABLE, 8),
                             payload: 0u64.to_le_bytes().to_vec(),
                             fds: Vec::new(),
                         };
-                        ack.header[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-                        ack.header[4..8].copy_from_slice(&(VERSION | FLAG_REPLY).to_le_bytes());
-                        ack.header[8..12].copy_from_slice(&8u32.to_le_bytes());
                         if frontend_writer
                             .lock()
                             .map(|s| write_message(&s, &ack))
@@ -277,6 +312,30 @@ pub fn proxy(frontend: UnixStream, inner: &SocketAddr) -> io::Result<JoinHandle<
                 if let Err(e) = mappings_fit(&msg) {
                     tracing::warn!(error = %e, "vhost-user message refused: it maps past the end of a file (the access would raise SIGBUS); connection dropped");
                     break;
+                }
+                if msg.request() == SET_LOG_BASE {
+                    // The log is xvio's to map (see `dirty`); the library never sees it.
+                    let reply = install_log(&msg, &dirty).map(|()| Message {
+                        header: reply_header(SET_LOG_BASE, 16),
+                        payload: msg.payload[..16].to_vec(),
+                        fds: Vec::new(),
+                    });
+                    match reply {
+                        Ok(reply) => {
+                            let sent = frontend_writer
+                                .lock()
+                                .map(|s| write_message(&s, &reply).is_ok())
+                                .unwrap_or(false);
+                            if !sent {
+                                break;
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SET_LOG_BASE refused; connection dropped");
+                            break;
+                        }
+                    }
                 }
                 if write_message(&backend, &msg).is_err() {
                     break;

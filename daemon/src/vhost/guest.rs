@@ -319,7 +319,7 @@ fn serve(
         }
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
-        let started = compat::proxy(frontend, &inner_addr)
+        let started = compat::proxy(frontend, &inner_addr, backend.dirty())
             .and_then(|_| inner.try_clone())
             .map_err(|e| e.to_string())
             .and_then(|listener| {

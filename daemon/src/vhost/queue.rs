@@ -18,7 +18,10 @@ use std::ops::Deref;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory};
 
-use super::net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME};
+use super::{
+    dirty::DirtyPages,
+    net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME},
+};
 
 /// Room for the largest chain the backend reads: a header and the largest frame.
 pub const TX_BUF: usize = HDR_LEN + MAX_FRAME;
@@ -146,6 +149,7 @@ pub fn place_rx<M>(
     mem: M,
     frame_len: usize,
     mrg_rxbuf: bool,
+    dirty: Option<&DirtyPages>,
     mut place: impl FnMut(vm_memory::GuestAddress, usize, usize) -> bool,
 ) -> Result<RxPlaced, Broken>
 where
@@ -241,6 +245,9 @@ where
         if mem.write_slice(&header[hoff..hoff + n], addr).is_err() {
             return Ok(give_up(queue, &*mem, chains.heads(), RxPlaced::Malformed));
         }
+        if let Some(d) = dirty {
+            d.mark(addr.0, n);
+        }
     }
     Ok(RxPlaced::Placed(chains))
 }
@@ -266,6 +273,7 @@ pub fn write_rx<M>(
     mem: M,
     frame: &[u8],
     mrg_rxbuf: bool,
+    dirty: Option<&DirtyPages>,
 ) -> Result<RxWrite, Broken>
 where
     M: Deref + Clone,
@@ -277,7 +285,14 @@ where
         mem.clone(),
         frame.len(),
         mrg_rxbuf,
-        |addr, off, n| target.write_slice(&frame[off..off + n], addr).is_ok(),
+        dirty,
+        |addr, off, n| {
+            let ok = target.write_slice(&frame[off..off + n], addr).is_ok();
+            if ok && let Some(d) = dirty {
+                d.mark(addr.0, n);
+            }
+            ok
+        },
     )?;
     Ok(match placed {
         RxPlaced::Placed(chains) => {

@@ -127,7 +127,10 @@ fn rx_writes_header_and_frame_into_one_chain() {
         .unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
     let f = frame(1000);
-    assert_eq!(write_rx(&mut q, &mem, &f, false), Ok(RxWrite::Written(1)));
+    assert_eq!(
+        write_rx(&mut q, &mem, &f, false, None),
+        Ok(RxWrite::Written(1))
+    );
     let mut got = vec![0u8; HDR_LEN + 1000];
     mem.read_slice(&mut got, GuestAddress(0x1_0000)).unwrap();
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
@@ -143,7 +146,7 @@ fn rx_without_mrg_drops_a_frame_too_big_for_the_chain() {
         .unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
     assert_eq!(
-        write_rx(&mut q, &mem, &frame(1000), false),
+        write_rx(&mut q, &mem, &frame(1000), false, None),
         Ok(RxWrite::TooSmall)
     );
     assert_eq!(used(&vq, 0), (0, 0));
@@ -166,14 +169,17 @@ fn rx_with_mrg_spreads_a_frame_and_waits_for_buffers() {
     let mut q: Queue = vq.create_queue().unwrap();
     let f = frame(1200);
     assert_eq!(
-        write_rx(&mut q, &mem, &f, true),
+        write_rx(&mut q, &mem, &f, true, None),
         Ok(RxWrite::NoBuffers),
         "1212 bytes need three"
     );
     assert_eq!(vq.used().idx().load(), 0, "nothing used");
     vq.add_desc_chains(&[desc(0x3_0000, 512, WRITE, 0)], 3)
         .unwrap();
-    assert_eq!(write_rx(&mut q, &mem, &f, true), Ok(RxWrite::Written(3)));
+    assert_eq!(
+        write_rx(&mut q, &mem, &f, true, None),
+        Ok(RxWrite::Written(3))
+    );
     let mut hdr = [0u8; HDR_LEN];
     mem.read_slice(&mut hdr[..4], GuestAddress(0x1_0000))
         .unwrap();
@@ -206,7 +212,7 @@ fn rx_chains_outside_memory_are_completed_empty() {
         .unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
     assert_eq!(
-        write_rx(&mut q, &mem, &frame(100), true),
+        write_rx(&mut q, &mem, &frame(100), true, None),
         Ok(RxWrite::Malformed)
     );
     assert_eq!(used(&vq, 0), (0, 0));
@@ -215,7 +221,7 @@ fn rx_chains_outside_memory_are_completed_empty() {
         .unwrap();
     let mut q2: Queue = vq2.create_queue().unwrap();
     assert_eq!(
-        write_rx(&mut q2, &mem, &frame(100), true),
+        write_rx(&mut q2, &mem, &frame(100), true, None),
         Ok(RxWrite::Malformed),
         "device-readable RX buffer"
     );

@@ -47,6 +47,7 @@ pub struct RxPass {
 pub struct RxDma {
     engine: CopyEngine<Inflight>,
     segments: Vec<Segment>,
+    dirty: Arc<DirtyPages>,
 }
 
 impl std::fmt::Debug for RxDma {
@@ -60,13 +61,16 @@ impl std::fmt::Debug for RxDma {
 impl RxDma {
     /// An engine on `channel`, reporting the guest pages its copies write to `dirty`.
     pub fn new(channel: BoundChannel, dirty: Arc<DirtyPages>) -> RxDma {
-        let mut engine =
-            CopyEngine::new(MAX_INFLIGHT, Some(dirty as Arc<dyn crate::copy::DirtyLog>));
+        let mut engine = CopyEngine::new(
+            MAX_INFLIGHT,
+            Some(Arc::clone(&dirty) as Arc<dyn crate::copy::DirtyLog>),
+        );
         // A fresh engine has no channel, so binding cannot be refused.
         let _ = engine.bind(channel);
         RxDma {
             engine,
             segments: Vec::with_capacity(2 * queue::MAX_MERGE),
+            dirty,
         }
     }
 
@@ -99,20 +103,23 @@ impl RxDma {
             let Some(frame) = mailbox.take() else { break };
             let segments = &mut self.segments;
             segments.clear();
-            let placed = queue::place_rx(rxq, mem, frame.len(), mrg_rxbuf, |addr, off, n| {
-                let mut done = 0usize;
-                for slice in GuestMemoryBackend::get_slices(mem, addr, n) {
-                    let Ok(slice) = slice else { return false };
-                    let len = slice.len();
-                    // `off + done + len <= frame.len()`: place_rx hands out pieces of the frame.
-                    let src = frame[off + done..off + done + len].as_ptr();
-                    let dst = slice.ptr_guard_mut().as_ptr();
-                    segments
-                        .push(Segment::new(src, dst, len as u32).into_guest(addr.0 + done as u64));
-                    done += len;
-                }
-                done == n
-            });
+            let dirty = Some(&*self.dirty);
+            let placed =
+                queue::place_rx(rxq, mem, frame.len(), mrg_rxbuf, dirty, |addr, off, n| {
+                    let mut done = 0usize;
+                    for slice in GuestMemoryBackend::get_slices(mem, addr, n) {
+                        let Ok(slice) = slice else { return false };
+                        let len = slice.len();
+                        // `off + done + len <= frame.len()`: place_rx hands out pieces of the frame.
+                        let src = frame[off + done..off + done + len].as_ptr();
+                        let dst = slice.ptr_guard_mut().as_ptr();
+                        segments.push(
+                            Segment::new(src, dst, len as u32).into_guest(addr.0 + done as u64),
+                        );
+                        done += len;
+                    }
+                    done == n
+                });
             match placed {
                 Ok(RxPlaced::Placed(chains)) => {
                     let segments = std::mem::take(&mut self.segments);
