@@ -2,9 +2,9 @@
 //! worker thread per queue pair; the guest's mailbox wakes the worker of pair 0, which
 //! writes frames from other guests into RX queue 0.
 //!
-//! The backend is shared by its workers (`VhostUserBackend`, `&self`), so queue pairs run in
-//! parallel: each worker's TX buffer is its own, the rest is atomics or locks the control
-//! path takes (memory table, resets, the RX copy engine of pair 0).
+//! vhost-user-backend hands a `VhostUserBackendMut` to its workers behind one lock, so a
+//! guest's queue pairs take turns (a version implementing the shared `VhostUserBackend` was
+//! tried and reverted: a QEMU guest once lost its RX path under load with it, not understood).
 //!
 //! Event ids on a worker's epoll: `0` and `1` are the kicks of its pair's RX and TX vrings
 //! (vhost-user-backend numbers a kick by the vring's place among the worker's vrings, not by
@@ -14,15 +14,12 @@
 
 use std::{
     io,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::{
@@ -60,18 +57,17 @@ pub struct NetBackend {
     port: Arc<Port>,
     switch: Arc<Switch>,
     queue_pairs: u16,
-    acked_features: AtomicU64,
-    event_idx: AtomicBool,
-    mem: RwLock<Option<Memory>>,
-    exits: Mutex<Vec<(EventConsumer, EventNotifier)>>,
-    /// One TX buffer per queue pair, used only by that pair's worker.
-    tx_buf: Vec<Mutex<Box<[u8; TX_BUF]>>>,
-    broken: Vec<AtomicBool>,
-    last_log: Mutex<Option<Instant>>,
+    acked_features: u64,
+    event_idx: bool,
+    mem: Option<Memory>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    tx_buf: Vec<Box<[u8; TX_BUF]>>,
+    broken: Vec<bool>,
+    last_log: Option<Instant>,
     /// RX copies through a DMA channel, when one is bound (else the CPU copies).
     rx_dma: Option<Mutex<RxDma>>,
     /// RX queue 0, kept to complete in-flight copies when memory changes.
-    rx_vring: Mutex<Option<Vring>>,
+    rx_vring: Option<Vring>,
     /// Marks the pages DMA copies write while the frontend logs dirty pages.
     dirty: Arc<DirtyPages>,
 }
@@ -95,25 +91,23 @@ impl NetBackend {
         rx_channel: Option<crate::copy::BoundChannel>,
     ) -> io::Result<NetBackend> {
         let dirty = Arc::new(DirtyPages::default());
-        let backend = NetBackend {
+        let mut backend = NetBackend {
             rx_dma: rx_channel.map(|c| Mutex::new(RxDma::new(c, Arc::clone(&dirty)))),
             dirty,
-            rx_vring: Mutex::new(None),
+            rx_vring: None,
             name: name.to_owned(),
             port,
             switch,
             queue_pairs: queue_pairs.max(1),
-            acked_features: AtomicU64::new(0),
-            event_idx: AtomicBool::new(false),
-            mem: RwLock::new(None),
-            exits: Mutex::new(Vec::new()),
+            acked_features: 0,
+            event_idx: false,
+            mem: None,
+            exits: Vec::new(),
             tx_buf: (0..queue_pairs.max(1))
-                .map(|_| Mutex::new(Box::new([0u8; TX_BUF])))
+                .map(|_| Box::new([0u8; TX_BUF]))
                 .collect(),
-            broken: (0..2 * usize::from(queue_pairs.max(1)))
-                .map(|_| AtomicBool::new(false))
-                .collect(),
-            last_log: Mutex::new(None),
+            broken: vec![false; 2 * usize::from(queue_pairs.max(1))],
+            last_log: None,
         };
         backend.new_connection()?;
         Ok(backend)
@@ -121,35 +115,19 @@ impl NetBackend {
 
     /// Fresh exit events for the worker threads of the next connection (the last
     /// connection's were used up telling its workers to stop).
-    pub fn new_connection(&self) -> io::Result<()> {
-        let exits = (0..self.queue_pairs)
+    pub fn new_connection(&mut self) -> io::Result<()> {
+        self.exits = (0..self.queue_pairs)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<_>>()?;
-        *self.exits.lock().unwrap_or_else(|e| e.into_inner()) = exits;
-        self.clear_broken();
+        self.broken.fill(false);
         Ok(())
-    }
-
-    fn clear_broken(&self) {
-        for b in &self.broken {
-            b.store(false, Relaxed);
-        }
     }
 
     /// Stops the worker threads of the current connection.
     pub fn stop_workers(&self) {
-        for (_, notifier) in self.exits.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (_, notifier) in &self.exits {
             let _ = notifier.notify();
         }
-    }
-
-    /// The guest memory, once the frontend has sent its table.
-    fn memory(&self) -> Option<Memory> {
-        self.mem.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn event_idx(&self) -> bool {
-        self.event_idx.load(Relaxed)
     }
 
     /// The dirty-page log marks go to (installed by the control-socket shim).
@@ -166,17 +144,17 @@ impl NetBackend {
         self.port.counters()
     }
 
-    fn malformed(&self, what: &str, queue: usize) {
+    fn malformed(&mut self, what: &str, queue: usize) {
         GuestCounters::add(&self.counters().malformed_chains, 1);
-        let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-            *last = Some(Instant::now());
+        if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.last_log = Some(Instant::now());
             tracing::warn!(guest = %self.name, queue, "{what}; completed with length 0 (further ones counted, logged at most every 5 s)");
         }
     }
 
-    fn broken_queue(&self, queue: usize) {
-        if !self.broken[queue].swap(true, Relaxed) {
+    fn broken_queue(&mut self, queue: usize) {
+        if !self.broken[queue] {
+            self.broken[queue] = true;
             GuestCounters::add(&self.counters().broken_queues, 1);
             tracing::warn!(guest = %self.name, queue, "the guest's avail index is inconsistent: queue stopped until the device is reset");
         }
@@ -184,20 +162,19 @@ impl NetBackend {
 
     /// Sends every frame the guest queued on TX queue `index`.
     fn process_tx(
-        &self,
+        &mut self,
         vring: &Vring,
         index: usize,
         pair: usize,
         mem: &GuestMem,
     ) -> io::Result<()> {
-        if self.broken[index].load(Relaxed) {
+        if self.broken[index] {
             return Ok(());
         }
-        let mut tx_buf = self.tx_buf[pair].lock().unwrap_or_else(|e| e.into_inner());
         let mut state = vring.get_mut();
         let mut sent_any = false;
         loop {
-            if self.event_idx() {
+            if self.event_idx {
                 let _ = state.disable_notification();
             }
             loop {
@@ -211,7 +188,7 @@ impl NetBackend {
                     }
                 };
                 let head = chain.head_index();
-                let outcome = queue::read_tx(chain, mem, &mut tx_buf);
+                let outcome = queue::read_tx(chain, mem, &mut self.tx_buf[pair]);
                 if state.add_used(head, 0).is_err() {
                     drop(state);
                     self.broken_queue(index);
@@ -220,7 +197,7 @@ impl NetBackend {
                 sent_any = true;
                 match outcome {
                     TxChain::Frame(len) => {
-                        let frame = &tx_buf[net::HDR_LEN..net::HDR_LEN + len];
+                        let frame = &self.tx_buf[pair][net::HDR_LEN..net::HDR_LEN + len];
                         GuestCounters::add(&self.port.counters().tx_packets, 1);
                         GuestCounters::add(&self.port.counters().tx_bytes, len as u64);
                         self.switch.forward(&self.port, frame);
@@ -229,7 +206,7 @@ impl NetBackend {
                     TxChain::Malformed => self.malformed("malformed TX descriptor chain", index),
                 }
             }
-            if !self.event_idx() || !state.enable_notification().unwrap_or(false) {
+            if !self.event_idx || !state.enable_notification().unwrap_or(false) {
                 break;
             }
         }
@@ -245,20 +222,17 @@ impl NetBackend {
     }
 
     /// Writes the mailbox's frames into RX queue 0 while the guest has buffers.
-    fn process_rx(&self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
-        if self.broken[0].load(Relaxed) {
+    fn process_rx(&mut self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
+        if self.broken[0] {
             return Ok(());
         }
-        {
-            let mut rx_vring = self.rx_vring.lock().unwrap_or_else(|e| e.into_inner());
-            if rx_vring.is_none() {
-                *rx_vring = Some(vring.clone());
-            }
+        if self.rx_vring.is_none() {
+            self.rx_vring = Some(vring.clone());
         }
         if self.rx_dma.is_some() {
             return self.process_rx_dma(vring, mem);
         }
-        let mrg = net::mrg_rxbuf(self.acked_features.load(Relaxed));
+        let mrg = net::mrg_rxbuf(self.acked_features);
         let port = Arc::clone(&self.port);
         let counters = port.counters();
         let mut state = vring.get_mut();
@@ -298,7 +272,7 @@ impl NetBackend {
             // Out of buffers: ask the guest to kick when it adds some, and look once more in
             // case it did in between.
             if out_of_buffers
-                && self.event_idx()
+                && self.event_idx
                 && state.enable_notification().unwrap_or(false)
                 && !broken
             {
@@ -325,8 +299,8 @@ impl NetBackend {
 
 impl NetBackend {
     /// As `process_rx`, the copies going to the DMA channel.
-    fn process_rx_dma(&self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
-        let mrg = net::mrg_rxbuf(self.acked_features.load(Relaxed));
+    fn process_rx_dma(&mut self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
+        let mrg = net::mrg_rxbuf(self.acked_features);
         let port = Arc::clone(&self.port);
         let Some(dma) = self.rx_dma.as_ref() else {
             return Ok(());
@@ -342,7 +316,7 @@ impl NetBackend {
         );
         // Out of buffers: ask the guest to kick when it adds some, and look once more.
         if pass.out_of_buffers
-            && self.event_idx()
+            && self.event_idx
             && !pass.broken
             && state.enable_notification().unwrap_or(false)
         {
@@ -377,19 +351,14 @@ impl NetBackend {
     /// Completes every RX copy in flight: into the queue when it is still valid
     /// (`complete`), else dropping the frames. Runs before memory changes, queue stops,
     /// resets and disconnects.
-    fn drain_rx(&self, complete: bool) {
+    fn drain_rx(&mut self, complete: bool) {
         let port = Arc::clone(&self.port);
         let Some(dma) = self.rx_dma.as_ref() else {
             return;
         };
         let mut dma = dma.lock().unwrap_or_else(|e| e.into_inner());
-        let mem = self.memory().map(|m| m.memory());
-        let rx_vring = self
-            .rx_vring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match (complete, rx_vring.as_ref(), mem.as_ref()) {
+        let mem = self.mem.as_ref().map(|m| m.memory());
+        match (complete, self.rx_vring.as_ref(), mem.as_ref()) {
             (true, Some(vring), Some(mem)) => {
                 let mut state = vring.get_mut();
                 dma.drain(
@@ -420,7 +389,7 @@ impl NetBackend {
     }
 }
 
-impl VhostUserBackend for NetBackend {
+impl VhostUserBackendMut for NetBackend {
     type Bitmap = ();
     type Vring = Vring;
 
@@ -438,11 +407,11 @@ impl VhostUserBackend for NetBackend {
             | vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
-    fn acked_features(&self, features: u64) {
+    fn acked_features(&mut self, features: u64) {
         if !has_version_1(features) {
             tracing::warn!(guest = %self.name, "the frontend did not accept VIRTIO_F_VERSION_1; legacy virtio-net headers are not supported");
         }
-        self.acked_features.store(features, Relaxed);
+        self.acked_features = features;
         self.dirty.set_logging(dirty::log_all(features));
     }
 
@@ -453,19 +422,19 @@ impl VhostUserBackend for NetBackend {
             | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
-    fn reset_device(&self) {
+    fn reset_device(&mut self) {
         self.drain_rx(false);
-        *self.rx_vring.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.rx_vring = None;
         self.port.mailbox().clear();
-        self.clear_broken();
-        self.acked_features.store(0, Relaxed);
+        self.broken.fill(false);
+        self.acked_features = 0;
         self.dirty.set_logging(false);
         self.dirty.set_log(None);
-        self.event_idx.store(false, Relaxed);
+        self.event_idx = false;
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Relaxed);
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -479,14 +448,14 @@ impl VhostUserBackend for NetBackend {
         out
     }
 
-    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+    fn update_memory(&mut self, mem: Memory) -> io::Result<()> {
         // No copy may still be writing into the memory about to be replaced.
         self.drain_rx(true);
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.mem = Some(mem);
         Ok(())
     }
 
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+    fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
         if queue_index == 0 {
             self.drain_rx(true);
         }
@@ -498,13 +467,12 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let exits = self.exits.lock().unwrap_or_else(|e| e.into_inner());
-        let (consumer, notifier) = exits.get(thread_index)?;
+        let (consumer, notifier) = self.exits.get(thread_index)?;
         Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
     fn handle_event(
-        &self,
+        &mut self,
         device_event: u16,
         evset: EventSet,
         vrings: &[Vring],
@@ -513,7 +481,7 @@ impl VhostUserBackend for NetBackend {
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        let Some(mem) = self.memory().map(|m| m.memory()) else {
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
             return Ok(());
         };
         let num_queues = self.num_queues();

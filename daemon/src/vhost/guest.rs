@@ -14,7 +14,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -24,7 +24,7 @@ use std::{
 use thiserror::Error;
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -78,7 +78,7 @@ pub struct Guest {
     connected: Arc<AtomicBool>,
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
-    backend: Arc<NetBackend>,
+    backend: Arc<RwLock<NetBackend>>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -128,7 +128,7 @@ impl Guest {
             path: path.clone(),
             source,
         })?;
-        let backend = Arc::new(backend);
+        let backend = Arc::new(RwLock::new(backend));
         let listener = match spec.mode {
             SocketMode::Server => Some(listen(&path)?),
             SocketMode::Client => None,
@@ -179,7 +179,10 @@ impl Guest {
 
     /// The RX copy engine's counters.
     pub fn copy_stats(&self) -> crate::copy::CopyStats {
-        self.backend.copy_stats()
+        self.backend
+            .read()
+            .map(|b| b.copy_stats())
+            .unwrap_or_default()
     }
 
     /// Whether a frontend is connected now.
@@ -245,7 +248,7 @@ struct ServeState {
 
 fn serve(
     spec: &GuestSpec,
-    backend: &Arc<NetBackend>,
+    backend: &Arc<RwLock<NetBackend>>,
     outer: Option<UnixListener>,
     state: &ServeState,
 ) {
@@ -284,7 +287,9 @@ fn serve(
         if stop.load(Ordering::Acquire) {
             break;
         }
-        if let Err(e) = backend.new_connection() {
+        if let Ok(mut b) = backend.write()
+            && let Err(e) = b.new_connection()
+        {
             warn!(guest = %name, error = %e, "cannot prepare a connection");
             return;
         }
@@ -296,9 +301,8 @@ fn serve(
                 return;
             }
         };
-        let num_queues = backend.num_queues();
-        if let Some(handler) = daemon.get_epoll_handlers().first() {
-            let b = backend;
+        let num_queues = backend.read().map_or(2, |b| b.num_queues());
+        if let (Some(handler), Ok(b)) = (daemon.get_epoll_handlers().first(), backend.read()) {
             let fd = b.port().mailbox().event().as_raw_fd();
             if let Err(e) =
                 handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))
@@ -319,7 +323,8 @@ fn serve(
         }
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
-        let started = compat::proxy(frontend, &inner_addr, backend.dirty())
+        let dirty = backend.read().unwrap_or_else(|e| e.into_inner()).dirty();
+        let started = compat::proxy(frontend, &inner_addr, dirty)
             .and_then(|_| inner.try_clone())
             .map_err(|e| e.to_string())
             .and_then(|listener| {
@@ -328,7 +333,7 @@ fn serve(
                     .map_err(|e| e.to_string())
             });
         if let Err(e) = started {
-            backend.stop_workers();
+            backend.read().map(|b| b.stop_workers()).ok();
             if let Some(stream) = hangup {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
@@ -349,8 +354,12 @@ fn serve(
         if let Ok(mut slot) = shutdown.lock() {
             *slot = None;
         }
-        backend.stop_workers();
-        backend.reset_device();
+        if let Ok(b) = backend.read() {
+            b.stop_workers();
+        }
+        if let Ok(mut b) = backend.write() {
+            b.reset_device();
+        }
         match result {
             Ok(()) => {
                 info!(guest = %name, "vhost-user frontend disconnected; the socket serves the next one")
