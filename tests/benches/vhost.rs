@@ -225,6 +225,11 @@ impl Drop for Ovs {
         }
         std::thread::sleep(Duration::from_millis(500));
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The netdev bridge's own port is a tap device that outlives ovs-vswitchd.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", "xviobr"])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
