@@ -293,8 +293,10 @@ async fn control_loop(
                 let now_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                // One snapshot per guest per tick, for guest_stats and the totals alike.
+                let guest_stats: Vec<_> = guests.iter().map(crate::vhost::stats::snapshot).collect();
                 if let Some(map) = guest_map.as_deref_mut()
-                    && let Err(e) = map.publish(guests)
+                    && let Err(e) = map.publish(guests, &guest_stats)
                 {
                     warn!(error = %e, "could not write guest_stats");
                 }
@@ -302,7 +304,7 @@ async fn control_loop(
                     uptime_ms,
                     updated_unix_ms: now_ms,
                     ifaces_attached: count,
-                    ..crate::vhost::stats::totals(guests)
+                    ..crate::vhost::stats::totals(&guest_stats)
                 };
                 for iface in ifaces.iter_mut() {
                     let ports: Vec<(u32, xvio_common::PortStats)> =

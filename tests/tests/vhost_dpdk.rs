@@ -68,6 +68,20 @@ fn counters(guest: &Guest) -> String {
     )
 }
 
+/// The receiving guest on `switch`, and the testpmd rxonly that drives it.
+fn rxonly_guest(switch: &Arc<Switch>) -> (Guest, Testpmd) {
+    let rx_guest = Guest::start(&spec(MAC_RX, SocketMode::Server), switch).unwrap();
+    let rx = Testpmd::start(
+        rx_guest.socket(),
+        "rxonly",
+        64,
+        "02:00:00:00:00:0a",
+        "",
+        "1,0",
+    );
+    (rx_guest, rx)
+}
+
 /// What one txonly -> rxonly run through xvio did.
 struct Run {
     tx_guest: Guest,
@@ -88,15 +102,7 @@ fn txonly_to_rxonly(queue_pairs: u16) -> Run {
         ..spec(MAC_TX, SocketMode::Server)
     };
     let tx_guest = Guest::start(&tx_spec, &switch).unwrap();
-    let rx_guest = Guest::start(&spec(MAC_RX, SocketMode::Server), &switch).unwrap();
-    let rx = Testpmd::start(
-        rx_guest.socket(),
-        "rxonly",
-        64,
-        "02:00:00:00:00:0a",
-        "",
-        "1,0",
-    );
+    let (rx_guest, rx) = rxonly_guest(&switch);
     wait_until(|| rx_guest.is_connected(), "the rxonly testpmd connects");
     std::thread::sleep(Duration::from_secs(1)); // its RX ring filled
     let (queues, rxq, txq) = (
@@ -222,15 +228,7 @@ fn a_client_mode_socket_reconnects_when_the_vmm_restarts() {
         "0,1",
     );
     let tx_guest = Guest::start(&client, &switch).unwrap();
-    let rx_guest = Guest::start(&spec(MAC_RX, SocketMode::Server), &switch).unwrap();
-    let rx = Testpmd::start(
-        rx_guest.socket(),
-        "rxonly",
-        64,
-        "02:00:00:00:00:0a",
-        "",
-        "1,0",
-    );
+    let (rx_guest, rx) = rxonly_guest(&switch);
     wait_until(
         || tx_guest.is_connected(),
         "xvio connects to the testpmd that serves the socket",

@@ -46,6 +46,18 @@ fn start(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
     Guest::start(&spec, switch).expect("start the guest's backend")
 }
 
+/// Guests with `macs` on `switch`, each with a test driver connected (EVENT_IDX refused).
+fn connected<const N: usize>(
+    switch: &Arc<Switch>,
+    macs: [[u8; 6]; N],
+) -> ([Guest; N], [TestGuest; N]) {
+    let guests = macs.map(|mac| start(switch, mac));
+    let drivers = guests
+        .each_ref()
+        .map(|g| TestGuest::connect(g.socket(), REFUSE));
+    (guests, drivers)
+}
+
 /// A guest whose RX copies all go to a software DMA channel (threshold 0).
 fn start_with_sw_dma(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
     let pool = std::sync::Mutex::new(
@@ -98,14 +110,7 @@ fn negotiation_offers_the_features_and_the_config_space_has_the_mac() {
 #[test]
 fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
     let switch = Switch::new();
-    let (a, b, c) = (
-        start(&switch, MAC_A),
-        start(&switch, MAC_B),
-        start(&switch, MAC_C),
-    );
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
-    let mut gc = TestGuest::connect(c.socket(), REFUSE);
+    let ([a, b, _c], [mut ga, mut gb, mut gc]) = connected(&switch, [MAC_A, MAC_B, MAC_C]);
     gb.post_rx(32, 2048);
     gc.post_rx(32, 2048);
     ga.post_rx(32, 2048);
@@ -169,9 +174,7 @@ fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
 #[test]
 fn frames_wait_for_rx_buffers_and_spread_over_merged_buffers() {
     let switch = Switch::new();
-    let (a, b) = (start(&switch, MAC_A), start(&switch, MAC_B));
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let ([_a, b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     let big = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 1514, 7);
     ga.send(&big);
     std::thread::sleep(Duration::from_millis(100));
@@ -194,9 +197,7 @@ fn frames_wait_for_rx_buffers_and_spread_over_merged_buffers() {
 #[test]
 fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
     let switch = Switch::new();
-    let (a, b) = (start(&switch, MAC_A), start(&switch, MAC_B));
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let ([a, _b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     gb.post_rx(8, 2048);
     // Outside guest memory; a loop; a device-writable TX descriptor; too short; too long.
     ga.add_raw_chain(1, &[(0xdead_0000_0000, 100, false)], None);
@@ -247,14 +248,7 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
 #[test]
 fn an_avail_index_jump_stops_only_that_queue_until_reset() {
     let switch = Switch::new();
-    let (a, b, c) = (
-        start(&switch, MAC_A),
-        start(&switch, MAC_B),
-        start(&switch, MAC_C),
-    );
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
-    let mut gc = TestGuest::connect(c.socket(), REFUSE);
+    let ([a, _b, _c], [mut ga, mut gb, mut gc]) = connected(&switch, [MAC_A, MAC_B, MAC_C]);
     gb.post_rx(4, 2048);
     gc.post_rx(4, 2048);
     // A makes one chain available, then claims 200 (queue size 64).
@@ -410,10 +404,7 @@ fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
 #[test]
 fn a_dirty_log_shorter_than_announced_is_refused() {
     let switch = Switch::new();
-    let a = start(&switch, MAC_A);
-    let b = start(&switch, MAC_B);
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let ([_a, b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     gb.post_rx(4, 2048);
     let refused = gb.share_log(0, 4096);
     assert!(

@@ -75,8 +75,12 @@ impl GuestStatsMap {
         Ok(GuestStatsMap { ebpf, dir })
     }
 
-    /// Writes every guest's counters (entry = its id).
-    pub fn publish(&mut self, guests: &[Guest]) -> Result<(), GuestStatsError> {
+    /// Writes every guest's counters (entry = its id): `stats[i]` is `guests[i]`'s snapshot.
+    pub fn publish(
+        &mut self,
+        guests: &[Guest],
+        stats: &[GuestStats],
+    ) -> Result<(), GuestStatsError> {
         let map = self.ebpf.map_mut(maps::GUEST_STATS).ok_or_else(|| {
             GuestStatsError::Map(Box::new(MapError::InvalidName {
                 name: maps::GUEST_STATS.into(),
@@ -84,10 +88,12 @@ impl GuestStatsMap {
         })?;
         let mut array: Array<&mut MapData, GuestStats> =
             Array::try_from(map).map_err(|e| GuestStatsError::Map(Box::new(e)))?;
-        for guest in guests.iter().filter(|g| g.port().id() < GUESTS_MAX) {
-            array
-                .set(guest.port().id(), snapshot(guest), 0)
-                .map_err(|e| GuestStatsError::Map(Box::new(e)))?;
+        for (guest, s) in guests.iter().zip(stats) {
+            if guest.port().id() < GUESTS_MAX {
+                array
+                    .set(guest.port().id(), *s, 0)
+                    .map_err(|e| GuestStatsError::Map(Box::new(e)))?;
+            }
         }
         Ok(())
     }
@@ -131,13 +137,14 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
     }
 }
 
-/// The guests' counters summed into the guest fields of `daemon_stats` (the others zero).
-pub fn totals(guests: &[Guest]) -> xvio_common::DaemonStats {
+/// The guests' counters (their snapshots) summed into the guest fields of `daemon_stats`
+/// (the others zero).
+pub fn totals(stats: &[GuestStats]) -> xvio_common::DaemonStats {
     let mut t = xvio_common::DaemonStats {
-        guests: u32::try_from(guests.len()).unwrap_or(u32::MAX),
+        guests: u32::try_from(stats.len()).unwrap_or(u32::MAX),
         ..Default::default()
     };
-    for g in guests.iter().map(snapshot) {
+    for g in stats {
         t.guests_connected += g.connected;
         t.guest_rx_packets += g.rx_packets;
         t.guest_tx_packets += g.tx_packets;

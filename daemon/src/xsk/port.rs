@@ -107,6 +107,12 @@ impl FrameCounts {
     pub fn balanced(&self) -> bool {
         self.fill + self.pool + self.staged + self.tx_in_flight + self.held == self.total
     }
+
+    /// Whether every frame is back home, in the fill ring or the pool (nothing staged, in
+    /// flight or held): the state after the worker has reaped everything.
+    pub fn all_home(&self) -> bool {
+        self.fill + self.pool == self.total
+    }
 }
 
 /// Errors of opening a port; each names the interface and queue.
