@@ -74,6 +74,7 @@ struct xvio_guest_stats {
 	__u64 copy_fallback_error;   /* … the channel reported the copy failed */
 	__u64 copy_fallback_submit;  /* … the doorbell failed */
 	__u64 copy_inflight;     /* frames whose RX copies are in flight */
+	__u64 rx_dropped_reset;  /* frames for the guest dropped: its RX queue was stopped or reset */
 };
 
 /* How the program is attached (daemon_stats.xdp_mode). */
@@ -98,7 +99,7 @@ struct xvio_daemon_stats {
 	__u32 guests_connected;  /* of them, with a frontend connected */
 	__u64 guest_rx_packets;  /* frames written into guests */
 	__u64 guest_tx_packets;  /* frames guests sent */
-	__u64 guest_dropped;     /* rx_dropped_full + rx_dropped_small + tx_unknown_dst + tx_oversize */
+	__u64 guest_dropped;     /* rx_dropped_full + rx_dropped_small + rx_dropped_reset + tx_unknown_dst + tx_oversize */
 	__u64 guest_malformed_chains;
 	__u64 copy_cpu;          /* guest RX copies the copy engine gave the CPU (guests with a channel) */
 	__u64 copy_dma;          /* guest RX copies done by DMA channels */

@@ -318,6 +318,8 @@ pub struct GuestStats {
     pub copy_fallback_submit: u64,
     /// Frames whose RX copies are in flight.
     pub copy_inflight: u64,
+    /// Frames for the guest dropped because its RX queue was stopped or reset.
+    pub rx_dropped_reset: u64,
 }
 
 /// Kind of a kernel event (`enum xvio_event_kind`).

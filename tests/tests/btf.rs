@@ -227,6 +227,7 @@ fn common_matches_btf() {
                 offset_of!(GuestStats, copy_fallback_submit),
             ),
             ("copy_inflight", offset_of!(GuestStats, copy_inflight)),
+            ("rx_dropped_reset", offset_of!(GuestStats, rx_dropped_reset)),
         ],
     );
     check_struct(

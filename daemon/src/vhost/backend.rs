@@ -172,11 +172,15 @@ impl NetBackend {
             return Ok(());
         }
         let mut state = vring.get_mut();
+        if !queue::serving(state.get_queue(), state.is_enabled()) {
+            return Ok(());
+        }
         let mut sent_any = false;
+        // Passes that found nothing: the second one ends the loop whatever the guest's avail
+        // index says (a guest can make it say "more" forever).
+        let mut idle_passes = 0;
         loop {
-            if self.event_idx {
-                let _ = state.disable_notification();
-            }
+            let mut popped = 0usize;
             loop {
                 let chain = match queue::pop(state.get_queue_mut(), mem) {
                     Ok(Some(chain)) => chain,
@@ -187,6 +191,7 @@ impl NetBackend {
                         return Ok(());
                     }
                 };
+                popped += 1;
                 let head = chain.head_index();
                 let outcome = queue::read_tx(chain, mem, &mut self.tx_buf[pair]);
                 if state.add_used(head, 0).is_err() {
@@ -206,7 +211,16 @@ impl NetBackend {
                     TxChain::Malformed => self.malformed("malformed TX descriptor chain", index),
                 }
             }
-            if !self.event_idx || !state.enable_notification().unwrap_or(false) {
+            if popped == 0 {
+                idle_passes += 1;
+            }
+            // Without EVENT_IDX the guest kicks for every frame (the backend never sets
+            // NO_NOTIFY); with it, ask for a kick on the next frame and look once more if one
+            // came meanwhile.
+            if !self.event_idx
+                || idle_passes > 1
+                || !queue::notify_on_more(state.get_queue(), mem).unwrap_or(false)
+            {
                 break;
             }
         }
@@ -222,8 +236,9 @@ impl NetBackend {
     }
 
     /// Writes the mailbox's frames into RX queue 0 while the guest has buffers.
-    fn process_rx(&mut self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
+    fn process_rx(&mut self, vring: &Vring, mem: &Arc<GuestMem>) -> io::Result<()> {
         if self.broken[0] {
+            self.port.mailbox().clear_wakeup();
             return Ok(());
         }
         if self.rx_vring.is_none() {
@@ -236,9 +251,16 @@ impl NetBackend {
         let port = Arc::clone(&self.port);
         let counters = port.counters();
         let mut state = vring.get_mut();
+        if !queue::serving(state.get_queue(), state.is_enabled()) {
+            // The frames wait; the library calls again when the frontend starts the queue.
+            port.mailbox().clear_wakeup();
+            return Ok(());
+        }
+        let mem: &GuestMem = mem;
         let mut used_any = false;
         let mut broken = false;
         let mut malformed = 0;
+        let mut looked_again = false;
         loop {
             let mut out_of_buffers = false;
             port.mailbox().drain(|frame| {
@@ -269,13 +291,15 @@ impl NetBackend {
                     }
                 }
             });
-            // Out of buffers: ask the guest to kick when it adds some, and look once more in
-            // case it did in between.
+            // Out of buffers: ask the guest to kick when it adds some, and look once more
+            // (once) in case it did in between.
             if out_of_buffers
                 && self.event_idx
-                && state.enable_notification().unwrap_or(false)
                 && !broken
+                && !looked_again
+                && queue::notify_on_more(state.get_queue(), mem).unwrap_or(false)
             {
+                looked_again = true;
                 continue;
             }
             break;
@@ -299,7 +323,7 @@ impl NetBackend {
 
 impl NetBackend {
     /// As `process_rx`, the copies going to the DMA channel.
-    fn process_rx_dma(&mut self, vring: &Vring, mem: &GuestMem) -> io::Result<()> {
+    fn process_rx_dma(&mut self, vring: &Vring, mem: &Arc<GuestMem>) -> io::Result<()> {
         let mrg = net::mrg_rxbuf(self.acked_features);
         let port = Arc::clone(&self.port);
         let Some(dma) = self.rx_dma.as_ref() else {
@@ -307,6 +331,12 @@ impl NetBackend {
         };
         let mut dma = dma.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = vring.get_mut();
+        if !queue::serving(state.get_queue(), state.is_enabled()) {
+            // The frames wait (copies in flight complete at the next pass or drain).
+            port.mailbox().clear_wakeup();
+            dma.clear_notification();
+            return Ok(());
+        }
         let mut pass = dma.run(
             state.get_queue_mut(),
             mem,
@@ -318,7 +348,7 @@ impl NetBackend {
         if pass.out_of_buffers
             && self.event_idx
             && !pass.broken
-            && state.enable_notification().unwrap_or(false)
+            && queue::notify_on_more(state.get_queue(), &**mem).unwrap_or(false)
         {
             let again = dma.run(
                 state.get_queue_mut(),
@@ -373,6 +403,12 @@ impl NetBackend {
         }
     }
 
+    /// Drops the frames waiting for RX queue 0 (it was stopped or reset), counted.
+    fn drop_waiting_frames(&self) {
+        let n = self.port.mailbox().clear();
+        GuestCounters::add(&self.counters().rx_dropped_reset, n as u64);
+    }
+
     /// The RX copy engine's counters (zero without a channel).
     pub fn copy_stats(&self) -> crate::copy::CopyStats {
         self.rx_dma
@@ -425,7 +461,7 @@ impl VhostUserBackendMut for NetBackend {
     fn reset_device(&mut self) {
         self.drain_rx(false);
         self.rx_vring = None;
-        self.port.mailbox().clear();
+        self.drop_waiting_frames();
         self.broken.fill(false);
         self.acked_features = 0;
         self.dirty.set_logging(false);
@@ -456,8 +492,14 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend stops the queue (a driver unloads, a guest reboots)
+        // and starts it afresh later, without reconnecting.
         if queue_index == 0 {
             self.drain_rx(true);
+            self.drop_waiting_frames();
+        }
+        if let Some(broken) = self.broken.get_mut(queue_index as usize) {
+            *broken = false;
         }
         Ok(())
     }
@@ -481,10 +523,16 @@ impl VhostUserBackendMut for NetBackend {
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+        let num_queues = self.num_queues();
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
+            // No memory table yet: nothing can be delivered. The mailbox's eventfd is
+            // level-triggered on this epoll: consume it, or the worker spins until memory
+            // arrives. The frames wait; the RX vring's start delivers them.
+            if device_event == mailbox_event(num_queues) {
+                self.port.mailbox().clear_wakeup();
+            }
             return Ok(());
         };
-        let num_queues = self.num_queues();
         // vhost-user-backend numbers a vring's kick by its place among the thread's vrings,
         // not by its queue index: thread `t` serves pair `t`, [rx, tx] = events [0, 1].
         if device_event == mailbox_event(num_queues)
@@ -512,6 +560,10 @@ impl VhostUserBackendMut for NetBackend {
 pub fn has_version_1(features: u64) -> bool {
     features & (1 << VIRTIO_F_VERSION_1) != 0
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod event_tests;
 
 #[cfg(test)]
 mod tests {

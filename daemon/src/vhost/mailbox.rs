@@ -120,12 +120,16 @@ impl Mailbox {
         self.slots.lock().map_or(0, |s| s.full.len())
     }
 
-    /// Drops every waiting frame (device reset).
-    pub fn clear(&self) {
-        if let Ok(mut slots) = self.slots.lock() {
-            let Slots { full, free } = &mut *slots;
-            free.extend(full.drain(..));
-        }
+    /// Drops every waiting frame (device reset); returns how many.
+    pub fn clear(&self) -> usize {
+        let _ = self.event.read();
+        let Ok(mut slots) = self.slots.lock() else {
+            return 0;
+        };
+        let Slots { full, free } = &mut *slots;
+        let n = full.len();
+        free.extend(full.drain(..));
+        n
     }
 }
 

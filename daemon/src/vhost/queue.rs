@@ -43,6 +43,45 @@ pub enum TxChain {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Broken;
 
+/// Whether the backend may touch `queue` at all: the frontend has set it up (its addresses
+/// are valid) and started it. A queue that is not ready has ring addresses of 0 or of the
+/// last guest, and anything read or written through it is some other part of guest memory.
+pub fn serving(queue: &Queue, enabled: bool) -> bool {
+    queue.ready() && enabled
+}
+
+/// Asks the guest to notify when it makes more buffers available (EVENT_IDX): `avail_event`
+/// is set to the guest's *current* avail index, not to the backend's position (which the
+/// guest may have passed already when it made fewer buffers available than a frame needs:
+/// then it would never kick again). Returns whether the guest added buffers meanwhile, in
+/// which case the caller looks once more; it must bound how often it does (a guest can make
+/// this true forever).
+pub fn notify_on_more<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, Broken> {
+    use std::sync::atomic::{Ordering, fence};
+    let seen = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|_| Broken)?
+        .0;
+    // `avail_event` follows the used ring's elements (virtio 1.x, 2.7.8).
+    let avail_event = queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(Broken)?;
+    mem.store(
+        u16::to_le(seen),
+        vm_memory::GuestAddress(avail_event),
+        Ordering::Relaxed,
+    )
+    .map_err(|_| Broken)?;
+    // The store must be visible before the avail index is read again.
+    fence(Ordering::SeqCst);
+    let now = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|_| Broken)?
+        .0;
+    Ok(now != seen)
+}
+
 /// Takes the next available chain, or `Ok(None)` when there is none.
 pub fn pop<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, Broken>
 where

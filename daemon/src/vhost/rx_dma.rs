@@ -3,10 +3,13 @@
 //! chains are marked used only when the frame's copies are complete, in order, as DPDK's
 //! vhost async path does.
 //!
-//! Invariants: a frame's buffer leaves the mailbox with `take` and returns with `recycle`
-//! only after its copies completed (or were drained); the guest memory a copy writes stays
-//! mapped until then, because the backend drains before memory changes, resets and
-//! disconnects.
+//! Invariants: every frame in flight owns what its copies point into: its buffer (out of the
+//! mailbox with `take`, back with `recycle` only once the copies completed) and the guest
+//! memory snapshot its destinations lie in (an `Arc`, so a new memory table or a disconnect
+//! cannot unmap it under the channel). A frame is marked used only in the queue it was placed
+//! in: a reset, or a drain that gave up on a channel, starts a new epoch, and frames of an
+//! earlier epoch that complete later are dropped (counted), never written into the next
+//! connection's queue.
 
 use std::sync::Arc;
 use virtio_queue::Queue;
@@ -28,6 +31,10 @@ const MAX_INFLIGHT: usize = super::mailbox::MAILBOX_FRAMES;
 struct Inflight {
     chains: RxChains,
     frame: Vec<u8>,
+    /// The guest memory the copies write into, kept mapped until they complete.
+    _mem: Arc<GuestMem>,
+    /// The queue epoch the chains belong to.
+    epoch: u64,
 }
 
 /// What one pass over the mailbox did.
@@ -48,6 +55,8 @@ pub struct RxDma {
     engine: CopyEngine<Inflight>,
     segments: Vec<Segment>,
     dirty: Arc<DirtyPages>,
+    /// Bumped when the queue the in-flight frames were placed in is gone (see the module doc).
+    epoch: u64,
 }
 
 impl std::fmt::Debug for RxDma {
@@ -71,12 +80,18 @@ impl RxDma {
             engine,
             segments: Vec::with_capacity(2 * queue::MAX_MERGE),
             dirty,
+            epoch: 0,
         }
     }
 
     /// The channel's completion fd.
     pub fn completion_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.engine.completion_fd()
+    }
+
+    /// Consumes a pending completion wake-up.
+    pub fn clear_notification(&mut self) {
+        self.engine.clear_notification();
     }
 
     /// The engine's counters.
@@ -88,11 +103,12 @@ impl RxDma {
     pub fn run(
         &mut self,
         rxq: &mut Queue,
-        mem: &GuestMem,
+        owner: &Arc<GuestMem>,
         mailbox: &Mailbox,
         counters: &GuestCounters,
         mrg_rxbuf: bool,
     ) -> RxPass {
+        let mem: &GuestMem = owner;
         self.engine.clear_notification();
         let mut pass = RxPass {
             used: self.complete(rxq, mem, mailbox, counters),
@@ -123,13 +139,20 @@ impl RxDma {
             match placed {
                 Ok(RxPlaced::Placed(chains)) => {
                     let segments = std::mem::take(&mut self.segments);
+                    let token = Inflight {
+                        chains,
+                        frame,
+                        _mem: Arc::clone(owner),
+                        epoch: self.epoch,
+                    };
                     // SAFETY: each segment's source lies in `frame`, whose buffer moves into
-                    // the token and is released only when the token comes back; each
-                    // destination is guest memory checked by place_rx and get_slices, mapped
-                    // until the backend drains this engine (before memory changes, resets
-                    // and disconnects); sources and destinations cannot overlap.
-                    let queued =
-                        unsafe { self.engine.enqueue(Inflight { chains, frame }, &segments) };
+                    // the token; each destination is guest memory checked by place_rx and
+                    // get_slices, in the mapping `owner` holds, whose Arc also moves into the
+                    // token; the engine gives the token back only when the copies completed
+                    // (it never drops a token with copies in flight), so both outlive them.
+                    // Sources and destinations cannot overlap (a frame buffer is not guest
+                    // memory).
+                    let queued = unsafe { self.engine.enqueue(token, &segments) };
                     self.segments = segments;
                     if let Err(back) = queued {
                         // No room (checked above, so not expected): complete on the spot.
@@ -193,6 +216,12 @@ impl RxDma {
         mailbox: &Mailbox,
         counters: &GuestCounters,
     ) -> bool {
+        if token.epoch != self.epoch {
+            // Placed in a queue that is gone: the frame is dropped, nothing is written.
+            GuestCounters::add(&counters.rx_dropped_reset, 1);
+            mailbox.recycle(token.frame);
+            return false;
+        }
         let ok = token.chains.complete(rxq, mem).is_ok();
         if ok {
             GuestCounters::add(&counters.rx_packets, 1);
@@ -210,20 +239,30 @@ impl RxDma {
         mailbox: &Mailbox,
         counters: &GuestCounters,
     ) {
+        let rxq_gone = rxq.is_none();
         let mut done = Vec::new();
-        if let Err(e) = self
+        let drained = self
             .engine
-            .drain(std::time::Duration::from_secs(2), |token| done.push(token))
-        {
-            tracing::warn!(error = %e, "RX copies did not finish; their frames are dropped");
-        }
+            .drain(std::time::Duration::from_secs(2), |token| done.push(token));
         match rxq {
             Some((q, mem)) => {
                 for token in done {
                     self.finish(token, q, mem, mailbox, counters);
                 }
             }
-            None => done.into_iter().for_each(|t| mailbox.recycle(t.frame)),
+            None => done.into_iter().for_each(|t| {
+                GuestCounters::add(&counters.rx_dropped_reset, 1);
+                mailbox.recycle(t.frame);
+            }),
+        }
+        if let Err(e) = &drained {
+            // The copies still in flight keep their frames and guest memory alive (the
+            // tokens own them) until the channel completes them, if ever; they will not be
+            // written into whatever queue comes next.
+            tracing::warn!(error = %e, "RX copies did not finish; their frames will be dropped when they do");
+        }
+        if rxq_gone || drained.is_err() {
+            self.epoch += 1;
         }
     }
 }

@@ -134,6 +134,7 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         copy_fallback_error: copy.fallback_error,
         copy_fallback_submit: copy.fallback_submit,
         copy_inflight: copy.inflight,
+        rx_dropped_reset: c.rx_dropped_reset.load(Relaxed),
     }
 }
 
@@ -148,8 +149,11 @@ pub fn totals(stats: &[GuestStats]) -> xvio_common::DaemonStats {
         t.guests_connected += g.connected;
         t.guest_rx_packets += g.rx_packets;
         t.guest_tx_packets += g.tx_packets;
-        t.guest_dropped +=
-            g.rx_dropped_full + g.rx_dropped_small + g.tx_unknown_dst + g.tx_oversize;
+        t.guest_dropped += g.rx_dropped_full
+            + g.rx_dropped_small
+            + g.rx_dropped_reset
+            + g.tx_unknown_dst
+            + g.tx_oversize;
         t.guest_malformed_chains += g.malformed_chains;
         t.copy_cpu += g.copy_cpu;
         t.copy_dma += g.copy_dma;

@@ -42,6 +42,9 @@ pub struct GuestCounters {
     pub malformed_chains: AtomicU64,
     /// Times a queue was found broken (e.g. the avail index jumped) and stopped.
     pub broken_queues: AtomicU64,
+    /// Frames for this guest dropped because its RX queue was stopped or reset (waiting in
+    /// the mailbox, or in flight to a queue that is gone).
+    pub rx_dropped_reset: AtomicU64,
 }
 
 impl GuestCounters {
