@@ -75,13 +75,73 @@ impl DirtyLogFile {
     }
 }
 
+/// Sets up queue `i` at `q` (memory mapped at `host` in this process) and starts it.
+fn start_vring(
+    frontend: &mut Frontend,
+    host: u64,
+    q: &DriverQueue,
+    i: usize,
+    kick: &EventFd,
+    call: &EventFd,
+) -> Result<(), String> {
+    let e = |e: vhost::Error| e.to_string();
+    frontend.set_vring_num(i, QUEUE).map_err(e)?;
+    frontend
+        .set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: QUEUE,
+                queue_size: QUEUE,
+                flags: 0,
+                desc_table_addr: host + q.desc_addr(),
+                used_ring_addr: host + q.used_addr(),
+                avail_ring_addr: host + q.avail_addr(),
+                log_addr: None,
+            },
+        )
+        .map_err(e)?;
+    frontend.set_vring_base(i, 0).map_err(e)?;
+    frontend.set_vring_call(i, call).map_err(e)?;
+    frontend.set_vring_kick(i, kick).map_err(e)?;
+    frontend.set_vring_enable(i, true).map_err(e)
+}
+
+/// A fresh memfd of `len` bytes.
+fn memfd(len: u64) -> File {
+    let fd =
+        nix::sys::memfd::memfd_create(c"xvio-test-guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+    let file = File::from(fd);
+    file.set_len(len).unwrap();
+    file
+}
+
+/// Guest memory on `file`, and the `SET_MEM_TABLE` region describing it.
+fn map_memory(file: &File) -> (GuestMemoryMmap<()>, VhostUserMemoryRegionInfo) {
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(0),
+        MEMORY,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEMORY as u64,
+        userspace_addr: host,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    (mem, region)
+}
+
 /// A guest: its memory, its frontend connection, and its queues (0: RX, 1: TX).
 pub struct TestGuest {
     /// The vhost-user frontend.
     pub frontend: Frontend,
     /// Its memory, as the guest sees it.
     pub mem: GuestMemoryMmap<()>,
-    _file: File,
+    file: File,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     queues: Vec<DriverQueue>,
@@ -135,28 +195,11 @@ impl TestGuest {
                         | VhostUserProtocolFeatures::LOG_SHMFD),
             )
             .unwrap();
-        let fd = nix::sys::memfd::memfd_create(
-            c"xvio-test-guest",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .unwrap();
-        let file = File::from(fd);
-        file.set_len(file_len).unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-            GuestAddress(0),
-            MEMORY,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
-        let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let file = memfd(file_len);
+        let (mem, region) = map_memory(&file);
+        let host = region.userspace_addr;
         frontend
-            .set_mem_table(&[VhostUserMemoryRegionInfo {
-                guest_phys_addr: 0,
-                memory_size: MEMORY as u64,
-                userspace_addr: host,
-                mmap_offset: 0,
-                mmap_handle: file.as_raw_fd(),
-            }])
+            .set_mem_table(&[region])
             .map_err(|e| e.to_string())?;
         let queues = vec![DriverQueue::new(0), DriverQueue::new(0x8000)];
         let mut kicks = Vec::new();
@@ -166,40 +209,14 @@ impl TestGuest {
                 EventFd::new(EFD_NONBLOCK).unwrap(),
                 EventFd::new(EFD_NONBLOCK).unwrap(),
             );
-            frontend
-                .set_vring_num(i, QUEUE)
-                .map_err(|e| e.to_string())?;
-            frontend
-                .set_vring_addr(
-                    i,
-                    &VringConfigData {
-                        queue_max_size: QUEUE,
-                        queue_size: QUEUE,
-                        flags: 0,
-                        desc_table_addr: host + q.desc_addr(),
-                        used_ring_addr: host + q.used_addr(),
-                        avail_ring_addr: host + q.avail_addr(),
-                        log_addr: None,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-            frontend.set_vring_base(i, 0).map_err(|e| e.to_string())?;
-            frontend
-                .set_vring_call(i, &call)
-                .map_err(|e| e.to_string())?;
-            frontend
-                .set_vring_kick(i, &kick)
-                .map_err(|e| e.to_string())?;
-            frontend
-                .set_vring_enable(i, true)
-                .map_err(|e| e.to_string())?;
+            start_vring(&mut frontend, host, q, i, &kick, &call)?;
             kicks.push(kick);
             calls.push(call);
         }
         Ok(TestGuest {
             frontend,
             mem,
-            _file: file,
+            file,
             kicks,
             calls,
             queues,
@@ -427,5 +444,36 @@ impl TestGuest {
             std::thread::sleep(Duration::from_millis(1));
         }
         frames
+    }
+
+    /// Stops queue `q` (`GET_VRING_BASE`) and starts it again from scratch on the same
+    /// connection, as a guest driver that reloads does: empty rings, index 0.
+    pub fn restart_vring(&mut self, q: usize) {
+        self.frontend.get_vring_base(q).unwrap();
+        let base = self.queues[q].base;
+        let fresh = DriverQueue::new(base);
+        let end = fresh.used_addr() + 6 + 8 * u64::from(QUEUE);
+        self.mem
+            .write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
+            .unwrap();
+        let host = self.mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        start_vring(
+            &mut self.frontend,
+            host,
+            &fresh,
+            q,
+            &self.kicks[q],
+            &self.calls[q],
+        )
+        .unwrap();
+        self.queues[q] = fresh;
+    }
+
+    /// Sends `SET_MEM_TABLE` again for the same memory, mapped anew (as a VMM does when its
+    /// memory layout changes): the backend maps the new table and drops its old mapping.
+    pub fn remap_memory(&mut self) {
+        let (mem, region) = map_memory(&self.file);
+        self.frontend.set_mem_table(&[region]).unwrap();
+        self.mem = mem;
     }
 }
