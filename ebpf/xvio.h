@@ -55,14 +55,16 @@ struct xvio_guest_stats {
 	__u8 mac[6];             /* the guest's MAC */
 	__u16 queue_pairs;
 	__u32 reserved;
-	__u64 rx_packets;        /* frames written into the guest */
-	__u64 rx_bytes;
-	__u64 tx_packets;        /* frames the guest sent */
-	__u64 tx_bytes;
-	__u64 rx_dropped_full;   /* frames for the guest dropped: it posted no RX buffers in time */
-	__u64 rx_dropped_small;  /* frames for the guest dropped: RX buffer too small */
-	__u64 tx_unknown_dst;    /* frames the guest sent to a MAC no guest has */
-	__u64 tx_oversize;       /* frames the guest sent longer than 9018 bytes */
+	__u64 to_guest_packets;  /* frames written into the guest */
+	__u64 to_guest_bytes;
+	__u64 from_guest_packets; /* frames the guest sent that were forwarded (guests, wire) */
+	__u64 from_guest_bytes;
+	__u64 to_guest_dropped_full;  /* frames for the guest dropped: no RX buffers for them */
+	__u64 to_guest_dropped_small; /* … its RX buffer was too small (no MRG_RXBUF) */
+	__u64 to_guest_dropped_reset; /* … its RX queue was stopped, reset or not started */
+	__u64 from_guest_no_route;    /* frames the guest sent to no one (no guest, no interface) */
+	__u64 from_guest_oversize;    /* … longer than the datapath moves */
+	__u64 from_guest_dropped_full; /* … the interface's transmit frames or ring were full */
 	__u64 malformed_chains;  /* descriptor chains outside memory, looping, too short… */
 	__u64 broken_queues;     /* queues stopped for an inconsistent avail index */
 	__u64 copy_cpu;          /* RX copies done by the CPU (below the threshold, or fallback) */
@@ -74,7 +76,6 @@ struct xvio_guest_stats {
 	__u64 copy_fallback_error;   /* … the channel reported the copy failed */
 	__u64 copy_fallback_submit;  /* … the doorbell failed */
 	__u64 copy_inflight;     /* frames whose RX copies are in flight */
-	__u64 rx_dropped_reset;  /* frames for the guest dropped: its RX queue was stopped or reset */
 };
 
 /* How the program is attached (daemon_stats.xdp_mode). */
@@ -97,10 +98,10 @@ struct xvio_daemon_stats {
 	/* The daemon's guests, summed over guest_stats (the same in every interface's map). */
 	__u32 guests;            /* vhost-user guest ports served */
 	__u32 guests_connected;  /* of them, with a frontend connected */
-	__u64 guest_rx_packets;  /* frames written into guests */
-	__u64 guest_tx_packets;  /* frames guests sent */
-	__u64 guest_dropped;     /* rx_dropped_full + rx_dropped_small + rx_dropped_reset + tx_unknown_dst + tx_oversize */
-	__u64 guest_malformed_chains;
+	__u64 to_guests_packets; /* frames written into guests */
+	__u64 from_guests_packets; /* frames guests sent that were forwarded */
+	__u64 guests_dropped;    /* the guests' to_guest_dropped_* and from_guest_* drops, summed */
+	__u64 guests_malformed_chains;
 	__u64 copy_cpu;          /* guest RX copies the copy engine gave the CPU (guests with a channel) */
 	__u64 copy_dma;          /* guest RX copies done by DMA channels */
 	__u64 copy_fallbacks;    /* meant for a channel, done by the CPU (all four reasons) */

@@ -212,15 +212,15 @@ pub struct DaemonStats {
     /// Of them, with a frontend connected.
     pub guests_connected: u32,
     /// Frames written into guests.
-    pub guest_rx_packets: u64,
-    /// Frames guests sent.
-    pub guest_tx_packets: u64,
-    /// Frames dropped: no RX buffer in time, buffer too small, unknown destination, oversize.
-    pub guest_dropped: u64,
+    pub to_guests_packets: u64,
+    /// Frames guests sent that were forwarded.
+    pub from_guests_packets: u64,
+    /// The guests' drops (every `to_guest_dropped_*` and `from_guest_*` drop), summed.
+    pub guests_dropped: u64,
     /// Malformed descriptor chains.
-    pub guest_malformed_chains: u64,
+    pub guests_malformed_chains: u64,
     /// Guest RX copies the copy engine gave the CPU (guests with a DMA channel; a guest
-    /// without one copies on the CPU outside the engine and counts only `guest_rx_packets`).
+    /// without one copies on the CPU outside the engine and counts only `to_guests_packets`).
     pub copy_cpu: u64,
     /// Guest RX copies done by DMA channels.
     pub copy_dma: u64,
@@ -281,21 +281,25 @@ pub struct GuestStats {
     /// Reserved, 0.
     pub reserved: u32,
     /// Frames written into the guest.
-    pub rx_packets: u64,
+    pub to_guest_packets: u64,
     /// Their bytes.
-    pub rx_bytes: u64,
-    /// Frames the guest sent.
-    pub tx_packets: u64,
+    pub to_guest_bytes: u64,
+    /// Frames the guest sent that were forwarded (to guests, the wire, or both).
+    pub from_guest_packets: u64,
     /// Their bytes.
-    pub tx_bytes: u64,
-    /// Frames for the guest dropped: no RX buffers in time.
-    pub rx_dropped_full: u64,
-    /// Frames for the guest dropped: RX buffer too small.
-    pub rx_dropped_small: u64,
-    /// Frames the guest sent to a MAC no guest has.
-    pub tx_unknown_dst: u64,
-    /// Frames the guest sent longer than the backend moves.
-    pub tx_oversize: u64,
+    pub from_guest_bytes: u64,
+    /// Frames for the guest dropped: no RX buffers for them.
+    pub to_guest_dropped_full: u64,
+    /// … its RX buffer was too small (no MRG_RXBUF).
+    pub to_guest_dropped_small: u64,
+    /// … its RX queue was stopped, reset or not started.
+    pub to_guest_dropped_reset: u64,
+    /// Frames the guest sent to no one (no guest has the MAC, no interface to send on).
+    pub from_guest_no_route: u64,
+    /// Frames the guest sent longer than the datapath moves.
+    pub from_guest_oversize: u64,
+    /// Frames the guest sent that the interface had no transmit frame or ring room for.
+    pub from_guest_dropped_full: u64,
     /// Malformed descriptor chains.
     pub malformed_chains: u64,
     /// Queues stopped for an inconsistent avail index.
@@ -318,8 +322,6 @@ pub struct GuestStats {
     pub copy_fallback_submit: u64,
     /// Frames whose RX copies are in flight.
     pub copy_inflight: u64,
-    /// Frames for the guest dropped because its RX queue was stopped or reset.
-    pub rx_dropped_reset: u64,
 }
 
 /// Kind of a kernel event (`enum xvio_event_kind`).

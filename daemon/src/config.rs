@@ -76,6 +76,10 @@ pub struct RunConfig {
     /// at start-up and picks where it starts to pay off.
     #[arg(long, value_name = "auto|BYTES", default_value = "auto")]
     pub copy_threshold: ThresholdArg,
+    /// The CPU the datapath worker is pinned to (unpinned when not given). The worker
+    /// busy-polls under load and sleeps when idle.
+    #[arg(long = "datapath-cpus", value_name = "CPU")]
+    pub datapath_cpu: Option<usize>,
 }
 
 /// `--dma`: one DMA channel.

@@ -1,7 +1,8 @@
-//! `xvio run`: attach to every interface, publish counters about once a second, log
-//! kernel events, and on SIGINT or SIGTERM detach and remove every pin.
+//! `xvio run`: start the datapath, attach to every interface (its AF_XDP sockets go to the
+//! datapath), serve every guest, publish counters about once a second, log kernel events, and
+//! on SIGINT or SIGTERM detach and remove every pin.
 //!
-//! Datapath work will run on its own threads; this tokio runtime is the control plane only.
+//! Frames move on the datapath's worker thread; this tokio runtime is the control plane only.
 
 use std::{
     collections::HashSet,
@@ -17,9 +18,10 @@ use crate::{
     attach::{AttachError, AttachOptions, AttachedIface},
     bpffs,
     config::RunConfig,
+    datapath::{Datapath, DatapathError},
     privileges,
     vhost::stats::GuestStatsMap,
-    xsk::{PortWorker, XskConfig, XskPort},
+    xsk::{XskConfig, XskPort},
 };
 
 /// How often `daemon_stats` is written.
@@ -52,17 +54,9 @@ pub enum DaemonError {
     /// A socket was named twice.
     #[error("guest socket {0} is given twice with --guest")]
     DuplicateSocket(String),
-    /// A port's worker thread could not be started.
-    #[error("starting the worker of {iface} queue {queue}")]
-    Worker {
-        /// The interface.
-        iface: String,
-        /// The queue.
-        queue: u32,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The datapath could not be started.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
     /// The tokio runtime or a signal handler could not be set up.
     #[error("setting up the control plane")]
     Runtime(#[source] std::io::Error),
@@ -119,6 +113,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         &config.dma,
         config.copy_threshold,
     )?);
+    let datapath = Datapath::start(config.datapath_cpu)?;
     // On an error, the interfaces attached so far are dropped: ports closed, program
     // detached, pins removed.
     let mut ifaces = Vec::with_capacity(config.ifaces.len());
@@ -129,7 +124,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
             frame_size: config.xsk_frame_size,
             ..XskConfig::default()
         };
-        let ports = open_ports(&attached, config.queues, &xsk)?;
+        let ports = open_ports(&attached, config.queues, &xsk, &datapath)?;
         info!(
             "inspect with: bpftool map dump pinned {}/{}",
             attached.pin_dir().display(),
@@ -137,13 +132,12 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         );
         ifaces.push(Iface { ports, attached });
     }
-    // The guests and the switch between them.
-    let switch = crate::vhost::switch::Switch::new();
+    // The guests.
     let guests = config
         .guests
         .iter()
         .map(|spec| {
-            let guest = crate::vhost::guest::Guest::start_with_dma(spec, &switch, Some(&dma))?;
+            let guest = crate::vhost::guest::Guest::start_with_dma(spec, &datapath, Some(&dma))?;
             info!(socket = %spec.socket.display(), mac = %spec.mac, queues = spec.queues, mode = ?spec.mode, "guest port ready");
             Ok(guest)
         })
@@ -160,8 +154,9 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     }
     drop(guest_map);
     drop(guests);
-    for iface in &mut ifaces {
-        iface.ports.clear(); // stop the workers first: their last counters are final
+    // The worker stops first (it owns the sockets): the counters it published last are final.
+    drop(datapath);
+    for iface in &ifaces {
         log_summary(&iface.attached);
     }
     drop(ifaces);
@@ -170,19 +165,33 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// An attached interface and its AF_XDP ports (dropped first: fields drop in order).
+/// An attached interface and its AF_XDP ports' counters (the sockets are the datapath's).
 struct Iface {
-    ports: Vec<PortWorker>,
+    ports: Vec<(
+        u32,
+        std::sync::Arc<std::sync::Mutex<xvio_common::PortStats>>,
+    )>,
     attached: AttachedIface,
 }
 
 /// Opens one AF_XDP port per rx queue of `iface` (at most `limit`, and at most the
-/// `xsks` map's size), registers each, and starts its worker.
+/// `xsks` map's size), registers each, and hands it to the datapath.
+#[expect(
+    clippy::type_complexity,
+    reason = "a queue and the handle its counters are published into"
+)]
 fn open_ports(
     iface: &AttachedIface,
     limit: Option<u32>,
     xsk: &XskConfig,
-) -> Result<Vec<PortWorker>, DaemonError> {
+    datapath: &Datapath,
+) -> Result<
+    Vec<(
+        u32,
+        std::sync::Arc<std::sync::Mutex<xvio_common::PortStats>>,
+    )>,
+    DaemonError,
+> {
     let queues = iface.rx_queues()?.min(xvio_common::XSKS_MAX);
     let wanted = limit.map_or(queues, |n| n.min(queues));
     let xsks = iface.pin_dir().join(xvio_common::maps::XSKS);
@@ -206,12 +215,7 @@ fn open_ports(
                 "AF_XDP socket bound in copy mode: the driver has no zero-copy support, frames are copied"
             );
         }
-        let worker = PortWorker::spawn(port).map_err(|source| DaemonError::Worker {
-            iface: iface.name().to_owned(),
-            queue,
-            source,
-        })?;
-        ports.push(worker);
+        ports.push((queue, datapath.add_uplink(port)));
     }
     if wanted < queues {
         info!(
@@ -307,8 +311,11 @@ async fn control_loop(
                     ..crate::vhost::stats::totals(&guest_stats)
                 };
                 for iface in ifaces.iter_mut() {
-                    let ports: Vec<(u32, xvio_common::PortStats)> =
-                        iface.ports.iter().map(|p| (p.queue(), p.stats())).collect();
+                    let ports: Vec<(u32, xvio_common::PortStats)> = iface
+                        .ports
+                        .iter()
+                        .map(|(q, p)| (*q, p.lock().map(|s| *s).unwrap_or_default()))
+                        .collect();
                     if let Err(e) = iface.attached.publish(daemon, &ports) {
                         warn!(iface = iface.attached.name(), error = %e, "could not write daemon_stats");
                     }
@@ -322,13 +329,13 @@ async fn control_loop(
 
 fn log_guest(guest: &crate::vhost::guest::Guest) {
     use std::sync::atomic::Ordering::Relaxed;
-    let c = guest.port().counters();
+    let c = guest.counters();
     info!(
         socket = %guest.socket().display(),
-        rx_packets = c.rx_packets.load(Relaxed),
-        tx_packets = c.tx_packets.load(Relaxed),
-        rx_dropped_full = c.rx_dropped_full.load(Relaxed),
-        tx_unknown_dst = c.tx_unknown_dst.load(Relaxed),
+        to_guest_packets = c.to_guest_packets.load(Relaxed),
+        from_guest_packets = c.from_guest_packets.load(Relaxed),
+        to_guest_dropped_full = c.to_guest_dropped_full.load(Relaxed),
+        from_guest_no_route = c.from_guest_no_route.load(Relaxed),
         malformed_chains = c.malformed_chains.load(Relaxed),
         "guest counters"
     );

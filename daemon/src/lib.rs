@@ -10,6 +10,7 @@ pub mod bpffs;
 pub mod config;
 pub mod copy;
 pub mod daemon;
+pub mod datapath;
 pub mod events;
 pub mod netlink;
 pub mod privileges;

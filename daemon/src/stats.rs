@@ -125,13 +125,13 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
     if ds.guests > 0 {
         let _ = writeln!(
             out,
-            "guests: {} ({} connected), rx {} pkts, tx {} pkts, dropped {}, malformed chains {}; copies: cpu {}, dma {}, fallbacks {}, in flight {}",
+            "guests: {} ({} connected), to guests {} pkts, from guests {} pkts, dropped {}, malformed chains {}; copies: cpu {}, dma {}, fallbacks {}, in flight {}",
             ds.guests,
             ds.guests_connected,
-            ds.guest_rx_packets,
-            ds.guest_tx_packets,
-            ds.guest_dropped,
-            ds.guest_malformed_chains,
+            ds.to_guests_packets,
+            ds.from_guests_packets,
+            ds.guests_dropped,
+            ds.guests_malformed_chains,
             ds.copy_cpu,
             ds.copy_dma,
             ds.copy_fallbacks,

@@ -166,6 +166,18 @@ impl TestGuest {
             .unwrap_or_else(|e| panic!("setting up the device on {}: {e}", socket.display()))
     }
 
+    /// Connects to `guest`'s socket as [`Self::connect`] does, and waits until the datapath
+    /// delivers frames to it (frames for a guest whose driver is not up are dropped).
+    pub fn attach(guest: &xvio::vhost::guest::Guest, refuse: u64) -> TestGuest {
+        let driver = TestGuest::connect(guest.socket(), refuse);
+        assert!(
+            guest.wait_ready(Duration::from_secs(10)),
+            "the datapath took up {} within 10 s",
+            guest.socket().display()
+        );
+        driver
+    }
+
     /// As [`Self::connect`], with the memory's file `file_len` bytes long (the table still
     /// announces [`MEMORY`] bytes: a shorter file is a broken frontend); errors of the
     /// messages after feature negotiation are returned.

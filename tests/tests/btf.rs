@@ -168,17 +168,17 @@ fn common_matches_btf() {
                 offset_of!(DaemonStats, guests_connected),
             ),
             (
-                "guest_rx_packets",
-                offset_of!(DaemonStats, guest_rx_packets),
+                "to_guests_packets",
+                offset_of!(DaemonStats, to_guests_packets),
             ),
             (
-                "guest_tx_packets",
-                offset_of!(DaemonStats, guest_tx_packets),
+                "from_guests_packets",
+                offset_of!(DaemonStats, from_guests_packets),
             ),
-            ("guest_dropped", offset_of!(DaemonStats, guest_dropped)),
+            ("guests_dropped", offset_of!(DaemonStats, guests_dropped)),
             (
-                "guest_malformed_chains",
-                offset_of!(DaemonStats, guest_malformed_chains),
+                "guests_malformed_chains",
+                offset_of!(DaemonStats, guests_malformed_chains),
             ),
             ("copy_cpu", offset_of!(DaemonStats, copy_cpu)),
             ("copy_dma", offset_of!(DaemonStats, copy_dma)),
@@ -196,14 +196,37 @@ fn common_matches_btf() {
             ("mac", offset_of!(GuestStats, mac)),
             ("queue_pairs", offset_of!(GuestStats, queue_pairs)),
             ("reserved", offset_of!(GuestStats, reserved)),
-            ("rx_packets", offset_of!(GuestStats, rx_packets)),
-            ("rx_bytes", offset_of!(GuestStats, rx_bytes)),
-            ("tx_packets", offset_of!(GuestStats, tx_packets)),
-            ("tx_bytes", offset_of!(GuestStats, tx_bytes)),
-            ("rx_dropped_full", offset_of!(GuestStats, rx_dropped_full)),
-            ("rx_dropped_small", offset_of!(GuestStats, rx_dropped_small)),
-            ("tx_unknown_dst", offset_of!(GuestStats, tx_unknown_dst)),
-            ("tx_oversize", offset_of!(GuestStats, tx_oversize)),
+            ("to_guest_packets", offset_of!(GuestStats, to_guest_packets)),
+            ("to_guest_bytes", offset_of!(GuestStats, to_guest_bytes)),
+            (
+                "from_guest_packets",
+                offset_of!(GuestStats, from_guest_packets),
+            ),
+            ("from_guest_bytes", offset_of!(GuestStats, from_guest_bytes)),
+            (
+                "to_guest_dropped_full",
+                offset_of!(GuestStats, to_guest_dropped_full),
+            ),
+            (
+                "to_guest_dropped_small",
+                offset_of!(GuestStats, to_guest_dropped_small),
+            ),
+            (
+                "to_guest_dropped_reset",
+                offset_of!(GuestStats, to_guest_dropped_reset),
+            ),
+            (
+                "from_guest_no_route",
+                offset_of!(GuestStats, from_guest_no_route),
+            ),
+            (
+                "from_guest_oversize",
+                offset_of!(GuestStats, from_guest_oversize),
+            ),
+            (
+                "from_guest_dropped_full",
+                offset_of!(GuestStats, from_guest_dropped_full),
+            ),
             ("malformed_chains", offset_of!(GuestStats, malformed_chains)),
             ("broken_queues", offset_of!(GuestStats, broken_queues)),
             ("copy_cpu", offset_of!(GuestStats, copy_cpu)),
@@ -227,7 +250,6 @@ fn common_matches_btf() {
                 offset_of!(GuestStats, copy_fallback_submit),
             ),
             ("copy_inflight", offset_of!(GuestStats, copy_inflight)),
-            ("rx_dropped_reset", offset_of!(GuestStats, rx_dropped_reset)),
         ],
     );
     check_struct(

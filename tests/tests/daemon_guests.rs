@@ -60,21 +60,21 @@ fn guest_counters_are_in_a_pinned_map_with_field_names() {
         .unwrap();
     let dump = String::from_utf8_lossy(&out.stdout);
     for field in [
-        "tx_packets",
-        "rx_packets",
+        "from_guest_packets",
+        "to_guest_packets",
         "malformed_chains",
-        "rx_dropped_full",
+        "to_guest_dropped_full",
         "connected",
         "mac",
     ] {
         assert!(dump.contains(field), "bpftool shows {field}: {dump}");
     }
     assert!(
-        dump.contains("\"tx_packets\":1"),
+        dump.contains("\"from_guest_packets\":1"),
         "A sent one frame: {dump}"
     );
     assert!(
-        dump.contains("\"rx_packets\":1"),
+        dump.contains("\"to_guest_packets\":1"),
         "B received one frame: {dump}"
     );
     assert!(

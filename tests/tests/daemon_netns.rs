@@ -281,8 +281,15 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
     let ds = daemon_stats(&topo.pin_dir());
     assert_eq!(ds.xdp_mode, XdpMode::Generic as u32);
     assert_eq!((ds.guests, ds.guests_connected), (2, 2), "{ds:?}");
-    assert_eq!((ds.guest_tx_packets, ds.guest_rx_packets), (5, 4), "{ds:?}");
-    assert_eq!(ds.guest_dropped, 1, "the frame to an unknown MAC: {ds:?}");
+    assert_eq!(
+        (ds.from_guests_packets, ds.to_guests_packets),
+        (4, 4),
+        "{ds:?}"
+    );
+    assert_eq!(
+        ds.guests_dropped, 1,
+        "the frame to an unknown MAC (no interface to send on): {ds:?}"
+    );
     assert_eq!(
         (
             ds.copy_dma,
@@ -296,7 +303,7 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
     let dump = bpftool_dump(&topo.pin_dir().join(maps::DAEMON_STATS));
     for field in [
         "guests_connected",
-        "guest_rx_packets",
+        "to_guests_packets",
         "copy_dma",
         "copy_fallbacks",
     ] {
@@ -305,7 +312,7 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
     let out = run_xvio(None, &["stats", "--iface", &topo.ifname]);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
-        report.contains("guests: 2 (2 connected), rx 4 pkts, tx 5 pkts, dropped 1"),
+        report.contains("guests: 2 (2 connected), to guests 4 pkts, from guests 4 pkts, dropped 1"),
         "xvio stats:\n{report}"
     );
     let (status, log) = daemon.terminate();

@@ -14,7 +14,8 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use xvio::{
     config::{DmaSpec, GuestSpec, MacAddr, SocketMode, ThresholdArg},
     copy::ChannelPool,
-    vhost::{guest::Guest, switch::Switch},
+    datapath::Datapath,
+    vhost::guest::Guest,
 };
 use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
@@ -40,11 +41,11 @@ fn spec(mac: [u8; 6]) -> GuestSpec {
 
 #[test]
 fn queues_broken_by_a_hostile_driver_work_again_after_it_restarts_them() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let a = Guest::start(&spec(MAC_A), &switch).unwrap();
     let b = Guest::start(&spec(MAC_B), &switch).unwrap();
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let mut ga = TestGuest::attach(&a, REFUSE);
+    let mut gb = TestGuest::attach(&b, REFUSE);
     gb.post_rx(8, 2048);
 
     // A breaks both its queues: each claims 200 entries (queue size 64).
@@ -55,12 +56,10 @@ fn queues_broken_by_a_hostile_driver_work_again_after_it_restarts_them() {
     ga.set_avail_idx(0, 200);
     gb.send(&frame(MAC_A, MAC_B, None, ETH_P_EXPERIMENTAL, 80, 1));
     let deadline = std::time::Instant::now() + WAIT;
-    while a.port().counters().broken_queues.load(Relaxed) < 2
-        && std::time::Instant::now() < deadline
-    {
+    while a.counters().broken_queues.load(Relaxed) < 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(a.port().counters().broken_queues.load(Relaxed), 2);
+    assert_eq!(a.counters().broken_queues.load(Relaxed), 2);
 
     // The driver reloads: it stops and restarts both queues, on the same connection.
     ga.restart_vring(0);
@@ -73,7 +72,7 @@ fn queues_broken_by_a_hostile_driver_work_again_after_it_restarts_them() {
     gb.send(&to_a);
     assert_eq!(ga.receive(1, WAIT), vec![to_a], "A's RX queue serves again");
     assert_eq!(
-        a.port().counters().broken_queues.load(Relaxed),
+        a.counters().broken_queues.load(Relaxed),
         2,
         "no new breakage"
     );
@@ -81,15 +80,15 @@ fn queues_broken_by_a_hostile_driver_work_again_after_it_restarts_them() {
 
 #[test]
 fn a_memory_table_sent_again_while_dma_copies_are_in_flight() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     // A's RX copies all go to a software DMA channel (threshold 0).
     let pool = Mutex::new(
         ChannelPool::start(&[DmaSpec::Sw { core: None }], ThresholdArg::Bytes(0)).unwrap(),
     );
     let a = Guest::start_with_dma(&spec(MAC_A), &switch, Some(&pool)).unwrap();
     let b = Guest::start(&spec(MAC_B), &switch).unwrap();
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let mut ga = TestGuest::attach(&a, REFUSE);
+    let mut gb = TestGuest::attach(&b, REFUSE);
     const BURST: usize = 16;
     const ROUNDS: u32 = 40;
     for round in 0..ROUNDS {
@@ -115,8 +114,11 @@ fn a_memory_table_sent_again_while_dma_copies_are_in_flight() {
         assert_eq!(ga.receive(BURST, WAIT), sent, "round {round}");
         gb.take_used(1);
     }
-    let c = a.port().counters();
-    assert_eq!(c.rx_packets.load(Relaxed), u64::from(ROUNDS) * BURST as u64);
+    let c = a.counters();
+    assert_eq!(
+        c.to_guest_packets.load(Relaxed),
+        u64::from(ROUNDS) * BURST as u64
+    );
     assert!(a.copy_stats().dma_copies > 0, "the channel did copies");
     drop(a);
     drop(b);

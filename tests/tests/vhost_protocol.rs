@@ -17,7 +17,8 @@ use virtio_bindings::{
 };
 use xvio::{
     config::{GuestSpec, MacAddr, SocketMode},
-    vhost::{guest::Guest, switch::Switch},
+    datapath::Datapath,
+    vhost::guest::Guest,
 };
 use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
@@ -36,7 +37,7 @@ fn socket() -> PathBuf {
     std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-vu-")))
 }
 
-fn start(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
+fn start(switch: &Arc<Datapath>, mac: [u8; 6]) -> Guest {
     let spec = GuestSpec {
         socket: socket(),
         mac: MacAddr(mac),
@@ -48,18 +49,16 @@ fn start(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
 
 /// Guests with `macs` on `switch`, each with a test driver connected (EVENT_IDX refused).
 fn connected<const N: usize>(
-    switch: &Arc<Switch>,
+    switch: &Arc<Datapath>,
     macs: [[u8; 6]; N],
 ) -> ([Guest; N], [TestGuest; N]) {
     let guests = macs.map(|mac| start(switch, mac));
-    let drivers = guests
-        .each_ref()
-        .map(|g| TestGuest::connect(g.socket(), REFUSE));
+    let drivers = guests.each_ref().map(|g| TestGuest::attach(g, REFUSE));
     (guests, drivers)
 }
 
 /// A guest whose RX copies all go to a software DMA channel (threshold 0).
-fn start_with_sw_dma(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
+fn start_with_sw_dma(switch: &Arc<Datapath>, mac: [u8; 6]) -> Guest {
     let pool = std::sync::Mutex::new(
         xvio::copy::ChannelPool::start(
             &[xvio::config::DmaSpec::Sw { core: None }],
@@ -78,9 +77,9 @@ fn start_with_sw_dma(switch: &Arc<Switch>, mac: [u8; 6]) -> Guest {
 
 #[test]
 fn negotiation_offers_the_features_and_the_config_space_has_the_mac() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let a = start(&switch, MAC_A);
-    let mut g = TestGuest::connect(a.socket(), 0);
+    let mut g = TestGuest::attach(&a, 0);
     for bit in [
         VIRTIO_F_VERSION_1,
         VIRTIO_NET_F_MAC,
@@ -109,7 +108,7 @@ fn negotiation_offers_the_features_and_the_config_space_has_the_mac() {
 
 #[test]
 fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let ([a, b, _c], [mut ga, mut gb, mut gc]) = connected(&switch, [MAC_A, MAC_B, MAC_C]);
     gb.post_rx(32, 2048);
     gc.post_rx(32, 2048);
@@ -157,34 +156,40 @@ fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
         1,
     ));
     std::thread::sleep(Duration::from_millis(200));
-    let ca = a.port().counters();
-    assert_eq!(ca.tx_packets.load(Relaxed), 22);
+    let ca = a.counters();
+    assert_eq!(ca.from_guest_packets.load(Relaxed), 21, "forwarded");
     assert_eq!(
-        ca.tx_unknown_dst.load(Relaxed),
+        ca.from_guest_no_route.load(Relaxed),
         1,
-        "an unknown MAC is counted"
+        "an unknown MAC with no interface to send on is counted"
     );
-    assert_eq!(b.port().counters().rx_packets.load(Relaxed), 21);
+    assert_eq!(b.counters().to_guest_packets.load(Relaxed), 21);
     assert_eq!(
-        b.port().counters().rx_bytes.load(Relaxed),
+        b.counters().to_guest_bytes.load(Relaxed),
         sent.iter().map(|f| f.len() as u64).sum::<u64>() + 100
     );
 }
 
 #[test]
-fn frames_wait_for_rx_buffers_and_spread_over_merged_buffers() {
-    let switch = Switch::new();
+fn frames_without_rx_buffers_are_dropped_and_frames_spread_over_merged_buffers() {
+    let switch = Datapath::start(None).unwrap();
     let ([_a, b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     let big = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 1514, 7);
     ga.send(&big);
-    std::thread::sleep(Duration::from_millis(100));
+    let deadline = std::time::Instant::now() + WAIT;
+    while b.counters().to_guest_dropped_full.load(Relaxed) == 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(
-        b.port().mailbox().pending(),
+        b.counters().to_guest_dropped_full.load(Relaxed),
         1,
-        "no RX buffers yet: the frame waits"
+        "no RX buffers: the frame is dropped and counted (as OVS and DPDK do)"
     );
     // 512-byte buffers: 12 + 1514 bytes take three, num_buffers says so.
     gb.post_rx(3, 512);
+    ga.send(&big);
     assert!(gb.wait_call(0, WAIT));
     let used = gb.take_used(0);
     assert_eq!(used.iter().map(|u| u.1).sum::<u32>(), 12 + 1514);
@@ -196,7 +201,7 @@ fn frames_wait_for_rx_buffers_and_spread_over_merged_buffers() {
 
 #[test]
 fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let ([a, _b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     gb.post_rx(8, 2048);
     // Outside guest memory; a loop; a device-writable TX descriptor; too short; too long.
@@ -220,18 +225,18 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
     let used = ga.take_used(1);
     assert_eq!(used.len(), 6, "every chain completed: {used:?}");
     assert!(used.iter().all(|u| u.1 == 0), "with length 0");
-    let c = a.port().counters();
+    let c = a.counters();
     assert_eq!(
         c.malformed_chains.load(Relaxed),
         4,
         "outside, loop, writable, short"
     );
-    assert_eq!(c.tx_oversize.load(Relaxed), 1);
+    assert_eq!(c.from_guest_oversize.load(Relaxed), 1);
 
     // An RX buffer outside memory at C: completed empty, counted, the frame dropped; C's
     // next buffer works.
     let c = start(&switch, MAC_C);
-    let mut gc = TestGuest::connect(c.socket(), REFUSE);
+    let mut gc = TestGuest::attach(&c, REFUSE);
     gc.add_raw_chain(0, &[(0xdead_0000_0000, 2048, true)], None);
     gc.post_rx(1, 2048);
     ga.send(&frame(MAC_C, MAC_A, None, ETH_P_EXPERIMENTAL, 100, 6));
@@ -242,12 +247,12 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
         vec![Vec::new(), second],
         "the bad buffer comes back empty"
     );
-    assert_eq!(c.port().counters().malformed_chains.load(Relaxed), 1);
+    assert_eq!(c.counters().malformed_chains.load(Relaxed), 1);
 }
 
 #[test]
 fn an_avail_index_jump_stops_only_that_queue_until_reset() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let ([a, _b, _c], [mut ga, mut gb, mut gc]) = connected(&switch, [MAC_A, MAC_B, MAC_C]);
     gb.post_rx(4, 2048);
     gc.post_rx(4, 2048);
@@ -256,7 +261,7 @@ fn an_avail_index_jump_stops_only_that_queue_until_reset() {
     ga.set_avail_idx(1, 200);
     ga.kick(1);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(a.port().counters().broken_queues.load(Relaxed), 1);
+    assert_eq!(a.counters().broken_queues.load(Relaxed), 1);
     // The others keep talking.
     let mut gc2 = gc;
     let f = frame(MAC_B, MAC_C, None, ETH_P_EXPERIMENTAL, 80, 1);
@@ -266,14 +271,14 @@ fn an_avail_index_jump_stops_only_that_queue_until_reset() {
 
 #[test]
 fn a_guest_that_disconnects_and_reconnects_is_served_again() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let (a, b) = (start(&switch, MAC_A), start(&switch, MAC_B));
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let mut gb = TestGuest::attach(&b, REFUSE);
     gb.post_rx(16, 2048);
-    let first = TestGuest::connect(a.socket(), REFUSE);
+    let first = TestGuest::attach(&a, REFUSE);
     drop(first);
     std::thread::sleep(Duration::from_millis(200));
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
+    let mut ga = TestGuest::attach(&a, REFUSE);
     let f = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 300, 3);
     ga.send(&f);
     assert_eq!(
@@ -290,11 +295,11 @@ fn a_guest_that_disconnects_and_reconnects_is_served_again() {
 
 #[test]
 fn frames_reach_b_through_the_software_dma_channel_in_order() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let a = start(&switch, MAC_A);
     let b = start_with_sw_dma(&switch, MAC_B);
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let mut ga = TestGuest::attach(&a, REFUSE);
+    let mut gb = TestGuest::attach(&b, REFUSE);
     // Small buffers, so that big frames spread over several (MRG_RXBUF) and pieces multiply.
     gb.post_rx(60, 1024);
     let sent: Vec<Vec<u8>> = (0..40)
@@ -339,14 +344,14 @@ fn frames_reach_b_through_the_software_dma_channel_in_order() {
 /// pages it did not write stay clean.
 #[test]
 fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let a = start(&switch, MAC_A);
     let cpu = start(&switch, MAC_B);
     let dma = start_with_sw_dma(&switch, MAC_C);
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
+    let mut ga = TestGuest::attach(&a, REFUSE);
     let mut receivers = [
-        ("cpu", TestGuest::connect(cpu.socket(), REFUSE), MAC_B),
-        ("dma", TestGuest::connect(dma.socket(), REFUSE), MAC_C),
+        ("cpu", TestGuest::attach(&cpu, REFUSE), MAC_B),
+        ("dma", TestGuest::attach(&dma, REFUSE), MAC_C),
     ];
     for (name, g, mac) in &mut receivers {
         // Before the migration: frames land, nothing is logged anywhere.
@@ -403,7 +408,7 @@ fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
 /// SIGBUS and kill the daemon); it drops that connection and serves the next one.
 #[test]
 fn a_dirty_log_shorter_than_announced_is_refused() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let ([_a, b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     gb.post_rx(4, 2048);
     let refused = gb.share_log(0, 4096);
@@ -415,7 +420,7 @@ fn a_dirty_log_shorter_than_announced_is_refused() {
     ga.send(&frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 100, 1));
     std::thread::sleep(Duration::from_millis(200));
     drop(gb);
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let mut gb = TestGuest::attach(&b, REFUSE);
     gb.post_rx(4, 2048);
     let f = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 100, 2);
     ga.send(&f);
@@ -430,10 +435,10 @@ fn a_dirty_log_shorter_than_announced_is_refused() {
 /// next one.
 #[test]
 fn a_memory_region_past_the_end_of_its_file_is_refused() {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let a = start(&switch, MAC_A);
     let b = start(&switch, MAC_B);
-    let mut ga = TestGuest::connect(a.socket(), REFUSE);
+    let mut ga = TestGuest::attach(&a, REFUSE);
     // Half the memory is backed: rings and the first buffers are, the rest is not.
     let short = xvio_tests::guest::MEMORY as u64 / 2;
     // The frontend does not wait for acks, so the set-up may look fine: a request that needs
@@ -444,7 +449,7 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
             "a memory table past the end of its file was accepted"
         );
     }
-    let mut gb = TestGuest::connect(b.socket(), REFUSE);
+    let mut gb = TestGuest::attach(&b, REFUSE);
     gb.post_rx(4, 2048);
     let f = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 100, 2);
     ga.send(&f);

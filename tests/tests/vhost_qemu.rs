@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use xvio::{
     config::{GuestSpec, MacAddr, SocketMode},
-    vhost::{guest::Guest, switch::Switch},
+    datapath::Datapath,
+    vhost::guest::Guest,
 };
 use xvio_tests::{dpdk::Testpmd, privileged, qemu::QemuGuest, unique_name};
 
@@ -14,7 +15,7 @@ use xvio_tests::{dpdk::Testpmd, privileged, qemu::QemuGuest, unique_name};
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const BOOT_AND_RUN: Duration = Duration::from_secs(240);
 
-fn guest(switch: &std::sync::Arc<Switch>, mac: &str) -> Guest {
+fn guest(switch: &std::sync::Arc<Datapath>, mac: &str) -> Guest {
     let socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-vm-")));
     let spec = GuestSpec {
         socket,
@@ -26,8 +27,8 @@ fn guest(switch: &std::sync::Arc<Switch>, mac: &str) -> Guest {
 }
 
 /// A switch with the VM's port and a port served by a testpmd that answers ARP and ICMP.
-fn guest_and_echo() -> (std::sync::Arc<Switch>, Guest, Guest, Testpmd) {
-    let switch = Switch::new();
+fn guest_and_echo() -> (std::sync::Arc<Datapath>, Guest, Guest, Testpmd) {
+    let switch = Datapath::start(None).unwrap();
     let vm = guest(&switch, "52:54:00:99:00:02");
     let echo = guest(&switch, "02:00:00:00:00:01");
     let pmd = Testpmd::start(
@@ -85,7 +86,7 @@ fn a_guest_that_resets_its_device_is_served_again() {
 }
 
 fn iperf_between_two_guests(mrg_rxbuf: bool) {
-    let switch = Switch::new();
+    let switch = Datapath::start(None).unwrap();
     let (a, b) = (
         guest(&switch, "52:54:00:99:00:02"),
         guest(&switch, "52:54:00:99:00:03"),
@@ -118,8 +119,7 @@ fn iperf_between_two_guests(mrg_rxbuf: bool) {
     eprintln!("iperf3 guest to guest through xvio, mrg_rxbuf {mrg_rxbuf} (TCG): {line}");
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(
-        a.port().counters().malformed_chains.load(Relaxed)
-            + b.port().counters().malformed_chains.load(Relaxed),
+        a.counters().malformed_chains.load(Relaxed) + b.counters().malformed_chains.load(Relaxed),
         0
     );
 }

@@ -5,16 +5,13 @@
 //! keep running.
 
 use std::{
-    os::{
-        fd::AsRawFd,
-        unix::{
-            fs::PermissionsExt,
-            net::{UnixListener, UnixStream},
-        },
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -24,16 +21,14 @@ use std::{
 use thiserror::Error;
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon};
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
-use super::{
-    backend::{NetBackend, completion_event, mailbox_event},
-    compat,
-    switch::{Port, Switch, SwitchError},
+use super::compat;
+use crate::{
+    config::{GuestSpec, SocketMode},
+    datapath::{Datapath, DatapathError, GuestCounters, GuestDevice},
 };
-use crate::config::{GuestSpec, SocketMode};
 
 /// Errors of starting a guest; each names the socket.
 #[derive(Debug, Error)]
@@ -50,14 +45,14 @@ pub enum GuestError {
         #[source]
         source: std::io::Error,
     },
-    /// The MAC is taken.
+    /// The datapath refused the guest (its MAC is taken).
     #[error("guest socket {path}")]
-    Switch {
+    Datapath {
         /// The socket.
         path: PathBuf,
         /// The cause.
         #[source]
-        source: SwitchError,
+        source: DatapathError,
     },
     /// The backend could not be made.
     #[error("guest socket {path}: setting up the backend")]
@@ -73,12 +68,12 @@ pub enum GuestError {
 /// A guest being served.
 pub struct Guest {
     spec: GuestSpec,
-    port: Arc<Port>,
     stop: Arc<AtomicBool>,
     connected: Arc<AtomicBool>,
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
-    backend: Arc<RwLock<NetBackend>>,
+    device: Arc<GuestDevice>,
+    datapath: Arc<Datapath>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -90,49 +85,42 @@ impl std::fmt::Debug for Guest {
 }
 
 impl Guest {
-    /// Creates the guest's switch port and starts serving its socket.
-    pub fn start(spec: &GuestSpec, switch: &Arc<Switch>) -> Result<Guest, GuestError> {
-        Guest::start_with_dma(spec, switch, None)
+    /// Adds the guest to the datapath and starts serving its socket.
+    pub fn start(spec: &GuestSpec, datapath: &Arc<Datapath>) -> Result<Guest, GuestError> {
+        Guest::start_with_dma(spec, datapath, None)
     }
 
-    /// As [`Guest::start`]; the guest's RX copies go to a channel of `dma` when one is free.
+    /// As [`Guest::start`]; the guest's RX queues' copies go to channels of `dma` while free
+    /// ones last (one per queue pair).
     pub fn start_with_dma(
         spec: &GuestSpec,
-        switch: &Arc<Switch>,
+        datapath: &Arc<Datapath>,
         dma: Option<&Mutex<crate::copy::ChannelPool>>,
     ) -> Result<Guest, GuestError> {
         let path = spec.socket.clone();
-        let port = switch
-            .add_port(spec.mac)
-            .map_err(|source| GuestError::Switch {
-                path: path.clone(),
-                source,
-            })?;
         let name = path.display().to_string();
-        let queue = crate::copy::QueueRef {
-            device: name.clone(),
-            queue: 0,
-        };
-        let channel = dma.and_then(|pool| pool.lock().ok()?.bind_any(queue));
-        if let Some(c) = &channel {
-            info!(guest = %name, channel = c.name(), threshold = c.threshold(), "RX copies go to a DMA channel");
+        let channels: Vec<_> = (0..spec.queues.max(1))
+            .map_while(|pair| {
+                let queue = crate::copy::QueueRef {
+                    device: name.clone(),
+                    queue: 2 * pair,
+                };
+                dma.and_then(|pool| pool.lock().ok()?.bind_any(queue))
+            })
+            .collect();
+        for c in &channels {
+            info!(guest = %name, queue = c.queue().queue, channel = c.name(), threshold = c.threshold(), "RX copies go to a DMA channel");
         }
-        let backend = NetBackend::new(
-            &name,
-            Arc::clone(&port),
-            Arc::clone(switch),
-            spec.queues,
-            channel,
-        )
-        .map_err(|source| GuestError::Backend {
-            path: path.clone(),
-            source,
-        })?;
-        let backend = Arc::new(RwLock::new(backend));
         let listener = match spec.mode {
             SocketMode::Server => Some(listen(&path)?),
             SocketMode::Client => None,
         };
+        let device = datapath
+            .add_guest(&name, spec.mac, spec.queues, channels)
+            .map_err(|source| GuestError::Datapath {
+                path: path.clone(),
+                source,
+            })?;
         let stop = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(Mutex::new(None));
@@ -142,29 +130,41 @@ impl Guest {
                 connected: Arc::clone(&connected),
                 shutdown: Arc::clone(&shutdown),
             };
-            let (spec, backend) = (spec.clone(), Arc::clone(&backend));
+            let (spec, device) = (spec.clone(), Arc::clone(&device));
             std::thread::Builder::new()
-                .name(format!("xvio-guest-{}", port.id()))
-                .spawn(move || serve(&spec, &backend, listener, &state))
+                .name(format!("xvio-guest-{}", device.id()))
+                .spawn(move || serve(&spec, &device, listener, &state))
                 .map_err(|source| GuestError::Backend {
                     path: path.clone(),
                     source,
-                })?
+                })
+        };
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                datapath.remove_guest(&device);
+                return Err(e);
+            }
         };
         Ok(Guest {
             spec: spec.clone(),
-            port,
             stop,
             connected,
             shutdown,
             thread: Some(thread),
-            backend,
+            device,
+            datapath: Arc::clone(datapath),
         })
     }
 
-    /// The guest's switch port (counters, MAC).
-    pub fn port(&self) -> &Arc<Port> {
-        &self.port
+    /// The guest's device (id, MAC, counters).
+    pub fn device(&self) -> &Arc<GuestDevice> {
+        &self.device
+    }
+
+    /// The guest's counters.
+    pub fn counters(&self) -> &GuestCounters {
+        self.device.counters()
     }
 
     /// The socket path.
@@ -177,12 +177,22 @@ impl Guest {
         self.spec.queues
     }
 
-    /// The RX copy engine's counters.
+    /// The RX copy engines' counters.
     pub fn copy_stats(&self) -> crate::copy::CopyStats {
-        self.backend
-            .read()
-            .map(|b| b.copy_stats())
-            .unwrap_or_default()
+        self.device.copy_stats()
+    }
+
+    /// Waits (at most `timeout`) until the datapath delivers frames to the guest (see
+    /// [`GuestDevice::is_ready`]); whether it does.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.device.is_ready() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Whether a frontend is connected now.
@@ -216,6 +226,7 @@ impl Drop for Guest {
                 warn!(socket = %self.spec.socket.display(), "the guest's serving thread did not stop in 2 s; leaving it");
             }
         }
+        self.datapath.remove_guest(&self.device);
         if self.spec.mode == SocketMode::Server {
             let _ = std::fs::remove_file(&self.spec.socket);
         }
@@ -248,7 +259,7 @@ struct ServeState {
 
 fn serve(
     spec: &GuestSpec,
-    backend: &Arc<RwLock<NetBackend>>,
+    device: &Arc<GuestDevice>,
     outer: Option<UnixListener>,
     state: &ServeState,
 ) {
@@ -287,44 +298,36 @@ fn serve(
         if stop.load(Ordering::Acquire) {
             break;
         }
-        if let Ok(mut b) = backend.write()
-            && let Err(e) = b.new_connection()
-        {
+        if let Err(e) = device.new_connection() {
             warn!(guest = %name, error = %e, "cannot prepare a connection");
             return;
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = match VhostUserDaemon::new(name.clone(), Arc::clone(backend), mem) {
+        let mut daemon = match VhostUserDaemon::new(name.clone(), Arc::clone(device), mem) {
             Ok(d) => d,
             Err(e) => {
                 warn!(guest = %name, error = %e, "cannot start the vhost-user backend");
                 return;
             }
         };
-        let num_queues = backend.read().map_or(2, |b| b.num_queues());
-        if let (Some(handler), Ok(b)) = (daemon.get_epoll_handlers().first(), backend.read()) {
-            let fd = b.port().mailbox().event().as_raw_fd();
-            if let Err(e) =
-                handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))
-            {
-                warn!(guest = %name, error = %e, "cannot watch the mailbox");
-                return;
-            }
-            if let Some(fd) = b.rx_completion_fd()
-                && let Err(e) = handler.register_listener(
-                    fd,
-                    EventSet::IN,
-                    u64::from(completion_event(num_queues)),
+        // The worker gets this connection's vrings from the library's event thread.
+        let announced = match daemon.get_epoll_handlers().first() {
+            Some(handler) => handler
+                .register_listener(
+                    device.announce_fd(),
+                    vmm_sys_util::epoll::EventSet::IN,
+                    u64::from(device.announce_event()),
                 )
-            {
-                warn!(guest = %name, error = %e, "cannot watch the DMA channel's completions");
-                return;
-            }
+                .and_then(|()| device.announce()),
+            None => Err(std::io::Error::other("the backend has no event thread")),
+        };
+        if let Err(e) = announced {
+            warn!(guest = %name, error = %e, "cannot hand the vrings to the datapath");
+            return;
         }
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
-        let dirty = backend.read().unwrap_or_else(|e| e.into_inner()).dirty();
-        let started = compat::proxy(frontend, &inner_addr, dirty)
+        let started = compat::proxy(frontend, &inner_addr, device.dirty())
             .and_then(|_| inner.try_clone())
             .map_err(|e| e.to_string())
             .and_then(|listener| {
@@ -333,7 +336,7 @@ fn serve(
                     .map_err(|e| e.to_string())
             });
         if let Err(e) = started {
-            backend.read().map(|b| b.stop_workers()).ok();
+            device.stop_workers();
             if let Some(stream) = hangup {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
@@ -354,12 +357,8 @@ fn serve(
         if let Ok(mut slot) = shutdown.lock() {
             *slot = None;
         }
-        if let Ok(b) = backend.read() {
-            b.stop_workers();
-        }
-        if let Ok(mut b) = backend.write() {
-            b.reset_device();
-        }
+        device.stop_workers();
+        vhost_user_backend::VhostUserBackend::reset_device(&**device);
         match result {
             Ok(()) => {
                 info!(guest = %name, "vhost-user frontend disconnected; the socket serves the next one")

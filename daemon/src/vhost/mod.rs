@@ -1,16 +1,15 @@
-//! The guest side: vhost-user-net backends (one per guest) and the L2 switch between them.
+//! The guest side: serving a guest's vhost-user socket, and what a virtqueue and virtio-net
+//! need (the datapath's worker does the moving; see `datapath`).
 //!
+//! - `guest`: a guest's socket, connection after connection; `compat`: the control-socket
+//!   shim; `dirty`: the dirty log for live migration.
 //! - `net`: virtio-net features, header and config space.
 //! - `queue`: frames out of TX chains and into RX chains, validating every descriptor.
-//! - `mailbox`, `switch`: frames from one guest's worker to another's.
+//! - `stats`: the guests' counters in the pinned `guest_stats` map.
 
-pub mod backend;
 pub mod compat;
 pub mod dirty;
 pub mod guest;
-pub mod mailbox;
 pub mod net;
 pub mod queue;
-pub mod rx_dma;
 pub mod stats;
-pub mod switch;

@@ -96,12 +96,40 @@ where
     }
 }
 
-/// Reads a TX chain into `buf`.
+/// Reads a TX chain into `buf`: the header, then the frame at `buf[HDR_LEN..]`.
 pub fn read_tx<M>(chain: DescriptorChain<M>, mem: &M::Target, buf: &mut [u8; TX_BUF]) -> TxChain
 where
     M: Deref,
     M::Target: GuestMemory,
 {
+    let (header, frame) = buf.split_at_mut(HDR_LEN);
+    read_tx_split(chain, mem, header, frame)
+}
+
+/// Reads the frame of a TX chain into `frame` (from its first byte), dropping the virtio-net
+/// header: the one copy a frame takes from a guest into a UMEM frame or bounce buffer.
+/// `Oversize` when the frame is longer than `frame`.
+pub fn read_tx_into<M>(chain: DescriptorChain<M>, mem: &M::Target, frame: &mut [u8]) -> TxChain
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut header = [0u8; HDR_LEN];
+    read_tx_split(chain, mem, &mut header, frame)
+}
+
+/// Reads a TX chain: its first `header.len()` bytes into `header`, the rest into `frame`.
+fn read_tx_split<M>(
+    chain: DescriptorChain<M>,
+    mem: &M::Target,
+    header: &mut [u8],
+    frame: &mut [u8],
+) -> TxChain
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let (hdr_len, room) = (header.len(), header.len() + frame.len());
     let mut total = 0usize;
     let mut descriptors = 0usize;
     let mut last_has_next = false;
@@ -113,15 +141,28 @@ where
             return TxChain::Malformed;
         }
         let len = desc.len() as usize;
-        if oversize || total + len > TX_BUF {
+        if oversize || total + len > room {
             oversize = true;
             continue;
         }
-        if mem
-            .read_slice(&mut buf[total..total + len], desc.addr())
-            .is_err()
-        {
-            return TxChain::Malformed;
+        // The descriptor's bytes land in the header, the frame, or both.
+        let mut done = 0usize;
+        while done < len {
+            let at = total + done;
+            let (dst, n) = if at < hdr_len {
+                let n = (hdr_len - at).min(len - done);
+                (&mut header[at..at + n], n)
+            } else {
+                let n = len - done;
+                (&mut frame[at - hdr_len..at - hdr_len + n], n)
+            };
+            let Some(addr) = desc.addr().checked_add(done as u64) else {
+                return TxChain::Malformed;
+            };
+            if mem.read_slice(dst, addr).is_err() {
+                return TxChain::Malformed;
+            }
+            done += n;
         }
         total += len;
     }
@@ -135,6 +176,37 @@ where
         return TxChain::Malformed;
     }
     TxChain::Frame(total - HDR_LEN)
+}
+
+/// The destination MAC of the frame in a TX chain (the 6 bytes after the virtio-net header),
+/// read without taking the chain; `None` when the chain is too short or outside memory.
+pub fn peek_dst<M>(chain: &DescriptorChain<M>, mem: &M::Target) -> Option<[u8; 6]>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mut dst = [0u8; 6];
+    let mut skip = HDR_LEN;
+    let mut got = 0usize;
+    for desc in chain.clone() {
+        if desc.is_write_only() {
+            return None;
+        }
+        let len = desc.len() as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(6 - got);
+        let addr = desc.addr().checked_add(skip as u64)?;
+        mem.read_slice(&mut dst[got..got + n], addr).ok()?;
+        got += n;
+        skip = 0;
+        if got == 6 {
+            return Some(dst);
+        }
+    }
+    None
 }
 
 /// Chains one frame may take at most with MRG_RXBUF (a 9 KiB frame in 1 KiB buffers needs 10).

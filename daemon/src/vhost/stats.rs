@@ -89,9 +89,9 @@ impl GuestStatsMap {
         let mut array: Array<&mut MapData, GuestStats> =
             Array::try_from(map).map_err(|e| GuestStatsError::Map(Box::new(e)))?;
         for (guest, s) in guests.iter().zip(stats) {
-            if guest.port().id() < GUESTS_MAX {
+            if guest.device().id() < GUESTS_MAX {
                 array
-                    .set(guest.port().id(), *s, 0)
+                    .set(guest.device().id(), *s, 0)
                     .map_err(|e| GuestStatsError::Map(Box::new(e)))?;
             }
         }
@@ -107,24 +107,28 @@ impl Drop for GuestStatsMap {
 
 /// One guest's counters as the map holds them.
 pub fn snapshot(guest: &Guest) -> GuestStats {
-    let c = guest.port().counters();
+    let device = guest.device();
+    let c = device.counters();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
     let copy = guest.copy_stats();
     GuestStats {
         active: 1,
         connected: u32::from(guest.is_connected()),
-        mac: guest.port().mac().0,
+        mac: device.mac().0,
         queue_pairs: guest.queue_pairs(),
         reserved: 0,
-        rx_packets: c.rx_packets.load(Relaxed),
-        rx_bytes: c.rx_bytes.load(Relaxed),
-        tx_packets: c.tx_packets.load(Relaxed),
-        tx_bytes: c.tx_bytes.load(Relaxed),
-        rx_dropped_full: c.rx_dropped_full.load(Relaxed),
-        rx_dropped_small: c.rx_dropped_small.load(Relaxed),
-        tx_unknown_dst: c.tx_unknown_dst.load(Relaxed),
-        tx_oversize: c.tx_oversize.load(Relaxed),
-        malformed_chains: c.malformed_chains.load(Relaxed),
-        broken_queues: c.broken_queues.load(Relaxed),
+        to_guest_packets: get(&c.to_guest_packets),
+        to_guest_bytes: get(&c.to_guest_bytes),
+        from_guest_packets: get(&c.from_guest_packets),
+        from_guest_bytes: get(&c.from_guest_bytes),
+        to_guest_dropped_full: get(&c.to_guest_dropped_full),
+        to_guest_dropped_small: get(&c.to_guest_dropped_small),
+        to_guest_dropped_reset: get(&c.to_guest_dropped_reset),
+        from_guest_no_route: get(&c.from_guest_no_route),
+        from_guest_oversize: get(&c.from_guest_oversize),
+        from_guest_dropped_full: get(&c.from_guest_dropped_full),
+        malformed_chains: get(&c.malformed_chains),
+        broken_queues: get(&c.broken_queues),
         copy_cpu: copy.cpu_copies,
         copy_cpu_bytes: copy.cpu_bytes,
         copy_dma: copy.dma_copies,
@@ -134,7 +138,6 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         copy_fallback_error: copy.fallback_error,
         copy_fallback_submit: copy.fallback_submit,
         copy_inflight: copy.inflight,
-        rx_dropped_reset: c.rx_dropped_reset.load(Relaxed),
     }
 }
 
@@ -147,14 +150,15 @@ pub fn totals(stats: &[GuestStats]) -> xvio_common::DaemonStats {
     };
     for g in stats {
         t.guests_connected += g.connected;
-        t.guest_rx_packets += g.rx_packets;
-        t.guest_tx_packets += g.tx_packets;
-        t.guest_dropped += g.rx_dropped_full
-            + g.rx_dropped_small
-            + g.rx_dropped_reset
-            + g.tx_unknown_dst
-            + g.tx_oversize;
-        t.guest_malformed_chains += g.malformed_chains;
+        t.to_guests_packets += g.to_guest_packets;
+        t.from_guests_packets += g.from_guest_packets;
+        t.guests_dropped += g.to_guest_dropped_full
+            + g.to_guest_dropped_small
+            + g.to_guest_dropped_reset
+            + g.from_guest_no_route
+            + g.from_guest_oversize
+            + g.from_guest_dropped_full;
+        t.guests_malformed_chains += g.malformed_chains;
         t.copy_cpu += g.copy_cpu;
         t.copy_dma += g.copy_dma;
         t.copy_fallbacks += g.copy_fallback_full

@@ -100,12 +100,15 @@ pub struct FrameCounts {
     pub tx_in_flight: u32,
     /// Taken with `tx_alloc`, not pushed or freed yet.
     pub held: u32,
+    /// Received and kept with `rx_take`, not released yet.
+    pub rx_held: u32,
 }
 
 impl FrameCounts {
     /// Whether every frame is accounted for.
     pub fn balanced(&self) -> bool {
-        self.fill + self.pool + self.staged + self.tx_in_flight + self.held == self.total
+        self.fill + self.pool + self.staged + self.tx_in_flight + self.held + self.rx_held
+            == self.total
     }
 
     /// Whether every frame is back home, in the fill ring or the pool (nothing staged, in
@@ -312,6 +315,7 @@ impl XskPort {
             staged: 0,
             tx_in_flight: 0,
             held: 0,
+            rx_held: 0,
         };
         Ok(XskPort {
             iface: iface.to_owned(),
@@ -428,6 +432,55 @@ impl XskPort {
         n
     }
 
+    /// Takes up to `out.len()` (at most [`BURST`]) received frames out of the rx ring as
+    /// (address, length), and keeps them: they are the packet buffers until handed back with
+    /// [`Self::rx_release`] (after their copy completed). Returns how many.
+    pub fn rx_take(&mut self, out: &mut [(u64, u32)]) -> usize {
+        let mut n = 0;
+        {
+            let mut reader = self.rx.receive(out.len().min(BURST) as u32);
+            while let Some(desc) = reader.read() {
+                out[n] = (desc.addr, desc.len.min(self.area.frame_size()));
+                self.stats.rx_bytes += u64::from(desc.len);
+                n += 1;
+            }
+            reader.release();
+        }
+        if n == 0 {
+            self.stats.rx_empty_polls += 1;
+            if self.mode.need_wakeup && self.device.needs_wakeup() {
+                self.device.wake();
+            }
+            return 0;
+        }
+        self.stats.rx_packets += n as u64;
+        self.counts.fill -= n as u32;
+        self.counts.rx_held += n as u32;
+        n
+    }
+
+    /// The bytes of a received frame (from [`Self::rx_take`]).
+    pub fn frame(&self, addr: u64, len: u32) -> &[u8] {
+        self.area.bytes(addr, len)
+    }
+
+    /// Hands frames taken with [`Self::rx_take`] back to the fill ring.
+    pub fn rx_release(&mut self, addrs: &[u64]) {
+        let bases = addrs.iter().map(|&a| self.area.frame_base(a));
+        let mut writer = self.device.fill(addrs.len() as u32);
+        let refilled = writer.insert(bases) as usize;
+        writer.commit();
+        drop(writer);
+        self.counts.rx_held -= addrs.len() as u32;
+        self.counts.fill += refilled as u32;
+        // The fill ring holds every receive frame, so this cannot happen; if it did, the
+        // frames go to the pool rather than being lost.
+        for &a in &addrs[refilled..] {
+            self.pool.give(self.area.frame_base(a));
+            self.counts.pool += 1;
+        }
+    }
+
     /// Takes a free frame for transmit (reaping completions first if none is free); `None`
     /// when every frame is busy, which is counted.
     pub fn tx_alloc(&mut self) -> Option<u64> {
@@ -461,7 +514,7 @@ impl XskPort {
     }
 
     /// Queues frame `base` (from `tx_alloc`) holding `len` bytes for the next `tx_flush`.
-    pub fn tx_push(&mut self, base: u64, len: u32) {
+    pub fn tx_push(&mut self, base: u64, len: u32) -> bool {
         if self.staged.len() == self.staged.capacity() {
             self.tx_flush();
         }
@@ -469,7 +522,7 @@ impl XskPort {
             // The tx ring is full and stays full: drop it, counted.
             self.stats.tx_ring_full += 1;
             self.tx_free(base);
-            return;
+            return false;
         }
         self.staged.push(XdpDesc {
             addr: base,
@@ -478,6 +531,7 @@ impl XskPort {
         });
         self.counts.held -= 1;
         self.counts.staged += 1;
+        true
     }
 
     /// Copies `data` into a free frame and queues it; false (counted) when no frame is free.
@@ -488,8 +542,7 @@ impl XskPort {
         let frame = self.area.frame_mut(base);
         let len = data.len().min(frame.len());
         frame[..len].copy_from_slice(&data[..len]);
-        self.tx_push(base, len as u32);
-        true
+        self.tx_push(base, len as u32)
     }
 
     /// Hands the queued frames to the tx ring in one batch and wakes the kernel if it says

@@ -1,0 +1,327 @@
+//! A guest's vhost-user-net device as vhost-user-backend sees it: features, config space,
+//! memory and vrings. It moves no frames: the datapath worker that owns the guest does. The
+//! library's event thread only tells that worker what changed (a vring started, the memory
+//! table, a stop or reset) through its command queue, and wakes it on kicks while it sleeps.
+//!
+//! Stops and resets are synchronous: `stop_vring` (GET_VRING_BASE) and `reset_device` return
+//! only once the worker has let go of the queue and completed or dropped every copy in flight
+//! into it, as DPDK's `rte_vhost_clear_queue` and vhost-user-backend's `stop_vring` contract
+//! ask; the frontend reads the queue's position only after that.
+//!
+//! The worker gets the guest's vrings once per connection, as soon as the connection starts:
+//! the serving thread registers [`GuestDevice::announce_fd`] on the library's event thread
+//! and writes it, and the library hands the device its vrings with that event. (Waiting for
+//! the library's "queue started" events instead leaves a window in which a started queue is
+//! unknown to the worker.) The worker checks on every burst whether a queue is ready and
+//! enabled before it touches it.
+//!
+//! Event ids: the library runs one event thread per guest (all its queues), so a kick's id is
+//! its queue index; `num_queues` is the library's own (exit and vring-enabled events);
+//! `num_queues + 1` is the announcement.
+
+use std::{
+    io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vmm_sys_util::{
+    epoll::EventSet,
+    event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier},
+    eventfd::{EFD_NONBLOCK, EventFd},
+};
+
+use super::{
+    counters::GuestCounters,
+    worker::{Command, WorkerLink},
+};
+use crate::{
+    config::MacAddr,
+    copy::CopyStats,
+    vhost::{
+        dirty::{self, DirtyPages, Memory},
+        net::{self, QUEUE_SIZE},
+    },
+};
+
+/// The vring type the datapath works with.
+pub type Vring = VringRwLock<Memory>;
+
+/// A guest's id, unique in the daemon.
+pub type GuestId = u32;
+
+/// One guest's device.
+pub struct GuestDevice {
+    id: GuestId,
+    name: String,
+    mac: MacAddr,
+    queue_pairs: u16,
+    counters: Arc<GuestCounters>,
+    dirty: Arc<DirtyPages>,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    /// Written once per connection to have the library hand over the vrings.
+    announce: EventFd,
+    /// The worker has the memory and an RX queue ready (frames for the guest are delivered).
+    ready: AtomicBool,
+    exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    link: WorkerLink,
+    /// The copy engines' counters, as the worker last published them.
+    copy_stats: Mutex<CopyStats>,
+}
+
+impl std::fmt::Debug for GuestDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestDevice")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("mac", &self.mac)
+            .finish()
+    }
+}
+
+impl GuestDevice {
+    /// A device for guest `id`, served by the worker behind `link`.
+    pub(crate) fn new(
+        id: GuestId,
+        name: &str,
+        mac: MacAddr,
+        queue_pairs: u16,
+        link: WorkerLink,
+    ) -> io::Result<GuestDevice> {
+        let device = GuestDevice {
+            id,
+            name: name.to_owned(),
+            mac,
+            queue_pairs: queue_pairs.max(1),
+            counters: Arc::default(),
+            dirty: Arc::default(),
+            acked_features: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            announce: EventFd::new(EFD_NONBLOCK)?,
+            ready: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            link,
+            copy_stats: Mutex::default(),
+        };
+        device.new_connection()?;
+        Ok(device)
+    }
+
+    /// Its id.
+    pub fn id(&self) -> GuestId {
+        self.id
+    }
+
+    /// Its name (the socket path), for logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its MAC.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Its queue pairs.
+    pub fn queue_pairs(&self) -> u16 {
+        self.queue_pairs
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> &GuestCounters {
+        &self.counters
+    }
+
+    /// Its counters, shared with the worker.
+    pub(crate) fn counters_arc(&self) -> Arc<GuestCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// The pages the datapath writes, for the dirty log (installed by the control shim).
+    pub fn dirty(&self) -> Arc<DirtyPages> {
+        Arc::clone(&self.dirty)
+    }
+
+    /// The copy engines' counters (as of the worker's last publication).
+    pub fn copy_stats(&self) -> CopyStats {
+        self.copy_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    pub(crate) fn publish_copy_stats(&self, stats: CopyStats) {
+        if let Ok(mut slot) = self.copy_stats.lock() {
+            *slot = stats;
+        }
+    }
+
+    /// Whether the datapath delivers frames to the guest now: it has the guest's memory and
+    /// at least one RX queue the frontend started (until then frames for it are dropped and
+    /// counted, as a NIC whose driver is not up drops them).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        if self.ready.load(Ordering::Relaxed) != ready {
+            self.ready.store(ready, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether MRG_RXBUF was negotiated.
+    pub(crate) fn mrg_rxbuf(&self) -> bool {
+        net::mrg_rxbuf(self.acked_features.load(Ordering::Relaxed))
+    }
+
+    /// Whether EVENT_IDX was negotiated.
+    pub(crate) fn event_idx(&self) -> bool {
+        self.event_idx.load(Ordering::Relaxed)
+    }
+
+    /// A fresh exit event for the next connection's event thread (the last one's was used
+    /// up telling it to stop). The library takes clones; this keeps the only originals, so
+    /// replacing them closes them.
+    pub fn new_connection(&self) -> io::Result<()> {
+        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(pair);
+        Ok(())
+    }
+
+    /// Stops the event thread of the current connection.
+    pub fn stop_workers(&self) {
+        if let Some((_, notifier)) = self.exit.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = notifier.notify();
+        }
+    }
+
+    /// The event id of the announcement on the library's event thread.
+    pub fn announce_event(&self) -> u16 {
+        2 * self.queue_pairs + 1
+    }
+
+    /// The announcement's eventfd: register it on the connection's event thread with
+    /// [`Self::announce_event`], then call [`Self::announce`].
+    pub fn announce_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.announce.as_raw_fd()
+    }
+
+    /// Asks the library's event thread to hand the vrings over.
+    pub fn announce(&self) -> io::Result<()> {
+        self.announce.write(1)
+    }
+}
+
+impl VhostUserBackend for GuestDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2 * usize::from(self.queue_pairs)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        net::features(self.queue_pairs)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            tracing::warn!(guest = %self.name, "the frontend did not accept VIRTIO_F_VERSION_1; legacy virtio-net headers are not supported");
+        }
+        self.acked_features.store(features, Ordering::Relaxed);
+        self.dirty.set_logging(dirty::log_all(features));
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn reset_device(&self) {
+        let id = self.id;
+        if !self.link.call(|ack| Command::Reset { id, ack }) {
+            tracing::warn!(guest = %self.name, "the datapath did not confirm the reset in time");
+        }
+        self.acked_features.store(0, Ordering::Relaxed);
+        self.event_idx.store(false, Ordering::Relaxed);
+        self.dirty.set_logging(false);
+        self.dirty.set_log(None);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // vhost-user carries at most 256 bytes of config; never allocate what a frontend asks.
+        let size = size.min(256);
+        let config = net::config_space(self.mac.0, self.queue_pairs);
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        let mut out = config[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        // In-flight copies hold the snapshot they write into, so nothing waits here.
+        self.link.send(Command::Memory { id: self.id, mem });
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let (id, queue) = (self.id, queue_index as u16);
+        if !self.link.call(|ack| Command::StopVring { id, queue, ack }) {
+            tracing::warn!(guest = %self.name, queue, "the datapath did not confirm the queue stop in time");
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![(1u64 << self.num_queues()) - 1]
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        if thread_index != 0 {
+            return None;
+        }
+        let exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let (consumer, notifier) = exit.as_ref()?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        if device_event == self.announce_event() {
+            let _ = self.announce.read();
+            self.link.send(Command::Vrings {
+                id: self.id,
+                vrings: vrings.to_vec(),
+            });
+        } else if usize::from(device_event) < self.num_queues() {
+            // A kick (or the library's "queue started"): the worker polls while it runs.
+            self.link.kick();
+        }
+        Ok(())
+    }
+}

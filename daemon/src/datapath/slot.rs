@@ -1,0 +1,355 @@
+//! A guest as its worker holds it: the vrings the device handed over, the guest memory, the
+//! copy side of each RX queue, and which queues are broken. Only the worker touches a slot.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use vhost_user_backend::VringT;
+
+use super::{
+    counters::GuestCounters,
+    device::{GuestDevice, Vring},
+    to_guest::{Source, ToGuest},
+};
+use crate::{
+    copy::{BoundChannel, CopyStats},
+    vhost::{
+        dirty::{GuestMem, Memory},
+        queue,
+    },
+};
+
+/// How often a malformed chain is logged at most, per guest.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// One guest, on its worker.
+pub struct GuestSlot {
+    device: Arc<GuestDevice>,
+    counters: Arc<GuestCounters>,
+    mem: Option<Memory>,
+    /// By queue index: RX queues are even, TX queues odd.
+    vrings: Vec<Option<Vring>>,
+    /// By RX queue pair.
+    to_guest: Vec<ToGuest>,
+    broken: u64,
+    /// RX queue pairs ready and enabled, as of the worker's last look (once per iteration).
+    rx_ready: u64,
+    last_log: Option<Instant>,
+}
+
+impl std::fmt::Debug for GuestSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestSlot")
+            .field("device", &self.device)
+            .field(
+                "vrings",
+                &self.vrings.iter().map(|v| v.is_some()).collect::<Vec<_>>(),
+            )
+            .field("rx_ready", &self.rx_ready)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl GuestSlot {
+    /// A slot for `device`, its RX queues' copies on `channels` (one per queue pair, or fewer:
+    /// the rest copy on the CPU).
+    pub fn new(device: Arc<GuestDevice>, mut channels: Vec<BoundChannel>) -> GuestSlot {
+        let pairs = usize::from(device.queue_pairs());
+        channels.truncate(pairs);
+        let mut channels = channels.into_iter();
+        let to_guest = (0..pairs)
+            .map(|_| ToGuest::new(channels.next(), device.dirty()))
+            .collect();
+        GuestSlot {
+            counters: device.counters_arc(),
+            device,
+            mem: None,
+            vrings: vec![None; 2 * pairs],
+            to_guest,
+            broken: 0,
+            rx_ready: 0,
+            last_log: None,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<GuestDevice> {
+        &self.device
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> &GuestCounters {
+        &self.counters
+    }
+
+    /// Its counters, shared.
+    pub fn counters_arc(&self) -> Arc<GuestCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Whether copies into the guest are in flight.
+    pub fn has_inflight(&self) -> bool {
+        self.to_guest.iter().any(|t| t.inflight() > 0)
+    }
+
+    /// The guest memory now (one snapshot per burst).
+    pub fn memory(&self) -> Option<Arc<GuestMem>> {
+        use vm_memory::GuestAddressSpace;
+        Some(self.mem.as_ref()?.memory().into_inner())
+    }
+
+    /// A new memory table (the same `Memory` for the whole connection, in practice).
+    pub fn set_memory(&mut self, mem: Memory) {
+        self.mem = Some(mem);
+    }
+
+    /// The vrings of a new connection.
+    pub fn set_vrings(&mut self, vrings: Vec<Vring>) {
+        let n = self.vrings.len();
+        self.vrings = vrings
+            .into_iter()
+            .map(Some)
+            .chain(std::iter::repeat(None))
+            .take(n)
+            .collect();
+        self.broken = 0;
+        self.rx_ready = 0;
+    }
+
+    /// Looks which RX queues are ready and enabled (the frontend may start or stop one at
+    /// any time; a stop also waits for the worker, see [`Self::stop_vring`]).
+    pub fn refresh_ready(&mut self) {
+        let mut ready = 0u64;
+        for pair in 0..self.pairs() {
+            if let Some(vring) = self.vrings[2 * pair].as_ref()
+                && !self.is_broken(2 * pair)
+            {
+                let state = vring.get_ref();
+                if queue::serving(state.get_queue(), state.is_enabled()) {
+                    ready |= 1 << pair;
+                }
+            }
+        }
+        self.rx_ready = ready;
+        self.device.set_ready(ready != 0 && self.mem.is_some());
+    }
+
+    /// The TX vring of `pair`, if started.
+    pub fn tx_vring(&self, pair: usize) -> Option<&Vring> {
+        self.vrings.get(2 * pair + 1)?.as_ref()
+    }
+
+    /// Queue pairs.
+    pub fn pairs(&self) -> usize {
+        self.to_guest.len()
+    }
+
+    /// Whether queue `queue` is broken.
+    pub fn is_broken(&self, queue: usize) -> bool {
+        self.broken & (1u64 << queue) != 0
+    }
+
+    /// Marks queue `queue` broken (counted, logged once).
+    pub fn break_queue(&mut self, queue: usize) {
+        if !self.is_broken(queue) {
+            self.broken |= 1u64 << queue;
+            GuestCounters::add(&self.counters.broken_queues, 1);
+            tracing::warn!(guest = %self.device.name(), queue, "the guest's avail index is inconsistent: queue stopped until the driver restarts it");
+        }
+    }
+
+    /// Logs a malformed chain, at most every few seconds (each one is counted elsewhere).
+    pub fn log_malformed(&mut self, what: &str, queue: usize) {
+        if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.last_log = Some(Instant::now());
+            tracing::warn!(guest = %self.device.name(), queue, "{what}; completed with length 0 (further ones counted, logged at most every 5 s)");
+        }
+    }
+
+    /// The RX queue pair a frame goes to: by flow, over the ready RX queues.
+    pub fn rx_pair_for(&self, hash: u32) -> Option<usize> {
+        let ready = self.rx_ready.count_ones();
+        if ready == 0 {
+            return None;
+        }
+        let nth = hash % ready;
+        (0..self.pairs())
+            .filter(|p| self.rx_ready & (1 << p) != 0)
+            .nth(nth as usize)
+    }
+
+    /// Places `frames` (each a source and its bytes) into RX queue pair `pair`, one lock for
+    /// all. Sources whose frame is done with (delivered by the CPU, or dropped) go to
+    /// `release`; those whose copies are in flight come back from [`Self::complete`].
+    pub fn to_guest<'a>(
+        &mut self,
+        pair: usize,
+        mem: &Arc<GuestMem>,
+        frames: impl Iterator<Item = (Source, &'a [u8])>,
+        release: &mut impl FnMut(Source),
+    ) {
+        let mrg = self.device.mrg_rxbuf();
+        let event_idx = self.device.event_idx();
+        let queue_index = 2 * pair;
+        let counters = Arc::clone(&self.counters);
+        let Some(vring) = self.vrings[queue_index].as_ref() else {
+            for (src, _) in frames {
+                GuestCounters::add(&counters.to_guest_dropped_reset, 1);
+                release(src);
+            }
+            return;
+        };
+        let mut state = vring.get_mut();
+        let serving = queue::serving(state.get_queue(), state.is_enabled());
+        let to_guest = &mut self.to_guest[pair];
+        let mut used = to_guest.complete(state.get_queue_mut(), mem, &counters, release);
+        let mut broken = false;
+        let mut looked_again = false;
+        let mut frames = frames.peekable();
+        while let Some(&(src, frame)) = frames.peek() {
+            if !serving || broken {
+                GuestCounters::add(&counters.to_guest_dropped_reset, 1);
+                release(src);
+                frames.next();
+                continue;
+            }
+            let placed = to_guest.place(state.get_queue_mut(), mem, frame, src, mrg, &counters);
+            match placed {
+                super::to_guest::Placed::InFlight => {}
+                super::to_guest::Placed::Done | super::to_guest::Placed::Dropped => {
+                    used = true;
+                    release(src);
+                }
+                super::to_guest::Placed::NoBuffers => {
+                    // Ask the guest to kick when it adds buffers; look once more (once) in
+                    // case it did meanwhile, then drop what does not fit (as OVS does).
+                    if event_idx
+                        && !looked_again
+                        && queue::notify_on_more(state.get_queue(), &**mem).unwrap_or(false)
+                    {
+                        looked_again = true;
+                        continue;
+                    }
+                    GuestCounters::add(&counters.to_guest_dropped_full, 1);
+                    release(src);
+                }
+                super::to_guest::Placed::Broken => {
+                    broken = true;
+                    GuestCounters::add(&counters.to_guest_dropped_reset, 1);
+                    release(src);
+                }
+            }
+            frames.next();
+        }
+        to_guest.flush();
+        used |= to_guest.complete(state.get_queue_mut(), mem, &counters, release);
+        if used {
+            self.device.dirty().mark_used_ring(state.get_queue());
+            if state.needs_notification().unwrap_or(true) {
+                let _ = state.signal_used_queue();
+            }
+        }
+        drop(state);
+        if broken {
+            self.break_queue(queue_index);
+        }
+    }
+
+    /// Completes finished copies on every RX queue (sources to `release`); returns how many
+    /// frames are still in flight.
+    pub fn complete(&mut self, release: &mut impl FnMut(Source)) -> usize {
+        let Some(mem) = self.memory() else {
+            return 0;
+        };
+        let mut inflight = 0;
+        for pair in 0..self.pairs() {
+            if self.to_guest[pair].inflight() == 0 {
+                continue;
+            }
+            self.to_guest[pair].clear_notification();
+            let Some(vring) = self.vrings[2 * pair].as_ref() else {
+                continue;
+            };
+            let mut state = vring.get_mut();
+            let to_guest = &mut self.to_guest[pair];
+            if to_guest.complete(state.get_queue_mut(), &mem, &self.counters, release) {
+                self.device.dirty().mark_used_ring(state.get_queue());
+                if state.needs_notification().unwrap_or(true) {
+                    let _ = state.signal_used_queue();
+                }
+            }
+            if to_guest.inflight() > 0 {
+                to_guest.flush();
+            }
+            inflight += to_guest.inflight();
+        }
+        inflight
+    }
+
+    /// The frontend stops queue `queue` (GET_VRING_BASE): copies in flight into it are
+    /// completed into it (it is still mapped, and the frontend reads its position next); a
+    /// broken queue starts afresh when the frontend starts it again.
+    pub fn stop_vring(&mut self, queue: usize, release: &mut impl FnMut(Source)) {
+        if queue % 2 == 0 {
+            self.drain(queue / 2, true, release);
+            self.rx_ready &= !(1 << (queue / 2));
+        }
+        self.broken &= !(1u64 << queue);
+    }
+
+    /// The device was reset or the frontend went away: every queue is let go of, copies in
+    /// flight are waited for and dropped.
+    pub fn reset(&mut self, release: &mut impl FnMut(Source)) {
+        for pair in 0..self.pairs() {
+            self.drain(pair, false, release);
+        }
+        self.vrings.iter_mut().for_each(|v| *v = None);
+        self.broken = 0;
+        self.rx_ready = 0;
+        self.device.set_ready(false);
+    }
+
+    fn drain(&mut self, pair: usize, complete: bool, release: &mut impl FnMut(Source)) {
+        let mem = self.memory();
+        let vring = self.vrings[2 * pair].clone();
+        let to_guest = &mut self.to_guest[pair];
+        match (complete, vring, mem) {
+            (true, Some(vring), Some(mem)) => {
+                let mut state = vring.get_mut();
+                to_guest.drain(Some((state.get_queue_mut(), &mem)), &self.counters, release);
+                self.device.dirty().mark_used_ring(state.get_queue());
+                let _ = state.signal_used_queue();
+            }
+            _ => to_guest.drain(None, &self.counters, release),
+        }
+    }
+
+    /// Copy counters summed over the RX queues.
+    pub fn copy_stats(&self) -> CopyStats {
+        self.to_guest
+            .iter()
+            .map(ToGuest::stats)
+            .fold(CopyStats::default(), |mut sum, s| {
+                sum.packets += s.packets;
+                sum.cpu_copies += s.cpu_copies;
+                sum.cpu_bytes += s.cpu_bytes;
+                sum.dma_copies += s.dma_copies;
+                sum.dma_bytes += s.dma_bytes;
+                sum.fallback_full += s.fallback_full;
+                sum.fallback_enqueue += s.fallback_enqueue;
+                sum.fallback_error += s.fallback_error;
+                sum.fallback_submit += s.fallback_submit;
+                sum.inflight += s.inflight;
+                sum.inflight_max = sum.inflight_max.max(s.inflight_max);
+                sum
+            })
+    }
+
+    /// The completion fds of the RX queues' channels.
+    pub fn completion_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+        self.to_guest.iter().filter_map(ToGuest::completion_fd)
+    }
+}

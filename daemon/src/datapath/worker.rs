@@ -1,0 +1,786 @@
+//! A datapath worker: one thread, as an OVS-DPDK PMD thread, that owns its queues — the
+//! AF_XDP sockets of its uplinks and the vrings of its guests — and moves every frame between
+//! them. It takes no lock per frame: its forwarding table, bounce buffers and guests are its
+//! own, changed only between bursts through its command queue; each vring is locked once per
+//! burst (the library's control thread takes the same lock only for stops and restarts).
+//!
+//! Per iteration: commands; frames from the wire (a burst per uplink, each frame copied once,
+//! from its UMEM frame into the guest); frames from the guests (a burst per TX queue: to the
+//! wire copied once into a UMEM frame, to guests through a bounce buffer); completions of
+//! copies in flight; the uplinks' transmit rings flushed. Busy, it polls; idle for
+//! [`IDLE_BEFORE_PARK`], it parks in `poll(2)` on its uplinks' sockets, its wake eventfd and
+//! its DMA channels' completion fds, after asking every guest to kick (so an idle xvio uses
+//! no CPU). Wakers set nothing but the eventfd, and only while the worker says it sleeps:
+//! the worker says so *before* its last look at the queues, so no kick is lost.
+
+use std::{
+    os::fd::{AsFd, BorrowedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, Sender, SyncSender},
+    },
+    time::{Duration, Instant},
+};
+
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::eventfd::{EfdFlags, EventFd},
+};
+use vhost_user_backend::VringT;
+
+use super::{
+    bounce::Bounce,
+    counters::GuestCounters,
+    device::{GuestId, Vring},
+    fdb::{self, Dest, Fdb},
+    slot::GuestSlot,
+    to_guest::Source,
+};
+use crate::{
+    vhost::{
+        dirty::{GuestMem, Memory},
+        queue::{self, TxChain},
+    },
+    xsk::XskPort,
+};
+
+/// Frames per burst (OVS's and DPDK's burst size).
+pub const BURST: usize = 32;
+/// Idle time before the worker parks.
+pub const IDLE_BEFORE_PARK: Duration = Duration::from_micros(200);
+/// Longest park (counters are published at least this often).
+const PARK_MAX: Duration = Duration::from_millis(100);
+/// How often counters are published while busy.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// How long the control plane waits for a stop or reset to be confirmed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the control plane and the guests' event threads tell a worker.
+pub enum Command {
+    /// Serve this guest.
+    AddGuest(Box<GuestSlot>),
+    /// Stop serving guest `id` (its copies drained first).
+    RemoveGuest {
+        /// The guest.
+        id: GuestId,
+        /// Confirmed when done.
+        ack: SyncSender<()>,
+    },
+    /// Guest `id`'s vrings for this connection (by queue index).
+    Vrings {
+        /// The guest.
+        id: GuestId,
+        /// The vrings.
+        vrings: Vec<Vring>,
+    },
+    /// Guest `id`'s memory (shared with the library; new tables replace its contents).
+    Memory {
+        /// The guest.
+        id: GuestId,
+        /// The memory.
+        mem: Memory,
+    },
+    /// Guest `id`'s frontend stops queue `queue` (GET_VRING_BASE).
+    StopVring {
+        /// The guest.
+        id: GuestId,
+        /// Its queue index.
+        queue: u16,
+        /// Confirmed once the worker let go of it.
+        ack: SyncSender<()>,
+    },
+    /// Guest `id`'s device is reset (or its frontend left).
+    Reset {
+        /// The guest.
+        id: GuestId,
+        /// Confirmed once done.
+        ack: SyncSender<()>,
+    },
+    /// Serve this uplink (an AF_XDP socket on one NIC queue).
+    AddUplink(Box<Uplink>),
+    /// Leave.
+    Stop,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Command::AddGuest(_) => "AddGuest",
+            Command::RemoveGuest { .. } => "RemoveGuest",
+            Command::Vrings { .. } => "Vrings",
+            Command::Memory { .. } => "Memory",
+            Command::StopVring { .. } => "StopVring",
+            Command::Reset { .. } => "Reset",
+            Command::AddUplink(_) => "AddUplink",
+            Command::Stop => "Stop",
+        };
+        f.write_str(name)
+    }
+}
+
+/// The worker's wake-up, shared with whoever wakes it.
+#[derive(Debug)]
+pub struct Shared {
+    wake: EventFd,
+    sleeping: AtomicBool,
+}
+
+impl Shared {
+    fn new() -> std::io::Result<Shared> {
+        Ok(Shared {
+            wake: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(std::io::Error::from)?,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
+}
+
+/// A handle to a worker: its command queue and its wake-up.
+#[derive(Debug, Clone)]
+pub struct WorkerLink {
+    commands: Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl WorkerLink {
+    /// Queues `command` and wakes the worker (commands are rare: always wake).
+    pub fn send(&self, command: Command) {
+        if self.commands.send(command).is_ok() {
+            self.shared.wake();
+        }
+    }
+
+    /// Sends the command `make` builds around an acknowledgement and waits for it (bounded);
+    /// false if the worker did not confirm in time (or is gone).
+    pub fn call(&self, make: impl FnOnce(SyncSender<()>) -> Command) -> bool {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        self.send(make(ack));
+        done.recv_timeout(CALL_TIMEOUT).is_ok()
+    }
+
+    /// A guest kicked: wake the worker if it sleeps (while it runs, it polls).
+    pub fn kick(&self) {
+        if self.shared.sleeping.load(Ordering::SeqCst) {
+            self.shared.wake();
+        }
+    }
+}
+
+/// An AF_XDP socket a worker serves, with the counters it publishes.
+pub struct Uplink {
+    port: XskPort,
+    published: Arc<Mutex<xvio_common::PortStats>>,
+    no_guest: u64,
+    /// Received frames done with, back to the fill ring at the end of the iteration.
+    to_refill: Vec<u64>,
+}
+
+impl std::fmt::Debug for Uplink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uplink").field("port", &self.port).finish()
+    }
+}
+
+impl Uplink {
+    /// An uplink on `port`; its counters are published into the returned handle.
+    pub fn new(port: XskPort) -> (Uplink, Arc<Mutex<xvio_common::PortStats>>) {
+        let published = Arc::new(Mutex::new(port.stats()));
+        let uplink = Uplink {
+            port,
+            published: Arc::clone(&published),
+            no_guest: 0,
+            to_refill: Vec::with_capacity(4 * BURST),
+        };
+        (uplink, published)
+    }
+
+    fn publish(&self) {
+        let mut value = self.port.stats();
+        value.rx_no_guest = self.no_guest;
+        if let Ok(mut slot) = self.published.lock() {
+            *slot = value;
+        }
+    }
+}
+
+/// A frame from a guest waiting in a bounce buffer for its second copy.
+#[derive(Clone, Copy, Debug)]
+struct Bounced {
+    buf: u32,
+    len: usize,
+    from: usize,
+    dest: Dest,
+}
+
+/// The worker's own state.
+pub struct Worker {
+    name: String,
+    commands: Receiver<Command>,
+    shared: Arc<Shared>,
+    fdb: Fdb,
+    guests: Vec<GuestSlot>,
+    uplinks: Vec<Uplink>,
+    bounce: Bounce,
+    /// Scratch of one burst, allocated once.
+    rx_descs: [(u64, u32); BURST],
+    rx_dest: [Option<(usize, usize)>; BURST],
+    bounced: Vec<Bounced>,
+    released: Vec<Source>,
+    last_publish: Instant,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.name)
+            .field("guests", &self.guests.len())
+            .field("uplinks", &self.uplinks.len())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A worker and the link to it.
+    pub fn new(name: &str) -> std::io::Result<(Worker, WorkerLink)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared::new()?);
+        let link = WorkerLink {
+            commands: tx,
+            shared: Arc::clone(&shared),
+        };
+        let worker = Worker {
+            name: name.to_owned(),
+            commands: rx,
+            shared,
+            fdb: Fdb::default(),
+            guests: Vec::new(),
+            uplinks: Vec::new(),
+            bounce: Bounce::default(),
+            rx_descs: [(0, 0); BURST],
+            rx_dest: [None; BURST],
+            bounced: Vec::with_capacity(BURST),
+            released: Vec::with_capacity(8 * BURST),
+            last_publish: Instant::now(),
+        };
+        Ok((worker, link))
+    }
+
+    /// Runs until [`Command::Stop`] (or every link is gone).
+    pub fn run(mut self) {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            if !self.commands() {
+                break;
+            }
+            let mut work = self.from_wire();
+            work += self.from_guests();
+            work += self.complete_copies();
+            self.flush_uplinks();
+            if self.last_publish.elapsed() >= PUBLISH_EVERY {
+                self.publish();
+            }
+            if work > 0 {
+                idle_since = None;
+                continue;
+            }
+            match idle_since {
+                None => idle_since = Some(Instant::now()),
+                Some(t) if t.elapsed() >= IDLE_BEFORE_PARK => {
+                    self.park();
+                    idle_since = None;
+                }
+                Some(_) => std::hint::spin_loop(),
+            }
+        }
+        for slot in &mut self.guests {
+            let released = &mut self.released;
+            slot.reset(&mut |s| released.push(s));
+        }
+        self.release_sources();
+        self.publish();
+    }
+
+    /// Applies pending commands; false on `Stop`.
+    fn commands(&mut self) -> bool {
+        loop {
+            let command = match self.commands.try_recv() {
+                Ok(c) => c,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+            };
+            match command {
+                Command::AddGuest(slot) => {
+                    self.guests.push(*slot);
+                    self.rebuild_fdb();
+                }
+                Command::RemoveGuest { id, ack } => {
+                    if let Some(i) = self.slot_of(id) {
+                        let mut slot = self.guests.remove(i);
+                        let released = &mut self.released;
+                        slot.reset(&mut |s| released.push(s));
+                        self.release_sources();
+                        self.rebuild_fdb();
+                    }
+                    let _ = ack.send(());
+                }
+                Command::Vrings { id, vrings } => {
+                    if let Some(i) = self.slot_of(id) {
+                        self.guests[i].set_vrings(vrings);
+                    }
+                }
+                Command::Memory { id, mem } => {
+                    if let Some(i) = self.slot_of(id) {
+                        self.guests[i].set_memory(mem);
+                    }
+                }
+                Command::StopVring { id, queue, ack } => {
+                    if let Some(i) = self.slot_of(id) {
+                        let released = &mut self.released;
+                        self.guests[i].stop_vring(usize::from(queue), &mut |s| released.push(s));
+                        self.release_sources();
+                    }
+                    let _ = ack.send(());
+                }
+                Command::Reset { id, ack } => {
+                    if let Some(i) = self.slot_of(id) {
+                        let released = &mut self.released;
+                        self.guests[i].reset(&mut |s| released.push(s));
+                        self.release_sources();
+                    }
+                    let _ = ack.send(());
+                }
+                Command::AddUplink(uplink) => self.uplinks.push(*uplink),
+                Command::Stop => return false,
+            }
+        }
+    }
+
+    fn slot_of(&self, id: GuestId) -> Option<usize> {
+        self.guests.iter().position(|g| g.device().id() == id)
+    }
+
+    fn rebuild_fdb(&mut self) {
+        self.fdb
+            .rebuild(self.guests.iter().map(|g| g.device().mac()));
+    }
+
+    /// A burst from each uplink into the guests; returns the frames received.
+    fn from_wire(&mut self) -> usize {
+        for slot in &mut self.guests {
+            slot.refresh_ready();
+        }
+        let mut total = 0;
+        for u in 0..self.uplinks.len() {
+            let n = self.uplinks[u].port.rx_take(&mut self.rx_descs);
+            if n == 0 {
+                continue;
+            }
+            total += n;
+            let Worker {
+                uplinks,
+                guests,
+                fdb,
+                rx_descs,
+                rx_dest,
+                released,
+                ..
+            } = self;
+            let uplink = &mut uplinks[u];
+            // Where each frame goes: (guest slot, RX queue pair).
+            for i in 0..n {
+                let (addr, len) = rx_descs[i];
+                let frame = uplink.port.frame(addr, len);
+                rx_dest[i] = None;
+                match fdb::dst_of(frame).map(|d| fdb.lookup(d)) {
+                    Some(Dest::Guest(s)) => match guests[s].rx_pair_for(flow_hash(frame)) {
+                        Some(p) => rx_dest[i] = Some((s, p)),
+                        None => {
+                            // The guest's RX queues are not started (or broken).
+                            GuestCounters::add(&guests[s].counters().to_guest_dropped_reset, 1);
+                            uplink.to_refill.push(addr);
+                        }
+                    },
+                    // XDP steers only guests' unicast MACs here: a guest that just left.
+                    _ => {
+                        uplink.no_guest += 1;
+                        uplink.to_refill.push(addr);
+                    }
+                }
+            }
+            // Each (guest, queue) once: one vring lock for all its frames of the burst.
+            for i in 0..n {
+                let Some((s, p)) = rx_dest[i] else { continue };
+                let Some(mem) = guests[s].memory() else {
+                    for j in i..n {
+                        if rx_dest[j] == Some((s, p)) {
+                            rx_dest[j] = None;
+                            GuestCounters::add(&guests[s].counters().to_guest_dropped_reset, 1);
+                            uplink.to_refill.push(rx_descs[j].0);
+                        }
+                    }
+                    continue;
+                };
+                let port = &uplink.port;
+                let frames = (i..n).filter(|&j| rx_dest[j] == Some((s, p))).map(|j| {
+                    let (addr, len) = rx_descs[j];
+                    (
+                        Source::Umem {
+                            uplink: u as u16,
+                            addr,
+                        },
+                        port.frame(addr, len),
+                    )
+                });
+                guests[s].to_guest(p, &mem, frames, &mut |src| released.push(src));
+                for j in i..n {
+                    if rx_dest[j] == Some((s, p)) {
+                        rx_dest[j] = None;
+                    }
+                }
+            }
+        }
+        self.release_sources();
+        total
+    }
+
+    /// A burst from each guest TX queue; returns the chains taken.
+    fn from_guests(&mut self) -> usize {
+        let mut total = 0;
+        for s in 0..self.guests.len() {
+            let Some(mem) = self.guests[s].memory() else {
+                continue;
+            };
+            for pair in 0..self.guests[s].pairs() {
+                total += self.from_guest(s, pair, &mem);
+                self.deliver_bounced(&mem);
+            }
+        }
+        total
+    }
+
+    /// Takes up to a burst of chains from TX queue `pair` of guest `s`.
+    fn from_guest(&mut self, s: usize, pair: usize, mem: &Arc<GuestMem>) -> usize {
+        let queue_index = 2 * pair + 1;
+        if self.guests[s].is_broken(queue_index) {
+            return 0;
+        }
+        let Some(vring) = self.guests[s].tx_vring(pair).cloned() else {
+            return 0;
+        };
+        let mut state = vring.get_mut();
+        if !queue::serving(state.get_queue(), state.is_enabled()) {
+            return 0;
+        }
+        let counters = self.guests[s].counters_arc();
+        let mut taken = 0;
+        let mut broken = false;
+        let mut malformed = 0u32;
+        while taken < BURST {
+            let chain = match queue::pop(state.get_queue_mut(), &**mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(queue::Broken) => {
+                    broken = true;
+                    break;
+                }
+            };
+            taken += 1;
+            let head = chain.head_index();
+            let dest = queue::peek_dst(&chain, &**mem).map(|dst| self.fdb.lookup(&dst));
+            let outcome = match dest {
+                None => TxChain::Malformed,
+                Some(Dest::Guest(d)) if d == s => {
+                    GuestCounters::add(&counters.from_guest_no_route, 1);
+                    TxChain::Frame(0)
+                }
+                Some(Dest::Wire) => self.to_wire(&counters, chain, mem),
+                Some(dest) => match self.bounce.take() {
+                    None => {
+                        GuestCounters::add(&counters.from_guest_dropped_full, 1);
+                        TxChain::Frame(0)
+                    }
+                    Some(buf) => {
+                        let outcome =
+                            queue::read_tx_into(chain, &**mem, &mut self.bounce.buf_mut(buf)[..]);
+                        if let TxChain::Frame(len) = outcome {
+                            GuestCounters::add(&counters.from_guest_packets, 1);
+                            GuestCounters::add(&counters.from_guest_bytes, len as u64);
+                            self.bounced.push(Bounced {
+                                buf,
+                                len,
+                                from: s,
+                                dest,
+                            });
+                        } else {
+                            self.bounce.release(buf);
+                        }
+                        outcome
+                    }
+                },
+            };
+            match outcome {
+                TxChain::Frame(_) => {}
+                TxChain::Oversize => GuestCounters::add(&counters.from_guest_oversize, 1),
+                TxChain::Malformed => {
+                    GuestCounters::add(&counters.malformed_chains, 1);
+                    malformed += 1;
+                }
+            }
+            if state.add_used(head, 0).is_err() {
+                broken = true;
+                break;
+            }
+        }
+        if taken > 0 {
+            self.guests[s]
+                .device()
+                .dirty()
+                .mark_used_ring(state.get_queue());
+            if state.needs_notification().unwrap_or(true) {
+                let _ = state.signal_used_queue();
+            }
+        }
+        drop(state);
+        if malformed > 0 {
+            self.guests[s].log_malformed("malformed TX descriptor chain", queue_index);
+        }
+        if broken {
+            self.guests[s].break_queue(queue_index);
+        }
+        taken
+    }
+
+    /// Copies a guest's chain into a frame of the first uplink and queues it (one copy).
+    fn to_wire<M>(
+        &mut self,
+        counters: &GuestCounters,
+        chain: virtio_queue::DescriptorChain<M>,
+        mem: &GuestMem,
+    ) -> TxChain
+    where
+        M: std::ops::Deref<Target = GuestMem>,
+    {
+        let Some(uplink) = self.uplinks.first_mut() else {
+            GuestCounters::add(&counters.from_guest_no_route, 1);
+            return TxChain::Frame(0);
+        };
+        let Some(base) = uplink.port.tx_alloc() else {
+            GuestCounters::add(&counters.from_guest_dropped_full, 1);
+            return TxChain::Frame(0);
+        };
+        let outcome = queue::read_tx_into(chain, mem, uplink.port.frame_mut(base));
+        match outcome {
+            TxChain::Frame(len) => {
+                if uplink.port.tx_push(base, len as u32) {
+                    GuestCounters::add(&counters.from_guest_packets, 1);
+                    GuestCounters::add(&counters.from_guest_bytes, len as u64);
+                } else {
+                    GuestCounters::add(&counters.from_guest_dropped_full, 1);
+                }
+            }
+            _ => uplink.port.tx_free(base),
+        }
+        outcome
+    }
+
+    /// The second copy of the frames from guests waiting in bounce buffers.
+    fn deliver_bounced(&mut self, mem_of_sender: &Arc<GuestMem>) {
+        let _ = mem_of_sender;
+        // In the order the guest sent them.
+        for i in 0..self.bounced.len() {
+            let b = self.bounced[i];
+            match b.dest {
+                Dest::Guest(d) => self.bounce_to_guest(b, d),
+                Dest::Flood => {
+                    for d in 0..self.guests.len() {
+                        if d != b.from {
+                            self.bounce.share(b.buf);
+                            self.bounce_to_guest(b, d);
+                        }
+                    }
+                    if let Some(uplink) = self.uplinks.first_mut()
+                        && let Some(base) = uplink.port.tx_alloc()
+                    {
+                        let frame = uplink.port.frame_mut(base);
+                        if b.len <= frame.len() {
+                            frame[..b.len].copy_from_slice(self.bounce.frame(b.buf, 0, b.len));
+                            uplink.port.tx_push(base, b.len as u32);
+                        } else {
+                            uplink.port.tx_free(base);
+                        }
+                    }
+                    self.bounce.release(b.buf);
+                }
+                Dest::Wire => self.bounce.release(b.buf),
+            }
+        }
+        self.bounced.clear();
+        self.release_sources();
+    }
+
+    fn bounce_to_guest(&mut self, b: Bounced, d: usize) {
+        let Worker {
+            guests,
+            bounce,
+            released,
+            ..
+        } = self;
+        let slot = &mut guests[d];
+        let pair = slot.rx_pair_for(flow_hash(bounce.frame(b.buf, 0, b.len)));
+        let (Some(pair), Some(mem)) = (pair, slot.memory()) else {
+            GuestCounters::add(&slot.counters().to_guest_dropped_reset, 1);
+            bounce.release(b.buf);
+            return;
+        };
+        let frame = bounce.frame(b.buf, 0, b.len);
+        slot.to_guest(
+            pair,
+            &mem,
+            std::iter::once((Source::Bounce(b.buf), frame)),
+            &mut |src| released.push(src),
+        );
+    }
+
+    /// Completes finished copies; returns how many frames are still in flight.
+    fn complete_copies(&mut self) -> usize {
+        let Worker {
+            guests, released, ..
+        } = self;
+        let mut inflight = 0;
+        for slot in guests.iter_mut() {
+            inflight += slot.complete(&mut |s| released.push(s));
+        }
+        let done = !self.released.is_empty();
+        self.release_sources();
+        // Copies in flight are work: keep polling them rather than park.
+        usize::from(done) + inflight
+    }
+
+    /// Hands back the sources of finished frames: bounce buffers to the pool, UMEM frames to
+    /// their uplink's fill ring (in batches).
+    fn release_sources(&mut self) {
+        for src in self.released.drain(..) {
+            match src {
+                Source::Bounce(id) => self.bounce.release(id),
+                Source::Umem { uplink, addr } => {
+                    if let Some(u) = self.uplinks.get_mut(usize::from(uplink)) {
+                        u.to_refill.push(addr);
+                    }
+                }
+            }
+        }
+        for u in &mut self.uplinks {
+            if !u.to_refill.is_empty() {
+                u.port.rx_release(&u.to_refill);
+                u.to_refill.clear();
+            }
+        }
+    }
+
+    fn flush_uplinks(&mut self) {
+        for u in &mut self.uplinks {
+            u.port.tx_flush();
+        }
+    }
+
+    fn publish(&mut self) {
+        for slot in &self.guests {
+            slot.device().publish_copy_stats(slot.copy_stats());
+        }
+        for u in &self.uplinks {
+            u.publish();
+        }
+        self.last_publish = Instant::now();
+    }
+
+    /// Sleeps until a socket has frames, a guest kicks, a copy completes, a command comes, or
+    /// [`PARK_MAX`] passes.
+    fn park(&mut self) {
+        self.publish();
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        // The last look, after saying we sleep: a kick from here on writes the eventfd.
+        let mut more = false;
+        for slot in &self.guests {
+            let Some(mem) = slot.memory() else { continue };
+            if !slot.device().event_idx() {
+                continue; // without EVENT_IDX the guest kicks for every frame
+            }
+            for pair in 0..slot.pairs() {
+                if let Some(vring) = slot.tx_vring(pair) {
+                    let state = vring.get_ref();
+                    if queue::serving(state.get_queue(), state.is_enabled())
+                        && queue::notify_on_more(state.get_queue(), &*mem).unwrap_or(false)
+                    {
+                        more = true;
+                    }
+                }
+            }
+        }
+        if !more {
+            let inflight = self.guests.iter().any(|g| g.has_inflight());
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + self.uplinks.len());
+            fds.push(PollFd::new(self.shared.wake.as_fd(), PollFlags::POLLIN));
+            for u in &self.uplinks {
+                fds.push(PollFd::new(u.port.fd(), PollFlags::POLLIN));
+            }
+            let completion: Vec<BorrowedFd<'_>> = self
+                .guests
+                .iter()
+                .flat_map(|g| g.completion_fds())
+                .collect();
+            for fd in completion {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            // Copies in flight on a channel without a completion fd: look again soon.
+            let timeout = if inflight {
+                Duration::from_millis(1)
+            } else {
+                PARK_MAX
+            };
+            let _ = poll(
+                &mut fds,
+                PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+            );
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        let _ = self.shared.wake.read();
+    }
+}
+
+/// A flow's hash, to spread a guest's frames over its RX queues: the IPv4 or IPv6 addresses
+/// and (TCP/UDP) ports when there are any, else the MACs.
+pub fn flow_hash(frame: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut mix = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    };
+    let ethertype = frame.get(12..14).map(|t| u16::from_be_bytes([t[0], t[1]]));
+    match ethertype {
+        Some(0x0800) if frame.len() >= 34 => {
+            let ihl = usize::from(frame[14] & 0x0f) * 4;
+            mix(&frame[26..34]);
+            if matches!(frame[23], 6 | 17)
+                && let Some(ports) = frame.get(14 + ihl..18 + ihl)
+            {
+                mix(ports);
+            }
+        }
+        Some(0x86dd) if frame.len() >= 54 => {
+            mix(&frame[22..54]);
+            if matches!(frame[20], 6 | 17)
+                && let Some(ports) = frame.get(54..58)
+            {
+                mix(ports);
+            }
+        }
+        _ => mix(frame.get(..12).unwrap_or(frame)),
+    }
+    h
+}
