@@ -353,3 +353,7 @@ impl GuestSlot {
         self.to_guest.iter().filter_map(ToGuest::completion_fd)
     }
 }
+
+#[cfg(test)]
+#[path = "slot_tests.rs"]
+mod tests;

@@ -328,3 +328,191 @@ fn finish(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Weak,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use virtio_queue::{
+        desc::{RawDescriptor, split::Descriptor as SplitDescriptor},
+        mock::MockSplitQueue,
+    };
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::copy::{
+        ChannelKind, ChannelPool, Completed, DmaChannel, DmaError, OpStatus, QueueRef,
+    };
+
+    const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+
+    /// A channel whose copies complete only once its gate opens (it moves no bytes: these
+    /// tests are about who owns what while copies are in flight, not about the bytes).
+    #[derive(Debug)]
+    struct Gate {
+        open: Arc<AtomicBool>,
+        enqueued: u64,
+        submitted: u64,
+        reported: u64,
+    }
+
+    impl DmaChannel for Gate {
+        fn kind(&self) -> ChannelKind {
+            ChannelKind::Mock
+        }
+        fn name(&self) -> &str {
+            "gate"
+        }
+        unsafe fn copy(&mut self, _: *const u8, _: *mut u8, _: u32) -> Result<u16, DmaError> {
+            if self.burst_capacity() == 0 {
+                return Err(DmaError::Full);
+            }
+            self.enqueued += 1;
+            Ok((self.enqueued - 1) as u16)
+        }
+        fn submit(&mut self) -> Result<(), DmaError> {
+            self.submitted = self.enqueued;
+            Ok(())
+        }
+        fn completed(&mut self, max: u16) -> Completed {
+            if !self.open.load(Ordering::Relaxed) || self.submitted == self.reported {
+                return Completed::default();
+            }
+            let n = (self.submitted - self.reported).min(u64::from(max));
+            self.reported += n;
+            Completed {
+                count: n as u16,
+                last_idx: (self.reported - 1) as u16,
+                has_error: false,
+            }
+        }
+        fn completed_status(&mut self, _: &mut [OpStatus]) -> u16 {
+            0
+        }
+        fn burst_capacity(&self) -> u16 {
+            (256 - (self.enqueued - self.reported)) as u16
+        }
+        fn completion_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+            None
+        }
+    }
+
+    /// A queue's copy side on a gate channel (every copy to the channel: threshold 0), and
+    /// its gate.
+    fn gated() -> (ToGuest, Arc<AtomicBool>) {
+        let open = Arc::new(AtomicBool::new(false));
+        let mut pool = ChannelPool::new();
+        let gate = Gate {
+            open: Arc::clone(&open),
+            enqueued: 0,
+            submitted: 0,
+            reported: 0,
+        };
+        pool.add(Box::new(gate), 0);
+        let queue = QueueRef {
+            device: "t".to_owned(),
+            queue: 0,
+        };
+        let bound = pool.bind("gate", queue).unwrap();
+        (ToGuest::new(Some(bound), Arc::default()), open)
+    }
+
+    fn memory() -> Arc<GuestMem> {
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap())
+    }
+
+    /// A queue at `at` with `buffers` RX buffers of 2 KiB.
+    fn rx_queue(mem: &GuestMem, at: u64, buffers: u16) -> (Queue, u64) {
+        let vq = MockSplitQueue::create(mem, GuestAddress(at), 16);
+        let descs: Vec<RawDescriptor> = (0..buffers)
+            .map(|i| {
+                let addr = at + 0x1_0000 + u64::from(i) * 0x800;
+                RawDescriptor::from(SplitDescriptor::new(addr, 2048, WRITE, 0))
+            })
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        (vq.create_queue().unwrap(), vq.used_addr().0)
+    }
+
+    fn used_idx(mem: &GuestMem, used: u64) -> u16 {
+        vm_memory::Bytes::read_obj(mem, GuestAddress(used + 2)).unwrap()
+    }
+
+    const FRAME: [u8; 1000] = [7; 1000];
+
+    /// Places `n` frames from bounce buffers 0.. into `q`.
+    fn place(
+        dma: &mut ToGuest,
+        q: &mut Queue,
+        mem: &Arc<GuestMem>,
+        n: u32,
+        counters: &GuestCounters,
+    ) {
+        for i in 0..n {
+            let placed = dma.place(q, mem, &FRAME, Source::Bounce(i), false, counters);
+            assert_eq!(placed, Placed::InFlight);
+        }
+        dma.flush();
+    }
+
+    #[test]
+    fn in_flight_frames_keep_their_guest_memory_mapped() {
+        let (mut dma, open) = gated();
+        let counters = GuestCounters::default();
+        let mem = memory();
+        let (mut q, used) = rx_queue(&mem, 0, 4);
+        let weak: Weak<GuestMem> = Arc::downgrade(&mem);
+        let handle = Arc::clone(&mem);
+        place(&mut dma, &mut q, &handle, 2, &counters);
+        assert_eq!(dma.inflight(), 2);
+        // What SET_MEM_TABLE does to the worker's references to the old table.
+        drop(handle);
+        let gone = Arc::try_unwrap(mem).is_ok();
+        assert!(
+            !gone,
+            "the frames in flight hold the memory their copies write"
+        );
+        let mem = weak.upgrade().expect("still mapped");
+        open.store(true, Ordering::Relaxed);
+        let mut released = Vec::new();
+        assert!(dma.complete(&mut q, &mem, &counters, &mut |s| released.push(s)));
+        assert_eq!(
+            released,
+            vec![Source::Bounce(0), Source::Bounce(1)],
+            "in order"
+        );
+        assert_eq!(used_idx(&mem, used), 2);
+        assert_eq!(counters.to_guest_packets.load(Ordering::Relaxed), 2);
+        drop(mem);
+        assert!(weak.upgrade().is_none(), "released with the last copy");
+    }
+
+    #[test]
+    fn frames_of_a_queue_that_is_gone_are_never_marked_used_in_the_next() {
+        let (mut dma, open) = gated();
+        let counters = GuestCounters::default();
+        let mem = memory();
+        let (mut old, old_used) = rx_queue(&mem, 0, 4);
+        place(&mut dma, &mut old, &mem, 1, &counters);
+        // A reset while the channel is stuck: the drain gives up (after its timeout).
+        let mut released = Vec::new();
+        dma.drain(None, &counters, &mut |s| released.push(s));
+        assert!(released.is_empty(), "still the channel's");
+        assert_eq!(dma.inflight(), 1);
+        // The next connection's queue, elsewhere; then the channel finishes the old copy.
+        let (mut new, new_used) = rx_queue(&mem, 0x8_0000, 4);
+        open.store(true, Ordering::Relaxed);
+        let placed = dma.place(&mut new, &mem, &FRAME, Source::Bounce(9), false, &counters);
+        assert_eq!(placed, Placed::InFlight);
+        dma.flush();
+        dma.drain(Some((&mut new, &mem)), &counters, &mut |s| released.push(s));
+        assert_eq!(released, vec![Source::Bounce(0), Source::Bounce(9)]);
+        assert_eq!(used_idx(&mem, old_used), 0);
+        assert_eq!(used_idx(&mem, new_used), 1, "only the new frame");
+        assert_eq!(counters.to_guest_packets.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.to_guest_dropped_reset.load(Ordering::Relaxed), 1);
+    }
+}
