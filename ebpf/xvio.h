@@ -54,7 +54,7 @@ struct xvio_guest_stats {
 	__u32 connected;         /* 1 while a vhost-user frontend is connected */
 	__u8 mac[6];             /* the guest's MAC */
 	__u16 queue_pairs;
-	__u32 reserved;
+	__u32 ready;             /* 1 while the datapath delivers frames to it (memory and an RX queue up) */
 	__u64 to_guest_packets;  /* frames written into the guest */
 	__u64 to_guest_bytes;
 	__u64 from_guest_packets; /* frames the guest sent that were forwarded (guests, wire) */

@@ -278,8 +278,9 @@ pub struct GuestStats {
     pub mac: [u8; 6],
     /// Queue pairs.
     pub queue_pairs: u16,
-    /// Reserved, 0.
-    pub reserved: u32,
+    /// 1 while the datapath delivers frames to the guest (it has the guest's memory and an
+    /// RX queue the frontend started); until then frames for it are dropped and counted.
+    pub ready: u32,
     /// Frames written into the guest.
     pub to_guest_packets: u64,
     /// Their bytes.

@@ -72,6 +72,27 @@ fn wait_output(mut child: Child, limit: Duration) -> Output {
     child.wait_with_output().expect("wait_with_output")
 }
 
+/// Waits (at most 10 s) until `n` guests in the pinned `guest_stats` map at `map` say
+/// `ready` (the datapath delivers frames to them: frames sent before are dropped); the map
+/// is written about once a second.
+pub fn wait_guests_ready(map: &Path, n: usize) -> Result<(), String> {
+    let start = Instant::now();
+    let mut dump = String::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(map)
+            .output()
+            .map_err(|e| format!("bpftool: {e}"))?;
+        dump = String::from_utf8_lossy(&out.stdout).into_owned();
+        if dump.matches("\"ready\":1").count() >= n {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{n} guests were not ready within 10 s: {dump}"))
+}
+
 /// A running daemon; SIGTERMed (and waited for) on drop if not stopped explicitly.
 #[derive(Debug)]
 pub struct Daemon {

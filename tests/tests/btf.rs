@@ -195,7 +195,7 @@ fn common_matches_btf() {
             ("connected", offset_of!(GuestStats, connected)),
             ("mac", offset_of!(GuestStats, mac)),
             ("queue_pairs", offset_of!(GuestStats, queue_pairs)),
-            ("reserved", offset_of!(GuestStats, reserved)),
+            ("ready", offset_of!(GuestStats, ready)),
             ("to_guest_packets", offset_of!(GuestStats, to_guest_packets)),
             ("to_guest_bytes", offset_of!(GuestStats, to_guest_bytes)),
             (

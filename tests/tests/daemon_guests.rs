@@ -5,7 +5,7 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use xvio_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, wait_guests_ready},
     frames::{ETH_P_EXPERIMENTAL, frame},
     guest::TestGuest,
     privileged, unique_name,
@@ -49,6 +49,7 @@ fn guest_counters_are_in_a_pinned_map_with_field_names() {
         1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
     );
     b.post_rx(8, 2048);
+    wait_guests_ready(&map, 2).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
     let f = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 300, 1);
     a.send(&f);
     assert_eq!(b.receive(1, Duration::from_secs(5)), vec![f]);

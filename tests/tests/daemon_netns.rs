@@ -9,7 +9,7 @@ use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
 use xvio::xsk::{XskConfig, XskPort};
 use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
 use xvio_tests::{
-    daemon::run_xvio,
+    daemon::{run_xvio, wait_guests_ready},
     frames::{ETH_P_EXPERIMENTAL, frame, seq_of},
     guest::TestGuest,
     netns::mac_of,
@@ -247,6 +247,8 @@ fn steered_frames_without_a_socket_pass_to_the_kernel_and_are_logged() {
     let mut b = TestGuest::connect(&sb, refuse);
     a.post_rx(4, 2048);
     b.post_rx(4, 2048);
+    let guests = Path::new(xvio_common::PIN_ROOT).join("guests/guest_stats");
+    wait_guests_ready(&guests, 2).unwrap_or_else(|e| panic!("{e}"));
     let (mac_a, mac_b) = ([0x52, 0x54, 0, 0, 2, 0x0a], [0x52, 0x54, 0, 0, 2, 0x0b]);
     for seq in 0..3 {
         b.send(&frame(mac_a, mac_b, None, ETH_P_EXPERIMENTAL, 200, seq));

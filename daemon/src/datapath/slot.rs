@@ -184,7 +184,7 @@ impl GuestSlot {
     /// Places `frames` (each a source and its bytes) into RX queue pair `pair`, one lock for
     /// all. Sources whose frame is done with (delivered by the CPU, or dropped) go to
     /// `release`; those whose copies are in flight come back from [`Self::complete`].
-    pub fn to_guest<'a>(
+    pub fn deliver<'a>(
         &mut self,
         pair: usize,
         mem: &Arc<GuestMem>,
@@ -293,7 +293,7 @@ impl GuestSlot {
     /// completed into it (it is still mapped, and the frontend reads its position next); a
     /// broken queue starts afresh when the frontend starts it again.
     pub fn stop_vring(&mut self, queue: usize, release: &mut impl FnMut(Source)) {
-        if queue % 2 == 0 {
+        if queue.is_multiple_of(2) {
             self.drain(queue / 2, true, release);
             self.rx_ready &= !(1 << (queue / 2));
         }

@@ -82,7 +82,7 @@ fn a_queue_that_is_not_ready_is_not_touched() {
     let Some((slot, released)) = returns(move || {
         let mut released = Vec::new();
         let frames = std::iter::once((Source::Bounce(3), &f[..]));
-        slot.to_guest(0, &snapshot, frames, &mut |s| released.push(s));
+        slot.deliver(0, &snapshot, frames, &mut |s| released.push(s));
         (slot, released)
     }) else {
         panic!("to_guest spun on a queue that is not ready");
@@ -139,7 +139,7 @@ fn too_few_rx_buffers_for_a_frame_ask_for_a_kick_instead_of_spinning() {
     let snapshot = slot.memory().unwrap();
     let (f, s) = (big.clone(), Arc::clone(&snapshot));
     let Some(mut slot) = returns(move || {
-        slot.to_guest(
+        slot.deliver(
             0,
             &s,
             std::iter::once((Source::Bounce(0), &f[..])),
@@ -166,7 +166,7 @@ fn too_few_rx_buffers_for_a_frame_ask_for_a_kick_instead_of_spinning() {
 
     // The guest adds a second buffer: the next frame goes into both.
     vq.add_desc_chains(&[rx_buffer(0x3_0000, 2048)], 1).unwrap();
-    slot.to_guest(
+    slot.deliver(
         0,
         &snapshot,
         std::iter::once((Source::Bounce(0), &big[..])),

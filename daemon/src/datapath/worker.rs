@@ -277,8 +277,8 @@ impl Worker {
             if !self.commands() {
                 break;
             }
-            let mut work = self.from_wire();
-            work += self.from_guests();
+            let mut work = self.poll_wire();
+            work += self.poll_guests();
             work += self.complete_copies();
             self.flush_uplinks();
             if self.last_publish.elapsed() >= PUBLISH_EVERY {
@@ -370,7 +370,7 @@ impl Worker {
     }
 
     /// A burst from each uplink into the guests; returns the frames received.
-    fn from_wire(&mut self) -> usize {
+    fn poll_wire(&mut self) -> usize {
         for slot in &mut self.guests {
             slot.refresh_ready();
         }
@@ -436,10 +436,10 @@ impl Worker {
                         port.frame(addr, len),
                     )
                 });
-                guests[s].to_guest(p, &mem, frames, &mut |src| released.push(src));
-                for j in i..n {
-                    if rx_dest[j] == Some((s, p)) {
-                        rx_dest[j] = None;
+                guests[s].deliver(p, &mem, frames, &mut |src| released.push(src));
+                for dest in &mut rx_dest[i..n] {
+                    if *dest == Some((s, p)) {
+                        *dest = None;
                     }
                 }
             }
@@ -449,14 +449,14 @@ impl Worker {
     }
 
     /// A burst from each guest TX queue; returns the chains taken.
-    fn from_guests(&mut self) -> usize {
+    fn poll_guests(&mut self) -> usize {
         let mut total = 0;
         for s in 0..self.guests.len() {
             let Some(mem) = self.guests[s].memory() else {
                 continue;
             };
             for pair in 0..self.guests[s].pairs() {
-                total += self.from_guest(s, pair, &mem);
+                total += self.poll_guest_tx(s, pair, &mem);
                 self.deliver_bounced(&mem);
             }
         }
@@ -464,7 +464,7 @@ impl Worker {
     }
 
     /// Takes up to a burst of chains from TX queue `pair` of guest `s`.
-    fn from_guest(&mut self, s: usize, pair: usize, mem: &Arc<GuestMem>) -> usize {
+    fn poll_guest_tx(&mut self, s: usize, pair: usize, mem: &Arc<GuestMem>) -> usize {
         let queue_index = 2 * pair + 1;
         if self.guests[s].is_broken(queue_index) {
             return 0;
@@ -498,7 +498,7 @@ impl Worker {
                     GuestCounters::add(&counters.from_guest_no_route, 1);
                     TxChain::Frame(0)
                 }
-                Some(Dest::Wire) => self.to_wire(&counters, chain, mem),
+                Some(Dest::Wire) => self.send_to_wire(&counters, chain, mem),
                 Some(dest) => match self.bounce.take() {
                     None => {
                         GuestCounters::add(&counters.from_guest_dropped_full, 1);
@@ -556,7 +556,7 @@ impl Worker {
     }
 
     /// Copies a guest's chain into a frame of the first uplink and queues it (one copy).
-    fn to_wire<M>(
+    fn send_to_wire<M>(
         &mut self,
         counters: &GuestCounters,
         chain: virtio_queue::DescriptorChain<M>,
@@ -638,7 +638,7 @@ impl Worker {
             return;
         };
         let frame = bounce.frame(b.buf, 0, b.len);
-        slot.to_guest(
+        slot.deliver(
             pair,
             &mem,
             std::iter::once((Source::Bounce(b.buf), frame)),

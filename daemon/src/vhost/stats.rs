@@ -116,7 +116,7 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         connected: u32::from(guest.is_connected()),
         mac: device.mac().0,
         queue_pairs: guest.queue_pairs(),
-        reserved: 0,
+        ready: u32::from(device.is_ready()),
         to_guest_packets: get(&c.to_guest_packets),
         to_guest_bytes: get(&c.to_guest_bytes),
         from_guest_packets: get(&c.from_guest_packets),
