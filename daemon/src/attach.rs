@@ -303,16 +303,37 @@ impl AttachedIface {
     }
 
     fn fill_steer(&mut self, steer: &[SteerSpec]) -> Result<(), AttachError> {
+        // `--steer` entries name no guest: ids from the top down, out of the guests' way.
+        for (n, spec) in (0u32..).zip(steer) {
+            self.steer(spec.key(), u32::MAX - n)?;
+        }
+        Ok(())
+    }
+
+    /// Steers frames to `key` (a guest's MAC and VLAN) into the AF_XDP sockets, naming guest
+    /// `guest_id` in the entry.
+    pub fn steer(&mut self, key: xvio_common::SteerKey, guest_id: u32) -> Result<(), AttachError> {
         let map = self
             .ebpf
             .map_mut(maps::STEER)
             .ok_or(AttachError::Missing(maps::STEER))?;
         let mut hash: HashMap<&mut MapData, xvio_common::SteerKey, SteerValue> =
             HashMap::try_from(map).map_err(map_error(maps::STEER))?;
-        for (guest_id, spec) in (0u32..).zip(steer) {
-            hash.insert(spec.key(), SteerValue { guest_id, flags: 0 }, 0)
-                .map_err(map_error(maps::STEER))?;
-        }
+        hash.insert(key, SteerValue { guest_id, flags: 0 }, 0)
+            .map_err(map_error(maps::STEER))?;
+        self.steer_entries = hash.keys().count() as u32;
+        Ok(())
+    }
+
+    /// Stops steering `key` (its guest is gone); frames to it pass to the kernel again.
+    pub fn unsteer(&mut self, key: xvio_common::SteerKey) -> Result<(), AttachError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::STEER)
+            .ok_or(AttachError::Missing(maps::STEER))?;
+        let mut hash: HashMap<&mut MapData, xvio_common::SteerKey, SteerValue> =
+            HashMap::try_from(map).map_err(map_error(maps::STEER))?;
+        let _ = hash.remove(&key);
         self.steer_entries = hash.keys().count() as u32;
         Ok(())
     }

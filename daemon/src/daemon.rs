@@ -142,6 +142,17 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
             Ok(guest)
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
+    // Frames to a guest's MAC go to the AF_XDP sockets of every interface, the rest to the
+    // kernel.
+    for iface in &mut ifaces {
+        for guest in &guests {
+            let key = xvio_common::SteerKey {
+                mac: guest.device().mac().0,
+                vlan: 0,
+            };
+            iface.attached.steer(key, guest.device().id())?;
+        }
+    }
     let mut guest_map = open_guest_stats(config, &guests);
     runtime.block_on(control_loop(
         &mut ifaces,

@@ -79,7 +79,7 @@ fn guest_counters_are_in_a_pinned_map_with_field_names() {
         "B received one frame: {dump}"
     );
     assert!(
-        dump.contains("\"tx_bytes\":300") && dump.contains("\"rx_bytes\":300"),
+        dump.contains("\"from_guest_bytes\":300") && dump.contains("\"to_guest_bytes\":300"),
         "{dump}"
     );
     assert!(

@@ -23,6 +23,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "busybox-static",
     "iperf3",
     "python3",
+    "ethtool",
 ];
 /// Packages `cargo xtask run` needs (the demo pings from its namespace).
 pub const RUN_PACKAGES: &[&str] = &[
