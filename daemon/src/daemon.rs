@@ -130,7 +130,19 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
             attached.pin_dir().display(),
             xvio_common::maps::XDP_STATS
         );
-        ifaces.push(Iface { ports, attached });
+        // Broadcast and multicast from the wire (ARP, ND, DHCP) reach the guests as well.
+        let group_tap = match datapath.add_group_tap(name) {
+            Ok(tap) => Some(tap),
+            Err(e) => {
+                warn!(iface = %name, error = %e, "broadcast and multicast from the wire will not reach the guests (AF_PACKET tap)");
+                None
+            }
+        };
+        ifaces.push(Iface {
+            ports,
+            _group_tap: group_tap,
+            attached,
+        });
     }
     // The guests.
     let guests = config
@@ -176,12 +188,14 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// An attached interface and its AF_XDP ports' counters (the sockets are the datapath's).
+/// An attached interface, its AF_XDP ports' counters (the sockets are the datapath's) and
+/// its broadcast tap.
 struct Iface {
     ports: Vec<(
         u32,
         std::sync::Arc<std::sync::Mutex<xvio_common::PortStats>>,
     )>,
+    _group_tap: Option<crate::xsk::tap::GroupTap>,
     attached: AttachedIface,
 }
 

@@ -38,7 +38,11 @@ fn guest_talks_to_the_peer(mrg_rxbuf: bool, dma: bool) {
         .args(["ethtool", "-K", &topo.peer_if, "tx", "off"])
         .output()
         .expect("ethtool (apt-get install ethtool)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-nic-")));
     let guest = format!("socket={},mac={GUEST_MAC}", socket.display());
     let mut args = vec!["--guest", &guest];
@@ -65,7 +69,9 @@ fn guest_talks_to_the_peer(mrg_rxbuf: bool, dma: bool) {
         "ping, then iperf3 both ways (mrg_rxbuf {mrg_rxbuf}, dma {dma}):\n{console}\n--- xvio ---\n{log}"
     );
     for line in &receivers {
-        eprintln!("iperf3 guest <-> peer through xvio (TCG, mrg_rxbuf {mrg_rxbuf}, dma {dma}): {line}");
+        eprintln!(
+            "iperf3 guest <-> peer through xvio (TCG, mrg_rxbuf {mrg_rxbuf}, dma {dma}): {line}"
+        );
     }
     let host = String::from_utf8_lossy(&host.stdout);
     assert!(

@@ -20,6 +20,7 @@ pub mod bounce;
 pub mod counters;
 pub mod device;
 pub mod fdb;
+pub mod inbox;
 pub mod slot;
 pub mod to_guest;
 pub mod worker;
@@ -147,6 +148,20 @@ impl Datapath {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&device.mac().0);
+    }
+
+    /// Floods the broadcast and multicast frames `ifname` receives (in this thread's network
+    /// namespace) to every guest, while the host still gets them; the tap runs until dropped.
+    pub fn add_group_tap(&self, ifname: &str) -> std::io::Result<crate::xsk::tap::GroupTap> {
+        let inbox = Arc::new(inbox::Inbox::default());
+        let (to_worker, link) = (Arc::clone(&inbox), self.link.clone());
+        let tap = crate::xsk::tap::GroupTap::start(ifname, move |frame| {
+            if to_worker.push(frame) {
+                link.kick();
+            }
+        })?;
+        self.link.send(Command::AddGroupInbox(inbox));
+        Ok(tap)
     }
 
     /// Serves an AF_XDP socket; returns where its counters are published.

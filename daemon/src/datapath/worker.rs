@@ -34,6 +34,7 @@ use super::{
     counters::GuestCounters,
     device::{GuestId, Vring},
     fdb::{self, Dest, Fdb},
+    inbox::Inbox,
     slot::GuestSlot,
     to_guest::Source,
 };
@@ -99,6 +100,8 @@ pub enum Command {
     },
     /// Serve this uplink (an AF_XDP socket on one NIC queue).
     AddUplink(Box<Uplink>),
+    /// Flood the group frames from the wire that arrive here to every guest.
+    AddGroupInbox(Arc<Inbox>),
     /// Leave.
     Stop,
 }
@@ -113,6 +116,7 @@ impl std::fmt::Debug for Command {
             Command::StopVring { .. } => "StopVring",
             Command::Reset { .. } => "Reset",
             Command::AddUplink(_) => "AddUplink",
+            Command::AddGroupInbox(_) => "AddGroupInbox",
             Command::Stop => "Stop",
         };
         f.write_str(name)
@@ -213,8 +217,11 @@ impl Uplink {
 struct Bounced {
     buf: u32,
     len: usize,
+    /// The sending guest's slot (`usize::MAX`: the wire).
     from: usize,
     dest: Dest,
+    /// A flooded frame goes to the wire too (not one that came from it).
+    to_wire: bool,
 }
 
 /// The worker's own state.
@@ -226,6 +233,8 @@ pub struct Worker {
     guests: Vec<GuestSlot>,
     uplinks: Vec<Uplink>,
     bounce: Bounce,
+    /// Broadcast and multicast frames from the wire (see `xsk::tap`).
+    group_inboxes: Vec<Arc<Inbox>>,
     /// Scratch of one burst, allocated once.
     rx_descs: [(u64, u32); BURST],
     rx_dest: [Option<(usize, usize)>; BURST],
@@ -261,6 +270,7 @@ impl Worker {
             guests: Vec::new(),
             uplinks: Vec::new(),
             bounce: Bounce::default(),
+            group_inboxes: Vec::new(),
             rx_descs: [(0, 0); BURST],
             rx_dest: [None; BURST],
             bounced: Vec::with_capacity(BURST),
@@ -278,6 +288,7 @@ impl Worker {
                 break;
             }
             let mut work = self.poll_wire();
+            work += self.poll_group_inboxes();
             work += self.poll_guests();
             work += self.complete_copies();
             self.flush_uplinks();
@@ -355,6 +366,7 @@ impl Worker {
                     let _ = ack.send(());
                 }
                 Command::AddUplink(uplink) => self.uplinks.push(*uplink),
+                Command::AddGroupInbox(inbox) => self.group_inboxes.push(inbox),
                 Command::Stop => return false,
             }
         }
@@ -448,6 +460,36 @@ impl Worker {
         total
     }
 
+    /// Floods the group frames from the wire to every guest (through bounce buffers: these
+    /// are rare); returns how many.
+    fn poll_group_inboxes(&mut self) -> usize {
+        let mut total = 0;
+        for i in 0..self.group_inboxes.len() {
+            if !self.group_inboxes[i].has_frames() {
+                continue;
+            }
+            let inbox = Arc::clone(&self.group_inboxes[i]);
+            total += inbox.drain(|frame| {
+                let Some(buf) = self.bounce.take() else {
+                    return;
+                };
+                let len = frame.len().min(self.bounce.buf_mut(buf).len());
+                self.bounce.buf_mut(buf)[..len].copy_from_slice(&frame[..len]);
+                self.bounced.push(Bounced {
+                    buf,
+                    len,
+                    from: usize::MAX,
+                    dest: Dest::Flood,
+                    to_wire: false,
+                });
+            });
+        }
+        if total > 0 {
+            self.deliver_bounced();
+        }
+        total
+    }
+
     /// A burst from each guest TX queue; returns the chains taken.
     fn poll_guests(&mut self) -> usize {
         let mut total = 0;
@@ -457,7 +499,7 @@ impl Worker {
             };
             for pair in 0..self.guests[s].pairs() {
                 total += self.poll_guest_tx(s, pair, &mem);
-                self.deliver_bounced(&mem);
+                self.deliver_bounced();
             }
         }
         total
@@ -515,6 +557,7 @@ impl Worker {
                                 len,
                                 from: s,
                                 dest,
+                                to_wire: true,
                             });
                         } else {
                             self.bounce.release(buf);
@@ -589,8 +632,7 @@ impl Worker {
     }
 
     /// The second copy of the frames from guests waiting in bounce buffers.
-    fn deliver_bounced(&mut self, mem_of_sender: &Arc<GuestMem>) {
-        let _ = mem_of_sender;
+    fn deliver_bounced(&mut self) {
         // In the order the guest sent them.
         for i in 0..self.bounced.len() {
             let b = self.bounced[i];
@@ -603,7 +645,8 @@ impl Worker {
                             self.bounce_to_guest(b, d);
                         }
                     }
-                    if let Some(uplink) = self.uplinks.first_mut()
+                    if b.to_wire
+                        && let Some(uplink) = self.uplinks.first_mut()
                         && let Some(base) = uplink.port.tx_alloc()
                     {
                         let frame = uplink.port.frame_mut(base);

@@ -6,6 +6,7 @@
 
 pub mod port;
 pub mod queues;
+pub mod tap;
 pub mod umem;
 pub mod worker;
 
