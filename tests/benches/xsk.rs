@@ -17,11 +17,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Ebpf,
-    maps::{Array, MapData, PerCpuArray},
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
-};
 use xvio::{
     attach::{AttachOptions, AttachedIface},
     config::{SteerSpec, XdpModeArg},
@@ -31,6 +26,7 @@ use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
     netns::mac_of,
     topology::Topology,
+    xdp::{DropCounter, Generator},
 };
 
 const GUEST: &str = "02:58:56:49:4f:01";
@@ -47,73 +43,6 @@ fn pin_self(core: usize) {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-/// The generator, loaded in the peer namespace, aimed out of `peer_if`.
-struct Generator {
-    ebpf: Ebpf,
-}
-
-impl Generator {
-    fn load(peer_if: &str) -> Generator {
-        let mut ebpf = Ebpf::load(xvio::BENCH_OBJECT).expect("load the bench object");
-        let prog: &mut Xdp = ebpf
-            .program_mut("xvio_bench_redirect")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        prog.load().unwrap();
-        let ifindex = nix::net::if_::if_nametoindex(peer_if).unwrap();
-        let mut cfg: Array<&mut MapData, u32> =
-            Array::try_from(ebpf.map_mut("bench_cfg").unwrap()).unwrap();
-        cfg.set(0, ifindex, 0).unwrap();
-        Generator { ebpf }
-    }
-
-    /// Sends `frames` copies of `data`; returns how long it took.
-    fn send(&self, data: &[u8], frames: u32) -> Duration {
-        let prog: &Xdp = self
-            .ebpf
-            .program("xvio_bench_redirect")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let start = Instant::now();
-        prog.test_run(TestRunOptions {
-            data_in: Some(data),
-            repeat: frames,
-            attrs: TestRunAttrs::new().xdp_live_frames(64),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN with live frames");
-        start.elapsed()
-    }
-}
-
-/// A counting XDP_DROP attached natively to an interface of the calling thread's namespace.
-struct DropCounter {
-    ebpf: Ebpf,
-}
-
-impl DropCounter {
-    fn attach(iface: &str) -> DropCounter {
-        let mut ebpf = Ebpf::load(xvio::BENCH_OBJECT).unwrap();
-        let prog: &mut Xdp = ebpf
-            .program_mut("xvio_bench_drop")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        prog.load().unwrap();
-        prog.attach(iface, XdpMode::Driver)
-            .expect("native XDP on veth");
-        DropCounter { ebpf }
-    }
-
-    fn count(&self) -> u64 {
-        let map: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("bench_count").unwrap()).unwrap();
-        map.get(&0, 0).unwrap().iter().sum()
-    }
 }
 
 /// Packets/s the kernel drops at XDP on `topo.ifname`.

@@ -145,6 +145,13 @@ impl Daemon {
         (status, self.log())
     }
 
+    /// Kills it with SIGKILL (a crash: it cleans nothing up) and reaps it.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("daemon already stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");
         let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));

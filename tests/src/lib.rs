@@ -13,6 +13,7 @@ pub mod netns;
 pub mod packet;
 pub mod qemu;
 pub mod topology;
+pub mod xdp;
 pub mod xsk;
 
 /// Whether a privileged test may run. Without root: in CI this panics (privileged tests

@@ -1,0 +1,258 @@
+//! Guests on the wire, with DPDK virtio-user frontends (testpmd) behind `xvio run --iface
+//! --guest`, and the other end of the attached veth in a peer namespace:
+//! - txonly guest → a counting XDP program on the peer: every frame testpmd sent is counted
+//!   there or in a named drop counter;
+//! - a live-frames generator on the peer → an rxonly guest: the same, the other way;
+//! - the peer pings an icmpecho guest by IP, resolving it by ARP (broadcast from the wire);
+//! - SIGKILL of the daemon under load: the host's own pings through the interface go on.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use aya::maps::{Array, Map, MapData};
+use xvio_common::{GuestStats, PortStats, maps};
+use xvio_tests::{
+    daemon::wait_guests_ready,
+    dpdk::Testpmd,
+    frames::{ETH_P_EXPERIMENTAL, frame},
+    netns::mac_of,
+    privileged,
+    topology::Topology,
+    unique_name,
+    xdp::{DropCounter, Generator},
+};
+
+/// testpmd busy-polls: one test at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const GUEST: &str = "02:00:00:00:07:01";
+const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x07, 0x01];
+
+fn socket() -> PathBuf {
+    std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-dd-")))
+}
+
+fn guest_map() -> PathBuf {
+    Path::new(xvio_common::PIN_ROOT).join("guests/guest_stats")
+}
+
+/// The guest's counters as the daemon published them last (after waiting for a publication).
+fn guest_stats() -> GuestStats {
+    std::thread::sleep(Duration::from_millis(1500));
+    let map = Map::Array(MapData::from_pin(guest_map()).unwrap());
+    let array: Array<MapData, GuestStats> = Array::try_from(map).unwrap();
+    array.get(&0, 0).unwrap()
+}
+
+fn port_stats(topo: &Topology) -> PortStats {
+    let map = Map::Array(MapData::from_pin(topo.pin_dir().join(maps::PORT_STATS)).unwrap());
+    let array: Array<MapData, PortStats> = Array::try_from(map).unwrap();
+    array.get(&0, 0).unwrap()
+}
+
+/// A counter of `ifname` in `ns` (`ip -s link`), e.g. "tx_dropped".
+fn link_stat(ns: &xvio_tests::netns::Netns, ifname: &str, name: &str) -> u64 {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .args(["cat", &format!("/sys/class/net/{ifname}/statistics/{name}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// xvio on the host end with one guest served at a fresh socket.
+fn daemon_with_guest(topo: &Topology, socket: &Path, extra: &[&str]) -> xvio_tests::daemon::Daemon {
+    let guest = format!("socket={},mac={GUEST}", socket.display());
+    let mut args = vec!["--guest", guest.as_str()];
+    args.extend_from_slice(extra);
+    topo.start(&args)
+}
+
+#[test]
+fn frames_a_guest_sends_to_the_wire_are_each_counted_at_the_peer_or_dropped_by_name() {
+    if !privileged(
+        "frames_a_guest_sends_to_the_wire_are_each_counted_at_the_peer_or_dropped_by_name",
+    ) {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new(1);
+    let counter = topo.peer.run(|| DropCounter::attach(&topo.peer_if));
+    let peer = mac_of(&topo.peer, &topo.peer_if);
+    let peer = peer.map(|b| format!("{b:02x}")).join(":");
+    let socket = socket();
+    let daemon = daemon_with_guest(&topo, &socket, &[]);
+    let tx = Testpmd::start(
+        &socket,
+        "txonly",
+        64,
+        &peer,
+        &format!(",mac={GUEST}"),
+        "0,1",
+    );
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    std::thread::sleep(Duration::from_secs(3));
+    let (sent, out) = tx.stop_keep_output();
+    let g = guest_stats();
+    let p = port_stats(&topo);
+    let counted = counter.count();
+    let veth_dropped = link_stat(&topo.host, &topo.ifname, "tx_dropped");
+    let report = format!(
+        "testpmd sent {}, xvio {g:?}, port {p:?}, peer counted {counted}, veth tx_dropped {veth_dropped}\n{out}",
+        sent.tx
+    );
+    eprintln!("{}", report.lines().next().unwrap_or_default());
+    let took = g.from_guest_packets
+        + g.from_guest_no_route
+        + g.from_guest_oversize
+        + g.from_guest_dropped_full
+        + g.malformed_chains;
+    assert!(g.from_guest_packets > 10_000, "frames flowed: {report}");
+    assert!(
+        took <= sent.tx && sent.tx - took <= 1024,
+        "xvio took what testpmd sent (but a ring): {report}"
+    );
+    assert_eq!(
+        g.from_guest_packets,
+        p.tx_packets + p.tx_ring_full,
+        "each frame xvio forwarded went into the tx ring or was dropped as tx_ring_full: {report}"
+    );
+    assert_eq!(
+        p.tx_packets,
+        counted + veth_dropped,
+        "each frame in the tx ring reached the peer or the veth dropped it: {report}"
+    );
+    topo.peer.run(move || drop(counter));
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
+    if !privileged("frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new(1);
+    let socket = socket();
+    let daemon = daemon_with_guest(&topo, &socket, &["--datapath-cpus", "1"]);
+    let rx = Testpmd::start(
+        &socket,
+        "rxonly",
+        64,
+        "02:00:00:00:00:02",
+        &format!(",mac={GUEST}"),
+        "1,0",
+    );
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    let data = frame(GUEST_MAC, src, None, ETH_P_EXPERIMENTAL, 64, 1);
+    const FRAMES: u32 = 200_000;
+    topo.peer
+        .run(|| Generator::load(&topo.peer_if).send(&data, FRAMES));
+    std::thread::sleep(Duration::from_millis(500));
+    let received = rx.stop();
+    let g = guest_stats();
+    let p = port_stats(&topo);
+    let report = format!("testpmd received {received:?}, xvio {g:?}, port {p:?}");
+    eprintln!("{report}");
+    assert!(g.to_guest_packets > 1000, "frames flowed: {report}");
+    assert_eq!(
+        p.rx_packets,
+        g.to_guest_packets
+            + g.to_guest_dropped_full
+            + g.to_guest_dropped_small
+            + g.to_guest_dropped_reset
+            + p.rx_no_guest,
+        "each frame the socket received was delivered or dropped by name: {report}"
+    );
+    assert!(
+        received.rx <= g.to_guest_packets && g.to_guest_packets - received.rx <= 1024,
+        "testpmd got what xvio delivered (but a ring): {report}"
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_peer_pings_a_guest_it_resolves_by_arp() {
+    if !privileged("a_peer_pings_a_guest_it_resolves_by_arp") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new(1);
+    let socket = socket();
+    let daemon = daemon_with_guest(&topo, &socket, &[]);
+    // icmpecho answers every ARP request and every echo request it gets.
+    let echo = Testpmd::start(
+        &socket,
+        "icmpecho",
+        64,
+        "02:00:00:00:00:02",
+        &format!(",mac={GUEST}"),
+        "1,0",
+    );
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", topo.peer.path()))
+        .args(["ping", "-c", "5", "-i", "0.2", "-W", "2", "10.252.0.9"])
+        .output()
+        .expect("ping");
+    let ping = String::from_utf8_lossy(&out.stdout);
+    let neigh = Command::new("nsenter")
+        .arg(format!("--net={}", topo.peer.path()))
+        .args(["ip", "neigh", "show", "10.252.0.9"])
+        .output()
+        .expect("ip neigh");
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    drop(echo);
+    assert!(
+        ping.contains(" 0% packet loss"),
+        "the peer resolved the guest by ARP and pinged it:\n{ping}\n{}",
+        daemon.log()
+    );
+    assert!(neigh.contains(GUEST), "learned by ARP, not static: {neigh}");
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn the_host_keeps_its_network_when_the_daemon_is_killed_under_load() {
+    if !privileged("the_host_keeps_its_network_when_the_daemon_is_killed_under_load") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new(1);
+    let peer = mac_of(&topo.peer, &topo.peer_if);
+    let peer = peer.map(|b| format!("{b:02x}")).join(":");
+    let socket = socket();
+    let daemon = daemon_with_guest(&topo, &socket, &[]);
+    let tx = Testpmd::start(
+        &socket,
+        "txonly",
+        64,
+        &peer,
+        &format!(",mac={GUEST}"),
+        "0,1",
+    );
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    std::thread::sleep(Duration::from_secs(1));
+    daemon.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", topo.host.path()))
+        .args(["ping", "-c", "10", "-i", "0.1", "-W", "1", "10.252.0.2"])
+        .output()
+        .expect("ping");
+    let ping = String::from_utf8_lossy(&out.stdout);
+    tx.crash();
+    assert!(
+        ping.contains(" 0% packet loss"),
+        "one second after SIGKILL the host's pings over the interface lose nothing:\n{ping}"
+    );
+}
