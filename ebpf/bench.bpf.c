@@ -7,6 +7,8 @@
  *   bpf_redirect, which on a veth lands in the peer's XDP path: millions of frames per
  *   second without pktgen (this kernel has no modules).
  * xvio_bench_drop: the in-kernel ceiling. Counts frames in bench_count and drops them.
+ * xvio_bench_count_src: a sink for tests and benchmarks. Counts and drops the frames whose
+ *   source MAC is bench_src[0] (a guest's), passes every other frame (the kernels' own).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -36,6 +38,37 @@ int xvio_bench_redirect(struct xdp_md *ctx)
 	if (!ifindex)
 		return XDP_ABORTED;
 	return bpf_redirect(*ifindex, 0);
+}
+
+struct bench_src {
+	__u8 mac[6];
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bench_src);
+} bench_src SEC(".maps");
+
+SEC("xdp")
+int xvio_bench_count_src(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u32 zero = 0;
+	struct bench_src *want = bpf_map_lookup_elem(&bench_src, &zero);
+	__u64 *count = bpf_map_lookup_elem(&bench_count, &zero);
+	__u8 *src = (__u8 *)data + 6;
+
+	if (!want || !count || (void *)(src + 6) > end)
+		return XDP_PASS;
+	if (src[0] != want->mac[0] || src[1] != want->mac[1] || src[2] != want->mac[2] ||
+	    src[3] != want->mac[3] || src[4] != want->mac[4] || src[5] != want->mac[5])
+		return XDP_PASS;
+	(*count)++;
+	return XDP_DROP;
 }
 
 SEC("xdp")

@@ -106,6 +106,19 @@ impl Testpmd {
         }
     }
 
+    /// Waits (at most 20 s) until testpmd forwards (its RX buffers are posted); whether it
+    /// does.
+    pub fn wait_forwarding(&self) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(20) {
+            if self.output().contains("Start automatic packet forwarding") {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
     /// What it printed so far.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

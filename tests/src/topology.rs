@@ -28,6 +28,19 @@ impl Topology {
     pub fn new(queues: u32) -> Topology {
         let host = Netns::new("h");
         let peer = Netns::new("q");
+        // No IPv6: its neighbour and router messages would be frames no test sent.
+        for ns in [&host, &peer] {
+            crate::netns::run(
+                "nsenter",
+                &[
+                    &format!("--net={}", ns.path()),
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            );
+        }
         let ifname = unique_name("xvh");
         let peer_if = unique_name("xvq");
         veth(

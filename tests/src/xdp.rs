@@ -59,12 +59,25 @@ pub struct DropCounter {
 
 impl DropCounter {
     pub fn attach(iface: &str) -> DropCounter {
+        DropCounter::attach_program(iface, "xvio_bench_drop", None)
+    }
+
+    /// As [`Self::attach`], counting (and dropping) only the frames from `src`; the others
+    /// pass to the kernel.
+    pub fn attach_from(iface: &str, src: [u8; 6]) -> DropCounter {
+        DropCounter::attach_program(iface, "xvio_bench_count_src", Some(src))
+    }
+
+    fn attach_program(iface: &str, name: &str, src: Option<[u8; 6]>) -> DropCounter {
         let mut ebpf = Ebpf::load(xvio::BENCH_OBJECT).unwrap();
-        let prog: &mut Xdp = ebpf
-            .program_mut("xvio_bench_drop")
-            .unwrap()
-            .try_into()
-            .unwrap();
+        if let Some(mac) = src {
+            let mut cfg: Array<&mut MapData, [u8; 8]> =
+                Array::try_from(ebpf.map_mut("bench_src").unwrap()).unwrap();
+            let mut value = [0u8; 8];
+            value[..6].copy_from_slice(&mac);
+            cfg.set(0, value, 0).unwrap();
+        }
+        let prog: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
         prog.load().unwrap();
         prog.attach(iface, XdpMode::Driver)
             .expect("native XDP on veth");

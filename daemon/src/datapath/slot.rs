@@ -234,6 +234,11 @@ impl GuestSlot {
                         continue;
                     }
                     GuestCounters::add(&counters.to_guest_dropped_full, 1);
+                    if GuestCounters::get(&counters.to_guest_dropped_full) % 5000 == 1 {
+                        use virtio_queue::QueueT;
+                        let q = state.get_queue();
+                        eprintln!("DEBUGNB next_avail {} avail {:?} size {} ready {} len {} desc {:#x} avail_ring {:#x} used {:#x} event_idx {} mrg {}", q.next_avail(), q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire), q.size(), q.ready(), frame.len(), q.desc_table(), q.avail_ring(), q.used_ring(), event_idx, mrg);
+                    }
                     release(src);
                 }
                 super::to_guest::Placed::Broken => {
