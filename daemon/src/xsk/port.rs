@@ -28,7 +28,7 @@ use super::{
     umem::{FramePool, OpenFailure, SocketSizes, XskSocket, raise_memlock},
 };
 
-/// Frames handled per call of `rx_burst` at most.
+/// Frames handled per call of `to_guest_burst` at most.
 pub const BURST: usize = 64;
 
 /// Sizes of a port.
