@@ -1,4 +1,5 @@
-//! One thread per AF_XDP port: it receives, reaps transmit completions, waits on the socket
+//! One thread per AF_XDP port: it takes the frames the NIC received (`to_guest`), moves
+//! accepted transmit frames into the tx ring and reaps their completions, waits on the socket
 //! when there is nothing to do, and publishes its counters for the control plane about every
 //! 100 ms (never per packet).
 //!
@@ -80,9 +81,9 @@ fn run(mut port: XskPort, stop: &AtomicBool, published: &Mutex<xvio_common::Port
     let mut no_guest = 0u64;
     let mut last = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        let n = port.rx_burst(BURST, |_frame| {});
+        let n = port.to_guest_burst(BURST, |_frame| {});
         no_guest += n as u64;
-        port.reap();
+        port.flush();
         if n == 0 {
             let mut fds = [PollFd::new(port.fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(IDLE_WAIT_MS));
