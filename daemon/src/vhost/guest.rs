@@ -29,7 +29,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    backend::{NetBackend, completion_event, mailbox_event},
+    backend::{NetBackend, completion_event, exit_event_id, mailbox_event},
     compat,
     switch::{Port, Switch, SwitchError},
 };
@@ -239,6 +239,49 @@ fn listen(path: &Path) -> Result<UnixListener, GuestError> {
     Ok(listener)
 }
 
+/// The daemon of one connection.
+type Daemon = VhostUserDaemon<Arc<RwLock<NetBackend>>>;
+
+/// Registers each worker's exit event on its epoll (see [`exit_event_id`]).
+fn watch_exits(daemon: &Daemon, backend: &RwLock<NetBackend>) -> std::io::Result<()> {
+    let b = backend.read().unwrap_or_else(|e| e.into_inner());
+    let id = u64::from(exit_event_id(b.num_queues()));
+    for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let fd = b
+            .exit_fd(thread)
+            .ok_or_else(|| std::io::Error::other(format!("no exit event for worker {thread}")))?;
+        handler.register_listener(fd, EventSet::IN, id)?;
+    }
+    Ok(())
+}
+
+/// Registers the mailbox and the RX copy channel's completions on pair 0's worker.
+fn watch_guest_events(daemon: &Daemon, backend: &RwLock<NetBackend>) -> std::io::Result<()> {
+    let b = backend.read().unwrap_or_else(|e| e.into_inner());
+    let num_queues = b.num_queues();
+    let Some(handler) = daemon.get_epoll_handlers().into_iter().next() else {
+        return Ok(());
+    };
+    let fd = b.port().mailbox().event().as_raw_fd();
+    handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))?;
+    if let Some(fd) = b.rx_completion_fd() {
+        handler.register_listener(fd, EventSet::IN, u64::from(completion_event(num_queues)))?;
+    }
+    Ok(())
+}
+
+/// Tells the current connection's workers to stop when dropped.
+struct StopWorkers<'a>(&'a RwLock<NetBackend>);
+
+impl Drop for StopWorkers<'_> {
+    fn drop(&mut self) {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop_workers();
+    }
+}
+
 /// What the serving thread shares with its [`Guest`].
 struct ServeState {
     stop: Arc<AtomicBool>,
@@ -301,25 +344,18 @@ fn serve(
                 return;
             }
         };
-        let num_queues = backend.read().map_or(2, |b| b.num_queues());
-        if let (Some(handler), Ok(b)) = (daemon.get_epoll_handlers().first(), backend.read()) {
-            let fd = b.port().mailbox().event().as_raw_fd();
-            if let Err(e) =
-                handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))
-            {
-                warn!(guest = %name, error = %e, "cannot watch the mailbox");
-                return;
-            }
-            if let Some(fd) = b.rx_completion_fd()
-                && let Err(e) = handler.register_listener(
-                    fd,
-                    EventSet::IN,
-                    u64::from(completion_event(num_queues)),
-                )
-            {
-                warn!(guest = %name, error = %e, "cannot watch the DMA channel's completions");
-                return;
-            }
+        if let Err(e) = watch_exits(&daemon, backend) {
+            // Dropping the daemon would wait for workers nothing can stop: leave them.
+            std::mem::forget(daemon);
+            warn!(guest = %name, error = %e, "cannot register the workers' exit events; the guest is not served any more");
+            return;
+        }
+        // From here on, whichever way this connection ends, its workers are told to stop
+        // before the daemon (dropped after this guard) waits for them.
+        let stop_workers = StopWorkers(backend);
+        if let Err(e) = watch_guest_events(&daemon, backend) {
+            warn!(guest = %name, error = %e, "cannot watch the mailbox or the DMA channel's completions");
+            return;
         }
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
@@ -333,7 +369,6 @@ fn serve(
                     .map_err(|e| e.to_string())
             });
         if let Err(e) = started {
-            backend.read().map(|b| b.stop_workers()).ok();
             if let Some(stream) = hangup {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
@@ -354,11 +389,16 @@ fn serve(
         if let Ok(mut slot) = shutdown.lock() {
             *slot = None;
         }
-        if let Ok(b) = backend.read() {
-            b.stop_workers();
-        }
+        // The workers stop, and are waited for, before the device is reset: none may pick
+        // up this connection's vrings or memory again afterwards.
+        drop(stop_workers);
+        drop(daemon);
         if let Ok(mut b) = backend.write() {
             b.reset_device();
+            // The backend's view of the guest's memory goes with the connection: the
+            // mapping (a whole VM's RAM) and its descriptors are released now, not when the
+            // next frontend sets its table.
+            let _ = b.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
         }
         match result {
             Ok(()) => {
