@@ -1,13 +1,14 @@
 //! Every vhost-user connection leaves nothing behind: connect and disconnect cycles of a
-//! real frontend (the `vhost` crate's, memfd memory) and short hostile sessions of random
-//! messages each return this process's open file descriptors and xvio's threads to where
-//! they were. In-process: no root needed.
+//! real frontend (the `vhost` crate's, memfd memory), short hostile sessions of random
+//! messages, and a frontend that floods the control-socket shim with early
+//! `SET_VRING_ENABLE` messages each return this process's open file descriptors and xvio's
+//! threads to where they were. In-process: no root needed.
 //!
 //! The tests count `/proc/self/fd` and `/proc/self/task`, so they live in their own test
 //! binary and take turns ([`ONE_AT_A_TIME`]).
 
 use std::{
-    io::IoSlice,
+    io::{IoSlice, Read},
     os::{fd::AsRawFd, unix::net::UnixStream},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -26,6 +27,7 @@ const MAC_A: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x0a];
 /// EVENT_IDX is left out by the test driver (it reads no avail_event/used_event).
 const REFUSE: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 const WAIT: Duration = Duration::from_secs(10);
+const SET_VRING_ENABLE: u32 = 18;
 const VERSION: u32 = 0x1;
 
 /// The counts of one test must not see another test's descriptors come and go.
@@ -221,6 +223,56 @@ fn hostile_sessions_leave_no_descriptor_or_thread_behind() {
         settles_at(baseline),
         baseline,
         "100 hostile sessions left these behind (was {baseline:?}); open now: {}",
+        open_fds()
+    );
+}
+
+/// A frontend that sends `SET_VRING_ENABLE` over and over before `SET_FEATURES`: the shim
+/// holds early enables until `SET_FEATURES`, but only a bounded number of well-formed ones;
+/// past the bound, or at the first one carrying a descriptor, it hangs up, and what it held
+/// is released.
+#[test]
+fn a_flood_of_early_vring_enables_is_cut_off_and_released() {
+    let _serial = one_at_a_time();
+    let switch = Switch::new();
+    let guest = start(&switch, 1);
+    let baseline = quiet();
+    let event = EventFd::new(EFD_NONBLOCK).unwrap();
+    // Queue 0 enabled, 2000 times over.
+    let mut enable = [0u8; 8];
+    enable[4..8].copy_from_slice(&1u32.to_le_bytes());
+    for (kind, fds) in [
+        ("plain", &[][..]),
+        ("with a descriptor", &[event.as_raw_fd()][..]),
+    ] {
+        let mut stream = UnixStream::connect(guest.socket()).unwrap();
+        let mut sent = 0;
+        while sent < 2000 && send_message(&stream, SET_VRING_ENABLE, &enable, fds) {
+            sent += 1;
+        }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        // No request asked for a reply: the only thing to read is the end of the stream.
+        let hung_up = match stream.read(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        assert!(
+            hung_up,
+            "the shim still holds the connection after {sent} early SET_VRING_ENABLE messages ({kind})"
+        );
+    }
+    drop(event);
+    cycle(&guest);
+    assert_eq!(
+        settles_at(baseline),
+        baseline,
+        "the floods left these behind (was {baseline:?}); open now: {}",
         open_fds()
     );
 }
