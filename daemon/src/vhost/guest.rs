@@ -7,10 +7,7 @@
 use std::{
     os::{
         fd::AsRawFd,
-        unix::{
-            fs::PermissionsExt,
-            net::{UnixListener, UnixStream},
-        },
+        unix::net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
     sync::{
@@ -31,6 +28,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::{
     backend::{NetBackend, completion_event, exit_event_id, mailbox_event},
     compat,
+    socket::{self, SocketError, SocketFile},
     switch::{Port, Switch, SwitchError},
 };
 use crate::config::{GuestSpec, SocketMode};
@@ -38,18 +36,9 @@ use crate::config::{GuestSpec, SocketMode};
 /// Errors of starting a guest; each names the socket.
 #[derive(Debug, Error)]
 pub enum GuestError {
-    /// The socket's directory does not exist.
-    #[error("guest socket {0}: its directory does not exist (create it, or pick another path)")]
-    NoDirectory(PathBuf),
-    /// The socket could not be created.
-    #[error("creating the vhost-user socket {path}")]
-    Listen {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The server socket could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// The MAC is taken.
     #[error("guest socket {path}")]
     Switch {
@@ -79,6 +68,8 @@ pub struct Guest {
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
     backend: Arc<RwLock<NetBackend>>,
+    /// The server socket's file (server mode), removed when the guest goes.
+    socket_file: Option<SocketFile>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -100,6 +91,37 @@ impl Guest {
         spec: &GuestSpec,
         switch: &Arc<Switch>,
         dma: Option<&Mutex<crate::copy::ChannelPool>>,
+    ) -> Result<Guest, GuestError> {
+        // The socket first: when it cannot be had, nothing else (a switch port, a DMA
+        // channel) has been taken.
+        let (listener, socket_file) = match spec.mode {
+            SocketMode::Server => {
+                let (listener, file) = socket::bind(&spec.socket)?;
+                (Some(listener), Some(file))
+            }
+            SocketMode::Client => (None, None),
+        };
+        match Guest::serve_on(spec, switch, dma, listener) {
+            Ok(mut guest) => {
+                guest.socket_file = socket_file;
+                Ok(guest)
+            }
+            Err(e) => {
+                if let Some(file) = &socket_file {
+                    file.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the guest's port and backend, and the thread serving `listener` (server
+    /// mode) or connecting to the socket (client mode).
+    fn serve_on(
+        spec: &GuestSpec,
+        switch: &Arc<Switch>,
+        dma: Option<&Mutex<crate::copy::ChannelPool>>,
+        listener: Option<UnixListener>,
     ) -> Result<Guest, GuestError> {
         let path = spec.socket.clone();
         let port = switch
@@ -129,10 +151,6 @@ impl Guest {
             source,
         })?;
         let backend = Arc::new(RwLock::new(backend));
-        let listener = match spec.mode {
-            SocketMode::Server => Some(listen(&path)?),
-            SocketMode::Client => None,
-        };
         let stop = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(Mutex::new(None));
@@ -159,6 +177,7 @@ impl Guest {
             shutdown,
             thread: Some(thread),
             backend,
+            socket_file: None,
         })
     }
 
@@ -216,27 +235,10 @@ impl Drop for Guest {
                 warn!(socket = %self.spec.socket.display(), "the guest's serving thread did not stop in 2 s; leaving it");
             }
         }
-        if self.spec.mode == SocketMode::Server {
-            let _ = std::fs::remove_file(&self.spec.socket);
+        if let Some(file) = &self.socket_file {
+            file.remove();
         }
     }
-}
-
-/// Creates the server socket (a stale one is replaced), mode 0660.
-fn listen(path: &Path) -> Result<UnixListener, GuestError> {
-    if path
-        .parent()
-        .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
-    {
-        return Err(GuestError::NoDirectory(path.to_owned()));
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| GuestError::Listen {
-        path: path.to_owned(),
-        source,
-    })?;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
-    Ok(listener)
 }
 
 /// The daemon of one connection.
