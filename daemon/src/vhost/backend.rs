@@ -8,9 +8,9 @@
 //!
 //! Event ids on a worker's epoll: `0` and `1` are the kicks of its pair's RX and TX vrings
 //! (vhost-user-backend numbers a kick by the vring's place among the worker's vrings, not by
-//! queue index), `num_queues` is the library's (exit and vring-enabled events),
+//! queue index), `num_queues` is the library's (vring-enabled events),
 //! [`mailbox_event`] the mailbox and [`completion_event`] the RX copy channel's completions
-//! (both on pair 0's worker).
+//! (both on pair 0's worker), [`exit_event_id`] the worker's exit event (on every worker).
 
 use std::{
     io,
@@ -46,6 +46,14 @@ pub fn mailbox_event(num_queues: usize) -> u16 {
 /// The RX copy channel's completion event id.
 pub fn completion_event(num_queues: usize) -> u16 {
     num_queues as u16 + 2
+}
+
+/// A worker's exit event id. The backend registers its exit events itself rather than
+/// handing them to the library through `exit_event`: vhost-user-backend 0.24 turns the
+/// consumer it gets into a raw fd and never closes it, one leaked descriptor per worker per
+/// connection.
+pub fn exit_event_id(num_queues: usize) -> u16 {
+    num_queues as u16 + 3
 }
 
 /// How often a malformed chain is logged at most, per guest.
@@ -121,6 +129,15 @@ impl NetBackend {
             .collect::<io::Result<_>>()?;
         self.broken.fill(false);
         Ok(())
+    }
+
+    /// The exit event of the current connection's worker `thread`, to register under
+    /// [`exit_event_id`] on its epoll.
+    pub fn exit_fd(&self, thread: usize) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.exits
+            .get(thread)
+            .map(|(consumer, _)| consumer.as_raw_fd())
     }
 
     /// Stops the worker threads of the current connection.
@@ -508,9 +525,9 @@ impl VhostUserBackendMut for NetBackend {
         (0..self.queue_pairs).map(|i| 0b11u64 << (2 * i)).collect()
     }
 
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.exits.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    /// None: the library would leak the consumer (see [`exit_event_id`]).
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        None
     }
 
     fn handle_event(
@@ -524,6 +541,10 @@ impl VhostUserBackendMut for NetBackend {
             return Ok(());
         }
         let num_queues = self.num_queues();
+        if device_event == exit_event_id(num_queues) {
+            // An error is what ends the library's worker loop once it has no exit event.
+            return Err(io::Error::other("the connection ended; worker stops"));
+        }
         let Some(mem) = self.mem.as_ref().map(|m| m.memory().into_inner()) else {
             // No memory table yet: nothing can be delivered. The mailbox's eventfd is
             // level-triggered on this epoll: consume it, or the worker spins until memory

@@ -7,10 +7,7 @@
 use std::{
     os::{
         fd::AsRawFd,
-        unix::{
-            fs::PermissionsExt,
-            net::{UnixListener, UnixStream},
-        },
+        unix::net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
     sync::{
@@ -29,8 +26,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    backend::{NetBackend, completion_event, mailbox_event},
+    backend::{NetBackend, completion_event, exit_event_id, mailbox_event},
     compat,
+    socket::{self, SocketError, SocketFile},
     switch::{Port, Switch, SwitchError},
 };
 use crate::config::{GuestSpec, SocketMode};
@@ -38,18 +36,9 @@ use crate::config::{GuestSpec, SocketMode};
 /// Errors of starting a guest; each names the socket.
 #[derive(Debug, Error)]
 pub enum GuestError {
-    /// The socket's directory does not exist.
-    #[error("guest socket {0}: its directory does not exist (create it, or pick another path)")]
-    NoDirectory(PathBuf),
-    /// The socket could not be created.
-    #[error("creating the vhost-user socket {path}")]
-    Listen {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The server socket could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// The MAC is taken.
     #[error("guest socket {path}")]
     Switch {
@@ -79,6 +68,8 @@ pub struct Guest {
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
     backend: Arc<RwLock<NetBackend>>,
+    /// The server socket's file (server mode), removed when the guest goes.
+    socket_file: Option<SocketFile>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -100,6 +91,37 @@ impl Guest {
         spec: &GuestSpec,
         switch: &Arc<Switch>,
         dma: Option<&Mutex<crate::copy::ChannelPool>>,
+    ) -> Result<Guest, GuestError> {
+        // The socket first: when it cannot be had, nothing else (a switch port, a DMA
+        // channel) has been taken.
+        let (listener, socket_file) = match spec.mode {
+            SocketMode::Server => {
+                let (listener, file) = socket::bind(&spec.socket)?;
+                (Some(listener), Some(file))
+            }
+            SocketMode::Client => (None, None),
+        };
+        match Guest::serve_on(spec, switch, dma, listener) {
+            Ok(mut guest) => {
+                guest.socket_file = socket_file;
+                Ok(guest)
+            }
+            Err(e) => {
+                if let Some(file) = &socket_file {
+                    file.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the guest's port and backend, and the thread serving `listener` (server
+    /// mode) or connecting to the socket (client mode).
+    fn serve_on(
+        spec: &GuestSpec,
+        switch: &Arc<Switch>,
+        dma: Option<&Mutex<crate::copy::ChannelPool>>,
+        listener: Option<UnixListener>,
     ) -> Result<Guest, GuestError> {
         let path = spec.socket.clone();
         let port = switch
@@ -129,10 +151,6 @@ impl Guest {
             source,
         })?;
         let backend = Arc::new(RwLock::new(backend));
-        let listener = match spec.mode {
-            SocketMode::Server => Some(listen(&path)?),
-            SocketMode::Client => None,
-        };
         let stop = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(Mutex::new(None));
@@ -159,6 +177,7 @@ impl Guest {
             shutdown,
             thread: Some(thread),
             backend,
+            socket_file: None,
         })
     }
 
@@ -216,27 +235,53 @@ impl Drop for Guest {
                 warn!(socket = %self.spec.socket.display(), "the guest's serving thread did not stop in 2 s; leaving it");
             }
         }
-        if self.spec.mode == SocketMode::Server {
-            let _ = std::fs::remove_file(&self.spec.socket);
+        if let Some(file) = &self.socket_file {
+            file.remove();
         }
     }
 }
 
-/// Creates the server socket (a stale one is replaced), mode 0660.
-fn listen(path: &Path) -> Result<UnixListener, GuestError> {
-    if path
-        .parent()
-        .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
-    {
-        return Err(GuestError::NoDirectory(path.to_owned()));
+/// The daemon of one connection.
+type Daemon = VhostUserDaemon<Arc<RwLock<NetBackend>>>;
+
+/// Registers each worker's exit event on its epoll (see [`exit_event_id`]).
+fn watch_exits(daemon: &Daemon, backend: &RwLock<NetBackend>) -> std::io::Result<()> {
+    let b = backend.read().unwrap_or_else(|e| e.into_inner());
+    let id = u64::from(exit_event_id(b.num_queues()));
+    for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let fd = b
+            .exit_fd(thread)
+            .ok_or_else(|| std::io::Error::other(format!("no exit event for worker {thread}")))?;
+        handler.register_listener(fd, EventSet::IN, id)?;
     }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| GuestError::Listen {
-        path: path.to_owned(),
-        source,
-    })?;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
-    Ok(listener)
+    Ok(())
+}
+
+/// Registers the mailbox and the RX copy channel's completions on pair 0's worker.
+fn watch_guest_events(daemon: &Daemon, backend: &RwLock<NetBackend>) -> std::io::Result<()> {
+    let b = backend.read().unwrap_or_else(|e| e.into_inner());
+    let num_queues = b.num_queues();
+    let Some(handler) = daemon.get_epoll_handlers().into_iter().next() else {
+        return Ok(());
+    };
+    let fd = b.port().mailbox().event().as_raw_fd();
+    handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))?;
+    if let Some(fd) = b.rx_completion_fd() {
+        handler.register_listener(fd, EventSet::IN, u64::from(completion_event(num_queues)))?;
+    }
+    Ok(())
+}
+
+/// Tells the current connection's workers to stop when dropped.
+struct StopWorkers<'a>(&'a RwLock<NetBackend>);
+
+impl Drop for StopWorkers<'_> {
+    fn drop(&mut self) {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop_workers();
+    }
 }
 
 /// What the serving thread shares with its [`Guest`].
@@ -301,25 +346,18 @@ fn serve(
                 return;
             }
         };
-        let num_queues = backend.read().map_or(2, |b| b.num_queues());
-        if let (Some(handler), Ok(b)) = (daemon.get_epoll_handlers().first(), backend.read()) {
-            let fd = b.port().mailbox().event().as_raw_fd();
-            if let Err(e) =
-                handler.register_listener(fd, EventSet::IN, u64::from(mailbox_event(num_queues)))
-            {
-                warn!(guest = %name, error = %e, "cannot watch the mailbox");
-                return;
-            }
-            if let Some(fd) = b.rx_completion_fd()
-                && let Err(e) = handler.register_listener(
-                    fd,
-                    EventSet::IN,
-                    u64::from(completion_event(num_queues)),
-                )
-            {
-                warn!(guest = %name, error = %e, "cannot watch the DMA channel's completions");
-                return;
-            }
+        if let Err(e) = watch_exits(&daemon, backend) {
+            // Dropping the daemon would wait for workers nothing can stop: leave them.
+            std::mem::forget(daemon);
+            warn!(guest = %name, error = %e, "cannot register the workers' exit events; the guest is not served any more");
+            return;
+        }
+        // From here on, whichever way this connection ends, its workers are told to stop
+        // before the daemon (dropped after this guard) waits for them.
+        let stop_workers = StopWorkers(backend);
+        if let Err(e) = watch_guest_events(&daemon, backend) {
+            warn!(guest = %name, error = %e, "cannot watch the mailbox or the DMA channel's completions");
+            return;
         }
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
@@ -333,7 +371,6 @@ fn serve(
                     .map_err(|e| e.to_string())
             });
         if let Err(e) = started {
-            backend.read().map(|b| b.stop_workers()).ok();
             if let Some(stream) = hangup {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
@@ -354,11 +391,16 @@ fn serve(
         if let Ok(mut slot) = shutdown.lock() {
             *slot = None;
         }
-        if let Ok(b) = backend.read() {
-            b.stop_workers();
-        }
+        // The workers stop, and are waited for, before the device is reset: none may pick
+        // up this connection's vrings or memory again afterwards.
+        drop(stop_workers);
+        drop(daemon);
         if let Ok(mut b) = backend.write() {
             b.reset_device();
+            // The backend's view of the guest's memory goes with the connection: the
+            // mapping (a whole VM's RAM) and its descriptors are released now, not when the
+            // next frontend sets its table.
+            let _ = b.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()));
         }
         match result {
             Ok(()) => {
