@@ -1,6 +1,8 @@
 //! `cargo xtask bench copy`: what a copy costs the submitting core, by size, cache-hot and
 //! cache-cold, done by the CPU or handed to the `sw` channel (worker on the other core);
-//! the `sw` channel's end-to-end latency; and the threshold calibration picks.
+//! the `sw` channel's end-to-end latency; and what the threshold calibration measures
+//! (CPU copy, submitter time, sustained period, lone-copy latency, core time offloaded)
+//! and picks.
 //!
 //! The submitting thread runs on CPU 0 and the sw worker on CPU 1 when the machine has two.
 
@@ -12,7 +14,7 @@ use std::{
 use criterion::{BenchmarkId, Criterion, Throughput};
 use xvio::copy::{
     DmaChannel,
-    calibrate::calibrate,
+    calibrate::{Model, calibrate, pick},
     sw::{SwChannel, SwConfig},
 };
 
@@ -158,17 +160,44 @@ fn main() {
     thresholds.sort_unstable();
     let cal = calibrate(&mut ch, 2000).unwrap();
     println!(
-        "calibration (sw channel {}, 2000 cold copies per size):",
-        ch.name()
+        "calibration (sw channel {}, 2000 cold copies per size; {:?}):",
+        ch.name(),
+        cal.model
     );
+    println!("   size |   cpu ns | submit ns | period ns | latency ns | offload, all cores ns");
     for p in &cal.points {
         println!(
-            "  {:>5} B: cpu {:>8.1} ns, offload {:>8.1} ns",
-            p.size, p.cpu_ns, p.offload_ns
+            "  {:>5} | {:>8.1} | {:>9.1} | {:>9.1} | {:>10.1} | {:>8.1}",
+            p.size,
+            p.cpu_ns,
+            p.offload_ns,
+            p.period_ns,
+            p.latency_ns,
+            cal.model.offload_core_ns(p)
         );
     }
+    println!("threshold: {}", cal.describe());
+    let words = |t: u32| match t {
+        u32::MAX => "never".to_owned(),
+        t => format!("{t} B"),
+    };
     println!(
-        "auto threshold, 5 runs: {thresholds:?}; median {}",
-        thresholds[2]
+        "auto threshold, 5 runs: [{}]; median {}",
+        thresholds
+            .iter()
+            .map(|&t| words(t))
+            .collect::<Vec<_>>()
+            .join(", "),
+        words(thresholds[2])
+    );
+    // The same measurements judged as if the channel were a device (no host core), to show
+    // what the host core costs.
+    let device = Model {
+        host_core: false,
+        ..cal.model
+    };
+    println!(
+        "the same channel counted as a device (no host core): threshold {}",
+        words(pick(&cal.points, &device))
     );
 }

@@ -272,16 +272,6 @@ impl AttachedIface {
         Ok(())
     }
 
-    /// The number of rx queues of the interface.
-    pub fn rx_queues(&self) -> Result<u32, AttachError> {
-        netlink::link_info(self.ifindex)
-            .map(|info| info.rx_queues)
-            .map_err(|source| AttachError::Netlink {
-                iface: self.name.clone(),
-                source,
-            })
-    }
-
     /// `xdp_stats` summed over CPUs, indexed like [`XdpOutcome::ALL`].
     pub fn xdp_stats(&self) -> Result<[XdpStats; XdpOutcome::ALL.len()], AttachError> {
         let map = self

@@ -199,7 +199,7 @@ struct Iface {
     attached: AttachedIface,
 }
 
-/// Opens one AF_XDP port per rx queue of `iface` (at most `limit`, and at most the
+/// Opens one AF_XDP port per enabled rx queue of `iface` (at most `limit`, and at most the
 /// `xsks` map's size), registers each, and hands it to the datapath.
 #[expect(
     clippy::type_complexity,
@@ -217,7 +217,8 @@ fn open_ports(
     )>,
     DaemonError,
 > {
-    let queues = iface.rx_queues()?.min(xvio_common::XSKS_MAX);
+    let queues =
+        crate::xsk::queues::for_iface(iface.name(), iface.ifindex())?.min(xvio_common::XSKS_MAX);
     let wanted = limit.map_or(queues, |n| n.min(queues));
     let xsks = iface.pin_dir().join(xvio_common::maps::XSKS);
     let mut ports = Vec::with_capacity(wanted as usize);

@@ -1,9 +1,11 @@
-//! The XDP attachment of an interface as rtnetlink reports it, and the legacy (netlink)
-//! detach that `--replace` needs for programs not attached through a BPF link.
+//! The XDP attachment of an interface as rtnetlink reports it, the legacy (netlink) detach
+//! that `--replace` needs for programs not attached through a BPF link, and the channel
+//! counts ethtool's generic netlink family reports (`ethtool -l`).
 //!
 //! Messages are built and parsed by hand as bytes (no unsafe): an `RTM_GETLINK` for one
 //! ifindex, answered by `RTM_NEWLINK` whose `IFLA_XDP` nest carries the attach mode and the
-//! program id; an `RTM_SETLINK` with `IFLA_XDP_FD = -1` detaches.
+//! program id; an `RTM_SETLINK` with `IFLA_XDP_FD = -1` detaches; `CTRL_CMD_GETFAMILY`
+//! resolves the `ethtool` family, whose `ETHTOOL_MSG_CHANNELS_GET` returns the channels.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -32,6 +34,20 @@ const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
 const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
+const GENL_HDRLEN: usize = 4;
+const GENL_ID_CTRL: u16 = 0x10;
+const CTRL_CMD_GETFAMILY: u8 = 3;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const ETHTOOL_GENL_NAME: &[u8] = b"ethtool\0";
+const ETHTOOL_GENL_VERSION: u8 = 1;
+const ETHTOOL_MSG_CHANNELS_GET: u8 = 17;
+const ETHTOOL_A_CHANNELS_HEADER: u16 = 1;
+const ETHTOOL_A_HEADER_DEV_INDEX: u16 = 1;
+const ETHTOOL_A_CHANNELS_RX_COUNT: u16 = 6;
+const ETHTOOL_A_CHANNELS_TX_COUNT: u16 = 7;
+const ETHTOOL_A_CHANNELS_OTHER_COUNT: u16 = 8;
+const ETHTOOL_A_CHANNELS_COMBINED_COUNT: u16 = 9;
 
 /// Errors of the netlink queries.
 #[derive(Debug, Error)]
@@ -109,7 +125,7 @@ pub fn xdp_attachment(ifindex: u32) -> Result<Option<XdpAttachment>, NetlinkErro
 
 /// The XDP attachment and rx queue count of `ifindex`.
 pub fn link_info(ifindex: u32) -> Result<LinkInfo, NetlinkError> {
-    let sock = open()?;
+    let sock = open(SockProtocol::NetlinkRoute)?;
     let mut msg = header(RTM_GETLINK, NLM_F_REQUEST, ifindex);
     finish(&mut msg);
     send(sock.as_raw_fd(), &msg, MsgFlags::empty()).map_err(NetlinkError::Io)?;
@@ -134,7 +150,7 @@ pub fn link_info(ifindex: u32) -> Result<LinkInfo, NetlinkError> {
 /// Detaches a program that was attached through netlink in `mode` (not one held by a BPF
 /// link: the kernel refuses that with `EBUSY`).
 pub fn detach_xdp(ifindex: u32, mode: AttachedMode) -> Result<(), NetlinkError> {
-    let sock = open()?;
+    let sock = open(SockProtocol::NetlinkRoute)?;
     let mut msg = header(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, ifindex);
     let nest = msg.len();
     push_attr(&mut msg, IFLA_XDP | NLA_F_NESTED, &[]);
@@ -154,16 +170,114 @@ pub fn detach_xdp(ifindex: u32, mode: AttachedMode) -> Result<(), NetlinkError> 
     Err(NetlinkError::Malformed)
 }
 
-fn open() -> Result<OwnedFd, NetlinkError> {
+/// The channels of an interface as `ethtool -l` shows them: its enabled queues are `rx +
+/// combined` for receive and `tx + combined` for transmit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Channels {
+    /// Channels with only an rx queue.
+    pub rx: u32,
+    /// Channels with only a tx queue.
+    pub tx: u32,
+    /// Other channels (link interrupts and the like).
+    pub other: u32,
+    /// Channels with an rx and a tx queue.
+    pub combined: u32,
+}
+
+/// The channel counts of `ifindex` (in this thread's network namespace) through ethtool's
+/// netlink family; `None` when the driver does not report channels (`EOPNOTSUPP`).
+pub fn channels(ifindex: u32) -> Result<Option<Channels>, NetlinkError> {
+    let sock = open(SockProtocol::NetlinkGeneric)?;
+    let family = ethtool_family(&sock)?;
+    let mut msg = genl_header(family, ETHTOOL_MSG_CHANNELS_GET, ETHTOOL_GENL_VERSION);
+    let mut nest = Vec::with_capacity(8);
+    push_attr(
+        &mut nest,
+        ETHTOOL_A_HEADER_DEV_INDEX,
+        &ifindex.to_ne_bytes(),
+    );
+    push_attr(&mut msg, ETHTOOL_A_CHANNELS_HEADER | NLA_F_NESTED, &nest);
+    finish(&mut msg);
+    let mut buf = vec![0u8; 8192];
+    match genl_request(&sock, &msg, family, &mut buf) {
+        Ok(attrs) => parse_channels(attrs).map(Some),
+        Err(NetlinkError::Kernel(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The id of the `ethtool` generic netlink family.
+fn ethtool_family(sock: &OwnedFd) -> Result<u16, NetlinkError> {
+    let mut msg = genl_header(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1);
+    push_attr(&mut msg, CTRL_ATTR_FAMILY_NAME, ETHTOOL_GENL_NAME);
+    finish(&mut msg);
+    let mut buf = vec![0u8; 8192];
+    let attrs = genl_request(sock, &msg, GENL_ID_CTRL, &mut buf)?;
+    let (_, id) = attributes(attrs)?
+        .into_iter()
+        .find(|(k, _)| *k == CTRL_ATTR_FAMILY_ID)
+        .ok_or(NetlinkError::Malformed)?;
+    u16_at(id, 0)
+}
+
+/// Sends one generic netlink request and returns the attributes of the answer of type
+/// `family` (or the kernel's error).
+fn genl_request<'a>(
+    sock: &OwnedFd,
+    msg: &[u8],
+    family: u16,
+    buf: &'a mut [u8],
+) -> Result<&'a [u8], NetlinkError> {
+    send(sock.as_raw_fd(), msg, MsgFlags::empty()).map_err(NetlinkError::Io)?;
+    let n = recv(sock.as_raw_fd(), buf, MsgFlags::empty()).map_err(NetlinkError::Io)?;
+    let buf = &buf[..n];
+    for (kind, payload) in messages(buf)? {
+        match kind {
+            NLMSG_ERROR => kernel_result(payload)?,
+            k if k == family => return payload.get(GENL_HDRLEN..).ok_or(NetlinkError::Malformed),
+            _ => {}
+        }
+    }
+    Err(NetlinkError::Malformed)
+}
+
+fn parse_channels(attrs: &[u8]) -> Result<Channels, NetlinkError> {
+    let mut channels = Channels::default();
+    for (kind, payload) in attributes(attrs)? {
+        let slot = match kind {
+            ETHTOOL_A_CHANNELS_RX_COUNT => &mut channels.rx,
+            ETHTOOL_A_CHANNELS_TX_COUNT => &mut channels.tx,
+            ETHTOOL_A_CHANNELS_OTHER_COUNT => &mut channels.other,
+            ETHTOOL_A_CHANNELS_COMBINED_COUNT => &mut channels.combined,
+            _ => continue,
+        };
+        *slot = u32_at(payload, 0)?;
+    }
+    Ok(channels)
+}
+
+fn open(protocol: SockProtocol) -> Result<OwnedFd, NetlinkError> {
     let sock = socket(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
+        protocol,
     )
     .map_err(NetlinkError::Socket)?;
     bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(NetlinkError::Socket)?;
     Ok(sock)
+}
+
+/// A netlink header (length patched by `finish`) and a `genlmsghdr`.
+fn genl_header(family: u16, cmd: u8, version: u8) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len
+    msg.extend_from_slice(&family.to_ne_bytes());
+    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel fills it
+    msg.extend_from_slice(&[cmd, version, 0, 0]);
+    msg
 }
 
 /// A netlink header (length patched by `finish`) and an `ifinfomsg` for `ifindex`.
@@ -336,6 +450,42 @@ mod tests {
             let _ = parse_link(&attrs[..cut]);
         }
         assert!(messages(&[40, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn parses_channels_and_refuses_truncated_ones() {
+        let mut attrs = Vec::new();
+        push_attr(&mut attrs, ETHTOOL_A_CHANNELS_HEADER | NLA_F_NESTED, &[]);
+        push_attr(&mut attrs, 2, &8u32.to_ne_bytes()); // RX_MAX, skipped
+        push_attr(&mut attrs, ETHTOOL_A_CHANNELS_RX_COUNT, &1u32.to_ne_bytes());
+        push_attr(&mut attrs, ETHTOOL_A_CHANNELS_TX_COUNT, &2u32.to_ne_bytes());
+        push_attr(
+            &mut attrs,
+            ETHTOOL_A_CHANNELS_COMBINED_COUNT,
+            &3u32.to_ne_bytes(),
+        );
+        assert_eq!(
+            parse_channels(&attrs).unwrap(),
+            Channels {
+                rx: 1,
+                tx: 2,
+                other: 0,
+                combined: 3
+            }
+        );
+        let mut short = Vec::new();
+        push_attr(&mut short, ETHTOOL_A_CHANNELS_RX_COUNT, &[1, 0]);
+        assert!(parse_channels(&short).is_err());
+        for cut in 0..attrs.len() {
+            let _ = parse_channels(&attrs[..cut]);
+        }
+    }
+
+    #[test]
+    fn loopback_has_no_channels() {
+        // Reading channels needs no privilege; lo's driver reports none.
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        assert_eq!(channels(lo).unwrap(), None);
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn af_xdp_rx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64, xvio::xsk:
                     port.register(&xsks).unwrap();
                     mode_tx.send(port.mode()).unwrap();
                     while !stop.load(Ordering::Relaxed) {
-                        let n = port.rx_burst(64, |_| {});
+                        let n = port.to_guest_burst(64, |_| {});
                         if n > 0 {
                             received.fetch_add(n as u64, Ordering::Relaxed);
                         }
@@ -128,27 +128,32 @@ fn af_xdp_tx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64) {
         let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
         // Write the frame into every free frame once; afterwards frames are resent as they are.
         let mut bases = Vec::new();
-        while let Some(base) = port.tx_alloc() {
+        while let Some(base) = port.from_guest_alloc() {
             port.frame_mut(base)[..data.len()].copy_from_slice(data);
             bases.push(base);
         }
         for base in bases {
-            port.tx_free(base);
+            port.from_guest_free(base);
         }
         let start = Instant::now();
         let mut sent = 0u32;
         while sent < frames {
             let mut n = 0;
             while n < 64 && sent < frames {
-                let Some(base) = port.tx_alloc() else { break };
-                port.tx_push(base, data.len() as u32);
+                let Some(base) = port.from_guest_alloc() else {
+                    break;
+                };
+                if !port.from_guest_push(base, data.len() as u32) {
+                    port.from_guest_free(base);
+                    break;
+                }
                 n += 1;
                 sent += 1;
             }
-            port.tx_flush();
+            port.flush();
         }
-        while port.frame_counts().tx_in_flight > 0 {
-            port.reap();
+        while port.frame_counts().staged + port.frame_counts().tx_in_flight > 0 {
+            port.flush();
         }
         start.elapsed()
     });

@@ -62,33 +62,28 @@ impl Drop for Netns {
 /// Creates a veth pair: `a_if` in `a` with `a_addr` (CIDR), `b_if` in `b` with `b_addr`,
 /// both up, with `queues` rx and tx queues each.
 pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str, queues: u32) {
-    let q = queues.to_string();
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            a_if,
-            "netns",
-            a.name(),
-            "numrxqueues",
-            &q,
-            "numtxqueues",
-            &q,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            b_if,
-            "netns",
-            b.name(),
-            "numrxqueues",
-            &q,
-            "numtxqueues",
-            &q,
-        ],
-    );
-    for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+    make_veth([(a, a_if, a_addr), (b, b_if, b_addr)], Some(queues));
+}
+
+/// Creates a veth pair as a user does, `ip link add … type veth peer …` without queue counts:
+/// as many rx queues allocated as the machine has CPUs, one enabled. Otherwise like [`veth`].
+pub fn default_veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
+    make_veth([(a, a_if, a_addr), (b, b_if, b_addr)], None);
+}
+
+fn make_veth(ends: [(&Netns, &str, &str); 2], queues: Option<u32>) {
+    let q = queues.map(|q| q.to_string());
+    let counts: Vec<&str> = match &q {
+        Some(q) => vec!["numrxqueues", q, "numtxqueues", q],
+        None => Vec::new(),
+    };
+    let [(a, a_if, _), (b, b_if, _)] = ends;
+    let mut args = vec!["link", "add", a_if, "netns", a.name()];
+    args.extend(&counts);
+    args.extend(["type", "veth", "peer", "name", b_if, "netns", b.name()]);
+    args.extend(&counts);
+    run("ip", &args);
+    for (ns, ifname, addr) in ends {
         ns.ip(&["addr", "add", addr, "dev", ifname]);
         ns.ip(&["link", "set", ifname, "up"]);
     }

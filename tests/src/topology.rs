@@ -6,7 +6,7 @@ use xvio_common::maps;
 
 use crate::{
     daemon::Daemon,
-    netns::{Netns, veth},
+    netns::{Netns, default_veth, veth},
     unique_name,
 };
 
@@ -26,6 +26,16 @@ pub struct Topology {
 impl Topology {
     /// Two fresh namespaces joined by a veth pair with `queues` queues (10.252.0.1 ↔ .2).
     pub fn new(queues: u32) -> Topology {
+        Topology::make(Some(queues))
+    }
+
+    /// Like [`Topology::new`], with the veth pair made as a user makes one, without queue
+    /// counts: one queue enabled, as many allocated as the machine has CPUs.
+    pub fn untuned() -> Topology {
+        Topology::make(None)
+    }
+
+    fn make(queues: Option<u32>) -> Topology {
         let host = Netns::new("h");
         let peer = Netns::new("q");
         // No IPv6: its neighbour and router messages would be frames no test sent.
@@ -43,15 +53,14 @@ impl Topology {
         }
         let ifname = unique_name("xvh");
         let peer_if = unique_name("xvq");
-        veth(
-            &host,
-            &ifname,
-            "10.252.0.1/24",
-            &peer,
-            &peer_if,
-            "10.252.0.2/24",
-            queues,
+        let (a, b) = (
+            (&host, ifname.as_str(), "10.252.0.1/24"),
+            (&peer, peer_if.as_str(), "10.252.0.2/24"),
         );
+        match queues {
+            Some(q) => veth(a.0, a.1, a.2, b.0, b.1, b.2, q),
+            None => default_veth(a.0, a.1, a.2, b.0, b.1, b.2),
+        }
         Topology {
             host,
             peer,

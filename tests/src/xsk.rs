@@ -12,7 +12,7 @@ pub fn receive_all(ports: &mut [XskPort], want: usize, idle: Duration) -> Vec<Ve
     while got.iter().map(Vec::len).sum::<usize>() < want && last.elapsed() < idle {
         let mut any = 0;
         for (port, out) in ports.iter_mut().zip(got.iter_mut()) {
-            any += port.rx_burst(64, |bytes| out.push(bytes.to_vec()));
+            any += port.to_guest_burst(64, |bytes| out.push(bytes.to_vec()));
         }
         if any > 0 {
             last = Instant::now();

@@ -483,3 +483,75 @@ fn an_attached_program_is_refused_unless_replace() {
         None
     );
 }
+
+/// The rx packets of each `queue N:` line of `xvio stats`.
+fn queue_rx(report: &str) -> Vec<(u32, u64)> {
+    report
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim_start().strip_prefix("queue ")?;
+            let (queue, rest) = rest.split_once(':')?;
+            let rx = rest.split(", rx ").nth(1)?.split(' ').next()?;
+            Some((queue.parse().ok()?, rx.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn on_a_veth_made_without_queue_counts_the_daemon_opens_a_socket_per_enabled_queue() {
+    if !privileged(
+        "on_a_veth_made_without_queue_counts_the_daemon_opens_a_socket_per_enabled_queue",
+    ) {
+        return;
+    }
+    // `ip link add … type veth peer …` as a user types it: one queue per CPU allocated, one
+    // enabled. The daemon must bind only the enabled one, and come up.
+    let topo = Topology::untuned();
+    let daemon = topo.start(&["--steer", "02:58:56:49:4f:01"]);
+    let stats = || {
+        let out = run_xvio(None, &["stats", "--iface", &topo.ifname]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stats().contains("AF_XDP sockets: 1 ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not report its socket:\n{}\n{}",
+            stats(),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    const FRAMES: u32 = 100;
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    topo.peer.run(|| {
+        let raw = RawSocket::bind(&topo.peer_if).unwrap();
+        for seq in 0..FRAMES {
+            raw.send(&frame(GUEST, src, None, ETH_P_EXPERIMENTAL, 200, seq))
+                .unwrap();
+        }
+    });
+    let mut report = stats();
+    while queue_rx(&report) != [(0, u64::from(FRAMES))] {
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(5),
+            "queue 0's socket, and only it, receives every steered frame:\n{report}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        report = stats();
+    }
+    let redirected = xdp_stats(&topo.pin_dir())[XdpOutcome::Redirected.index() as usize];
+    assert_eq!(redirected.packets, u64::from(FRAMES), "{report}");
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("AF_XDP sockets: one per enabled queue (ethtool channels)")
+            && log.contains("queues=1"),
+        "the log says where the count came from:\n{log}"
+    );
+    assert_eq!(
+        log.matches("AF_XDP socket bound").count(),
+        1,
+        "one socket:\n{log}"
+    );
+}

@@ -82,7 +82,9 @@ fn frames_a_guest_sends_to_the_wire_are_each_counted_at_the_peer_or_dropped_by_n
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let topo = Topology::new(1);
-    let counter = topo.peer.run(|| DropCounter::attach_from(&topo.peer_if, GUEST_MAC));
+    let counter = topo
+        .peer
+        .run(|| DropCounter::attach_from(&topo.peer_if, GUEST_MAC));
     let peer = mac_of(&topo.peer, &topo.peer_if);
     let peer = peer.map(|b| format!("{b:02x}")).join(":");
     let socket = socket();
@@ -161,7 +163,11 @@ fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
     let p = port_stats(&topo);
     let report = format!("testpmd received {received:?}, xvio {g:?}, port {p:?}");
     eprintln!("{report}");
-    assert!(g.to_guest_packets > 1000, "frames flowed: {report}\n{}", daemon.log());
+    assert!(
+        g.to_guest_packets > 1000,
+        "frames flowed: {report}\n{}",
+        daemon.log()
+    );
     assert_eq!(
         p.rx_packets,
         g.to_guest_packets

@@ -459,3 +459,108 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
         "the next connection is served"
     );
 }
+
+fn spec_at(socket: PathBuf) -> GuestSpec {
+    GuestSpec {
+        socket,
+        mac: MacAddr(MAC_A),
+        queues: 1,
+        mode: SocketMode::Server,
+    }
+}
+
+/// A socket file nobody listens on (a daemon that died) is replaced, and served; when the
+/// guest goes, its socket goes with it.
+#[test]
+fn a_stale_socket_is_replaced_and_served() {
+    let path = socket();
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists(), "the stale socket file stays behind");
+    let switch = Datapath::start(None).unwrap();
+    let a = Guest::start(&spec_at(path.clone()), &switch).expect("a stale socket is replaced");
+    let mut g = TestGuest::connect(a.socket(), REFUSE);
+    assert_eq!(&g.config()[..6], &MAC_A, "the new socket is served");
+    drop(g);
+    drop(a);
+    assert!(!path.exists(), "the guest removed its socket");
+}
+
+/// A socket another process listens on (another daemon, a VMM) is not stolen: the start
+/// fails, naming it, and connections still reach the process listening.
+#[test]
+fn a_socket_someone_listens_on_is_not_taken_over() {
+    let path = socket();
+    let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let switch = Datapath::start(None).unwrap();
+    let err = Guest::start(&spec_at(path.clone()), &switch)
+        .expect_err("a socket in use must not be taken over")
+        .to_string();
+    assert!(err.contains("listening"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    // The probe that told it was in use, then a client: both reach the listener.
+    theirs.set_nonblocking(true).unwrap();
+    let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let accepted = (0..2).filter(|_| theirs.accept().is_ok()).count();
+    assert_eq!(accepted, 2, "connections still reach the process listening");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Whatever else is at the socket path is left alone: a regular file, a directory, a
+/// symlink (not followed), each refused with an error that names it.
+#[test]
+fn a_file_that_is_not_a_socket_is_left_alone() {
+    let switch = Datapath::start(None).unwrap();
+    let file = socket();
+    std::fs::write(&file, b"precious").unwrap();
+    let dir = socket();
+    std::fs::create_dir(&dir).unwrap();
+    let target = socket();
+    std::fs::write(&target, b"also precious").unwrap();
+    let link = socket();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    for (path, kind) in [
+        (&file, "regular file"),
+        (&dir, "directory"),
+        (&link, "symlink"),
+    ] {
+        let err = Guest::start(&spec_at(path.clone()), &switch)
+            .expect_err("only a stale socket may be replaced")
+            .to_string();
+        assert!(err.contains(kind) && err.contains("not a socket"), "{err}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    assert!(dir.is_dir());
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"also precious");
+    for path in [&file, &link, &target] {
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::remove_dir(&dir);
+}
+
+/// A socket in a directory that does not exist: an error that says so.
+#[test]
+fn a_socket_in_a_missing_directory_is_reported() {
+    let path = std::env::temp_dir()
+        .join(unique_name("xvio-nodir-"))
+        .join("vm.sock");
+    let switch = Datapath::start(None).unwrap();
+    let err = Guest::start(&spec_at(path.clone()), &switch)
+        .expect_err("no directory, no socket")
+        .to_string();
+    assert!(err.contains("directory does not exist"), "{err}");
+    assert!(!path.parent().unwrap().exists());
+}
+
+/// A guest going away removes its own socket, not a file that has taken its place.
+#[test]
+fn a_guest_removes_only_its_own_socket() {
+    let path = socket();
+    let switch = Datapath::start(None).unwrap();
+    let a = Guest::start(&spec_at(path.clone()), &switch).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, b"someone else's").unwrap();
+    drop(a);
+    assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+    let _ = std::fs::remove_file(&path);
+}

@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xvio::xsk::{XskConfig, XskPort};
+use xvio::xsk::{
+    XskConfig, XskPort,
+    queues::{QueueSource, XskQueues},
+};
 use xvio_common::maps;
 use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, UDP_SEQ_AT, frame, ipv4_udp, seq_of},
@@ -28,6 +31,16 @@ fn size_of_frame(seq: u32) -> usize {
 
 fn udp_seq(frame: &[u8]) -> u32 {
     u32::from_be_bytes(frame[UDP_SEQ_AT..UDP_SEQ_AT + 4].try_into().unwrap())
+}
+
+/// Flushes and reaps until every accepted frame was sent and completed, or `limit` passed.
+fn drain(port: &mut XskPort, limit: Duration) {
+    let start = Instant::now();
+    while port.frame_counts().staged + port.frame_counts().tx_in_flight > 0
+        && start.elapsed() < limit
+    {
+        port.flush();
+    }
 }
 
 #[test]
@@ -211,25 +224,17 @@ fn ten_thousand_transmitted_frames_arrive_at_the_peer_identical() {
         let (stats, counts) = topo.host.run(|| {
             let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
             for chunk in sent.chunks(64) {
-                for f in chunk {
-                    while !port.send(f) {
-                        port.tx_flush();
-                    }
-                }
-                port.tx_flush();
+                assert_eq!(
+                    port.send_from_guest(chunk),
+                    chunk.len(),
+                    "the port takes a chunk"
+                );
+                port.flush();
                 // Pace to the receiver: the veth peer queues at most a backlog's worth.
-                let start = Instant::now();
-                while port.frame_counts().tx_in_flight > 0
-                    && start.elapsed() < Duration::from_secs(1)
-                {
-                    port.reap();
-                }
+                drain(&mut port, Duration::from_secs(1));
                 std::thread::sleep(Duration::from_micros(300));
             }
-            let start = Instant::now();
-            while port.frame_counts().tx_in_flight > 0 && start.elapsed() < Duration::from_secs(5) {
-                port.reap();
-            }
+            drain(&mut port, Duration::from_secs(5));
             (port.stats(), port.frame_counts())
         });
         (receiver.join().unwrap(), stats, counts)
@@ -271,7 +276,7 @@ fn a_flood_faster_than_the_consumer_drops_counted_frames_and_loses_none_of_the_p
         });
         let mut received = 0;
         loop {
-            let n = port.rx_burst(64, |_| {});
+            let n = port.to_guest_burst(64, |_| {});
             if n == 0 {
                 break;
             }
@@ -279,16 +284,12 @@ fn a_flood_faster_than_the_consumer_drops_counted_frames_and_loses_none_of_the_p
         }
         // Exercise transmit under pressure too: more sends than frames.
         for seq in 0..2000 {
-            let _ = port.send(&frame(src, GUEST, None, ETH_P_EXPERIMENTAL, 200, seq));
+            let _ = port.send_from_guest(&[frame(src, GUEST, None, ETH_P_EXPERIMENTAL, 200, seq)]);
             if seq % 100 == 0 {
-                port.tx_flush();
+                port.flush();
             }
         }
-        port.tx_flush();
-        let start = Instant::now();
-        while port.frame_counts().tx_in_flight > 0 && start.elapsed() < Duration::from_secs(5) {
-            port.reap();
-        }
+        drain(&mut port, Duration::from_secs(5));
         (port.stats(), port.frame_counts(), received)
     });
     assert!(
@@ -417,13 +418,152 @@ fn the_daemon_opens_a_port_per_queue_and_publishes_their_counters() {
 }
 
 #[test]
-fn the_enabled_rx_queues_come_from_ethtool_channels() {
-    if !privileged("the_enabled_rx_queues_come_from_ethtool_channels") {
+fn with_the_link_down_the_port_refuses_what_its_rings_cannot_hold_and_sends_all_it_took() {
+    if !privileged(
+        "with_the_link_down_the_port_refuses_what_its_rings_cannot_hold_and_sends_all_it_took",
+    ) {
         return;
     }
-    let topo = Topology::new(4);
-    let count = topo
-        .host
-        .run(|| xvio::xsk::queues::enabled_rx_queues(&topo.ifname));
-    assert_eq!(count, Some(4), "veth reports its rx channels");
+    let topo = Topology::new(1);
+    let _daemon = topo.start(&["--queues", "0"]);
+    const ME: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0xab];
+    const OFFERED: u32 = 400;
+    let dst = mac_of(&topo.peer, &topo.peer_if);
+    let offered: Vec<Vec<u8>> = (0..OFFERED)
+        .map(|seq| frame(dst, ME, None, ETH_P_EXPERIMENTAL, size_of_frame(seq), seq))
+        .collect();
+    // A pool of 448 frames, rings of 64: more frames than the rings hold.
+    let small = XskConfig {
+        frame_size: 2048,
+        frames: 512,
+        ring: 64,
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (received, taken, again, refused, stats, counts) = std::thread::scope(|s| {
+        let receiver = s.spawn(move || {
+            topo.peer.run(move || {
+                let raw = RawSocket::bind(&topo.peer_if).unwrap();
+                raw.set_rcvbuf(64 << 20).unwrap();
+                ready_tx.send(()).unwrap();
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 2048];
+                while let Some(n) = raw.recv(&mut buf, Duration::from_secs(3)).unwrap() {
+                    if buf[6..12] == ME {
+                        got.push(buf[..n].to_vec());
+                    }
+                }
+                got
+            })
+        });
+        ready_rx.recv().unwrap();
+        let sent = topo.host.run(|| {
+            let mut port = XskPort::open(&topo.ifname, 0, &small).unwrap();
+            // A link that is down sends nothing: the tx ring fills and stays full.
+            topo.host.ip(&["link", "set", &topo.ifname, "down"]);
+            let taken = port.send_from_guest(&offered);
+            let again = port.send_from_guest(&offered[taken..=taken]);
+            let refused = port.stats();
+            topo.host.ip(&["link", "set", &topo.ifname, "up"]);
+            drain(&mut port, Duration::from_secs(5));
+            (taken, again, refused, port.stats(), port.frame_counts())
+        });
+        (
+            receiver.join().unwrap(),
+            sent.0,
+            sent.1,
+            sent.2,
+            sent.3,
+            sent.4,
+        )
+    });
+    assert!(
+        taken > 0 && taken < OFFERED as usize,
+        "the port takes what its tx ring and its stage hold, and says how many: {taken}"
+    );
+    assert_eq!(again, 0, "a full port refuses a frame offered again");
+    assert_eq!(
+        refused.tx_ring_full + refused.tx_no_frame,
+        u64::from(OFFERED) - taken as u64 + 1,
+        "every refusal is counted: {refused:?}"
+    );
+    assert_eq!(
+        refused.tx_no_frame, 0,
+        "the ring was full, frames were free: {refused:?}"
+    );
+    assert_eq!(
+        received.len(),
+        taken,
+        "every frame the port took reaches the peer, none more: {stats:?}"
+    );
+    for (i, (got, want)) in received.iter().zip(&offered).enumerate() {
+        assert!(got == want, "frame {i} arrived byte-identical and in order");
+    }
+    assert_eq!(stats.tx_packets, taken as u64, "{stats:?}");
+    assert!(counts.balanced() && counts.all_home(), "{counts:?}");
+}
+
+#[test]
+fn binding_a_queue_that_is_not_enabled_reports_the_bind_and_the_channels() {
+    if !privileged("binding_a_queue_that_is_not_enabled_reports_the_bind_and_the_channels") {
+        return;
+    }
+    // Made as a user makes it: queue 1 may be allocated, but only queue 0 is enabled.
+    let topo = Topology::untuned();
+    let (error, opened) = topo.host.run(|| {
+        let error = XskPort::open(&topo.ifname, 1, &XskConfig::default())
+            .expect_err("queue 1 is not enabled")
+            .to_string();
+        (
+            error,
+            XskPort::open(&topo.ifname, 0, &XskConfig::default()).is_ok(),
+        )
+    });
+    let ifname = &topo.ifname;
+    assert!(
+        error.starts_with(&format!("AF_XDP bind on {ifname} queue 1 failed: EINVAL")),
+        "the bind's own error: {error}"
+    );
+    assert!(
+        error.contains(&format!("queue 1 is not enabled on {ifname}"))
+            && error.contains(&format!(
+                "`ethtool -l {ifname}` shows 0 combined, 1 rx and 1 tx channels"
+            )),
+        "the hint names the queue and the channels: {error}"
+    );
+    assert!(
+        !error.contains("rings"),
+        "not a second setup of the rings: {error}"
+    );
+    assert!(opened, "queue 0 takes a socket");
+}
+
+#[test]
+fn the_queues_that_take_a_socket_come_from_ethtool_channels() {
+    if !privileged("the_queues_that_take_a_socket_come_from_ethtool_channels") {
+        return;
+    }
+    let queues_of = |topo: &Topology| {
+        topo.host.run(|| {
+            let ifindex = nix::net::if_::if_nametoindex(topo.ifname.as_str()).unwrap();
+            let allocated = xvio::netlink::link_info(ifindex).unwrap().rx_queues;
+            let (queues, ethtool_error) = XskQueues::of(ifindex).unwrap();
+            assert!(ethtool_error.is_none(), "{ethtool_error:?}");
+            (queues, allocated)
+        })
+    };
+    let (queues, _) = queues_of(&Topology::new(4));
+    assert_eq!(queues.count, 4, "{queues:?}");
+    assert!(
+        matches!(queues.source, QueueSource::Channels(c) if (c.rx, c.tx) == (4, 4)),
+        "{queues:?}"
+    );
+    let (queues, allocated) = queues_of(&Topology::untuned());
+    assert_eq!(
+        queues.count, 1,
+        "a veth made without numrxqueues enables one queue ({allocated} allocated): {queues:?}"
+    );
+    assert!(
+        allocated >= 1,
+        "rtnetlink reports the allocated queues: {allocated}"
+    );
 }

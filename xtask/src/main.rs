@@ -4,11 +4,13 @@
 //!   no `--iface` in ARGS it makes a demo: netns `xvio-demo` and veth `xvio-demo0` (here) ↔
 //!   `xvio-demo1` (there), attaches to `xvio-demo0`, and removes it all on Ctrl-C.
 //! - `cargo xtask test`: installs what is missing, then fmt, clippy and every test,
-//!   privileged ones included (they need root; in CI they must not skip).
+//!   privileged ones included (they need root; in CI they must not skip), and last the
+//!   README's `cargo xtask run` itself, checked end to end (see `readme_run`).
 //! - `cargo xtask bench copy|xsk`: the copy-engine benchmark (criterion); AF_XDP rates on a
 //!   veth against the XDP_DROP ceiling.
 
 mod deps;
+mod readme_run;
 mod run;
 
 use std::{
@@ -74,15 +76,18 @@ fn test(extra: &[String]) -> Result<()> {
     // The daemon tests run the `xvio` binary, which `cargo test` does not build for another
     // package's tests: build it first and point the tests at it.
     cargo(&["build", "-p", "xvio", "--bin", "xvio"])?;
-    let bin = workspace_root().join("target/debug/xvio");
+    let bin = target_dir().join("debug/xvio");
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    cargo_test(&args, &bin)
+    let totals = cargo_test(&args, &bin)?;
+    readme_run::check()?;
+    println!("{totals}; the README's `cargo xtask run`: ok");
+    Ok(())
 }
 
 /// Runs `cargo test …`, echoing its output, and closes with one line that adds up every
 /// test binary's `test result:` line (the last binary alone, often doc-tests, says little).
-fn cargo_test(args: &[&str], xvio_bin: &std::path::Path) -> Result<()> {
+fn cargo_test(args: &[&str], xvio_bin: &std::path::Path) -> Result<TestTotals> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut child = Command::new(&cargo)
         .args(args)
@@ -99,14 +104,11 @@ fn cargo_test(args: &[&str], xvio_bin: &std::path::Path) -> Result<()> {
         totals.add(&line);
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!(
-        "tests: {} passed, {} failed, {} ignored",
-        totals.passed, totals.failed, totals.ignored
-    );
+    println!("{totals}");
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
-    Ok(())
+    Ok(totals)
 }
 
 /// Sums of cargo test's `test result: ok. 3 passed; 0 failed; 1 ignored; …` lines.
@@ -115,6 +117,16 @@ struct TestTotals {
     passed: u64,
     failed: u64,
     ignored: u64,
+}
+
+impl std::fmt::Display for TestTotals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tests: {} passed, {} failed, {} ignored",
+            self.passed, self.failed, self.ignored
+        )
+    }
 }
 
 impl TestTotals {
@@ -189,6 +201,15 @@ fn cargo(args: &[&str]) -> Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// Where cargo puts its builds: `$CARGO_TARGET_DIR` (relative ones from the workspace root,
+/// where xtask runs cargo) or `target/`.
+fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
 }
 
 fn workspace_root() -> std::path::PathBuf {

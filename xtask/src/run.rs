@@ -6,22 +6,28 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{SigHandler, Signal, signal};
 
-use crate::{cargo, deps, workspace_root};
+use crate::{cargo, deps, target_dir};
 
-const DEMO_NETNS: &str = "xvio-demo";
-const DEMO_IF: &str = "xvio-demo0";
-const DEMO_PEER: &str = "xvio-demo1";
+/// The demo's namespace.
+pub const DEMO_NETNS: &str = "xvio-demo";
+/// The demo veth's end here, where xvio attaches.
+pub const DEMO_IF: &str = "xvio-demo0";
+/// Its peer, in the demo namespace.
+pub const DEMO_PEER: &str = "xvio-demo1";
 const DEMO_ADDR: &str = "10.199.0.1/24";
 const DEMO_PEER_ADDR: &str = "10.199.0.2/24";
-/// The MAC the demo steers to AF_XDP: frames to it are counted as no_socket until a
-/// datapath registers a socket.
-const DEMO_GUEST_MAC: &str = "02:58:56:49:4f:01";
+/// The MAC the demo steers to AF_XDP: frames to it are redirected to the socket of their
+/// queue and, with no guest to take them yet, counted as `rx_no_guest`.
+pub const DEMO_GUEST_MAC: &str = "02:58:56:49:4f:01";
+/// An address in the demo subnet to give that MAC (a neighbour entry in the demo namespace),
+/// so that `ping` sends steered frames.
+pub const DEMO_STEERED_ADDR: &str = "10.199.0.99";
 
 /// `cargo xtask run [-- ARGS]`.
 pub fn run(args: &[String]) -> Result<()> {
     deps::ensure(deps::RUN_PACKAGES)?;
     cargo(&["build", "--release", "-p", "xvio"])?;
-    let bin = workspace_root().join("target/release/xvio");
+    let bin = target_dir().join("release/xvio");
     let demo = !args
         .iter()
         .any(|a| a == "--iface" || a.starts_with("--iface="));
@@ -39,6 +45,10 @@ pub fn run(args: &[String]) -> Result<()> {
         );
         println!(
             "  traffic that passes to the kernel: ip netns exec {DEMO_NETNS} ping -c 3 10.199.0.1"
+        );
+        println!(
+            "  traffic steered to AF_XDP: ip -n {DEMO_NETNS} neigh replace {DEMO_STEERED_ADDR} lladdr \
+             {DEMO_GUEST_MAC} dev {DEMO_PEER}; ip netns exec {DEMO_NETNS} ping -c 3 {DEMO_STEERED_ADDR}"
         );
     }
     daemon_args.extend(args.iter().cloned());
@@ -126,7 +136,8 @@ fn make_demo() -> Result<()> {
     ip(&["-n", DEMO_NETNS, "link", "set", "lo", "up"])
 }
 
-fn remove_demo() {
+/// Removes the demo (namespace and veth), if it is there.
+pub fn remove_demo() {
     // Deleting the namespace deletes the veth pair with it.
     let _ = privileged("ip")
         .args(["netns", "del", DEMO_NETNS])

@@ -136,10 +136,14 @@ pub trait DmaChannel: Send + std::fmt::Debug {
 
     /// An fd that becomes readable when operations complete after
     /// [`DmaChannel::arm_notification`], for an epoll worker that waits; `None` when the
-    /// channel completes synchronously.
+    /// channel completes synchronously. A channel whose device raises no completion
+    /// interrupt (`dsa`) makes it readable a bounded poll interval after arming instead,
+    /// whether or not anything completed: a waiter polls `completed` on every wake-up and
+    /// arms again while operations are outstanding.
     fn completion_fd(&self) -> Option<BorrowedFd<'_>>;
 
-    /// Asks for one wake-up on `completion_fd` at the next completion.
+    /// Asks for one wake-up on `completion_fd` at the next completion (or, without a
+    /// completion interrupt, after the channel's poll interval).
     fn arm_notification(&mut self) {}
 
     /// Consumes a wake-up that `completion_fd` signalled (so that a level-triggered epoll

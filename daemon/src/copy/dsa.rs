@@ -9,6 +9,21 @@
 //! device; it is reported as [`DmaFault::NotSubmitted`]. Page faults are not blocked on
 //! (no BOF flag): the device reports them, and the engine redoes the copy on the CPU.
 //!
+//! Invariants, each tested with a mock portal (`dsa/tests.rs`):
+//! - **Never more outstanding than the queue holds.** MOVDIR64B reports nothing: a descriptor
+//!   written to a dedicated queue whose entries are all taken is dropped by the device, and
+//!   its copy would never complete. The channel reads the queue's `size` from sysfs and never
+//!   has more than `min(ring, size)` operations between enqueue and report (a shared queue
+//!   pushes back through ENQCMD, so only the ring bounds it).
+//! - **A bounded wake-up.** A user work queue raises no interrupt, so `completion_fd` is a
+//!   one-shot timer: `arm_notification` with copies outstanding makes it readable
+//!   [`POLL_INTERVAL`] later, and a worker that waits on it polls the completion records at
+//!   least that often while copies are in flight (the vhost RX path re-arms after every pass
+//!   that leaves copies in flight).
+//! - **No write into freed memory.** Dropping the channel waits (bounded) for the device to
+//!   finish every descriptor it was given, then closes the queue (the kernel drains it on
+//!   release); completion records the device may still write are leaked, never freed.
+//!
 //! What has run where: the descriptor and completion-record encodings are tested against
 //! `linux/idxd.h` on every machine (see the tests); the portal, the instructions and the
 //! device's behaviour have not run on DSA hardware in this project (none was available).
@@ -16,14 +31,16 @@
 //! either is missing.
 
 use std::{
-    arch::asm,
-    fs::OpenOptions,
-    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
-    path::{Path, PathBuf},
-    ptr::NonNull,
+    os::fd::{AsFd, BorrowedFd},
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
 };
 
+use self::wq::{Closed, MmapPortal, Portal, Timer, WqAttrs, sysfs_dir};
 use super::channel::{ChannelKind, Completed, DmaChannel, DmaError, DmaFault, OpStatus};
+
+mod wq;
 
 /// `DSA_OPCODE_MEMMOVE`.
 pub const OPCODE_MEMMOVE: u8 = 3;
@@ -50,12 +67,17 @@ pub const COMP_STATUS_MASK: u8 = 0x7f;
 /// The largest transfer a descriptor takes here (the device's limit is configurable and at
 /// least 2 MiB; packets are far smaller).
 pub const MAX_XFER: u32 = 1 << 21;
-/// Size of the portal mapping.
-const PORTAL_SIZE: usize = 0x1000;
-/// ENQCMD attempts before a descriptor is given up as not submitted.
-const ENQCMD_RETRIES: u32 = 1000;
 /// Our private marker in a completion record: never handed to the device.
 const NOT_SUBMITTED: u8 = 0xff;
+/// How long after `arm_notification` the completion timer fires while copies are outstanding.
+/// DSA finishes a packet-sized copy in one to two microseconds; 10 µs bounds how long a
+/// finished copy waits for a sleeping worker, at a cost of at most 100,000 wake-ups a second,
+/// and only while copies are in flight.
+pub const POLL_INTERVAL: Duration = Duration::from_micros(10);
+/// How long dropping a channel waits for the device to finish the descriptors it was given.
+const DROP_WAIT: Duration = Duration::from_millis(100);
+/// Completion records leaked by channels dropped while the device still owed them a write.
+static LEAKED_RECORDS: AtomicU64 = AtomicU64::new(0);
 
 /// `struct dsa_hw_desc` (64 bytes, packed in the header; every field is naturally aligned).
 #[repr(C, align(64))]
@@ -148,31 +170,33 @@ pub fn cpu_support() -> (bool, bool) {
 /// A DSA work queue as a DMA channel.
 pub struct DsaChannel {
     name: String,
-    _file: OwnedFd,
-    portal: NonNull<u8>,
-    dedicated: bool,
+    portal: Box<dyn Portal>,
+    timer: Timer,
     descs: Box<[HwDesc]>,
     comps: Box<[CompletionRecord]>,
+    /// Operations between enqueue and report at most: the ring, and for a dedicated queue
+    /// no more than its size.
+    capacity: u64,
+    max_xfer: u32,
+    drop_wait: Duration,
     enqueued: u64,
     submitted: u64,
     reported: u64,
 }
 
-// SAFETY: the portal mapping and the rings are owned by the channel and used only through
-// &mut self; nothing in them is tied to the thread that opened it.
-unsafe impl Send for DsaChannel {}
-
 impl std::fmt::Debug for DsaChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DsaChannel")
             .field("name", &self.name)
-            .field("dedicated", &self.dedicated)
+            .field("capacity", &self.capacity)
+            .field("outstanding", &(self.enqueued - self.reported))
             .finish()
     }
 }
 
 impl DsaChannel {
-    /// Opens work queue `path` (`/dev/dsa/wq0.0`) with `ring` descriptors (a power of two).
+    /// Opens work queue `path` (`/dev/dsa/wq0.0`) with `ring` descriptors (rounded up to a
+    /// power of two); a dedicated queue holds no more than its sysfs `size` of them.
     pub fn open(path: &Path, ring: u16) -> Result<DsaChannel, DmaError> {
         if !path.exists() {
             return Err(DmaError::Unavailable(format!(
@@ -185,56 +209,50 @@ impl DsaChannel {
                 }
             )));
         }
-        let dedicated = queue_is_dedicated(path)?;
+        let wq = WqAttrs::read(&sysfs_dir(path))?;
         let (movdir64b, enqcmd) = cpu_support();
-        if dedicated && !movdir64b || !dedicated && !enqcmd {
+        if wq.dedicated && !movdir64b || !wq.dedicated && !enqcmd {
             return Err(DmaError::Unavailable(format!(
                 "{} is a {} work queue but this CPU lacks {}",
                 path.display(),
-                if dedicated { "dedicated" } else { "shared" },
-                if dedicated { "MOVDIR64B" } else { "ENQCMD" }
+                if wq.dedicated { "dedicated" } else { "shared" },
+                if wq.dedicated { "MOVDIR64B" } else { "ENQCMD" }
             )));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| DmaError::Unavailable(format!("opening {}: {e}", path.display())))?;
-        let file = OwnedFd::from(file);
-        // SAFETY: a fresh shared mapping of the work queue's portal page; the kernel checks
-        // the request. The result is checked below and unmapped in Drop.
-        let portal = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PORTAL_SIZE,
-                libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                0,
-            )
+        let portal = MmapPortal::map(path, wq.dedicated)?;
+        let name = format!(
+            "dsa/{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+        DsaChannel::with_portal(name, wq, ring, Box::new(portal), POLL_INTERVAL, DROP_WAIT)
+    }
+
+    /// The channel around any portal (tests give a mock device).
+    fn with_portal(
+        name: String,
+        wq: WqAttrs,
+        ring: u16,
+        portal: Box<dyn Portal>,
+        poll: Duration,
+        drop_wait: Duration,
+    ) -> Result<DsaChannel, DmaError> {
+        let slots = usize::from(ring.max(2)).next_power_of_two();
+        let capacity = if wq.dedicated {
+            (slots as u64).min(u64::from(wq.size))
+        } else {
+            slots as u64
         };
-        if portal == libc::MAP_FAILED {
-            return Err(DmaError::Unavailable(format!(
-                "mapping the portal of {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            )));
-        }
-        let portal = NonNull::new(portal.cast())
-            .ok_or_else(|| DmaError::Unavailable("portal at NULL".into()))?;
-        let size = usize::from(ring.max(2)).next_power_of_two();
         Ok(DsaChannel {
-            name: format!(
-                "dsa/{}",
-                path.file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default()
-            ),
-            _file: file,
+            name,
             portal,
-            dedicated,
-            descs: vec![HwDesc::default(); size].into_boxed_slice(),
-            comps: vec![CompletionRecord::default(); size].into_boxed_slice(),
+            timer: Timer::new(poll)?,
+            descs: vec![HwDesc::default(); slots].into_boxed_slice(),
+            comps: vec![CompletionRecord::default(); slots].into_boxed_slice(),
+            capacity,
+            max_xfer: u32::try_from(wq.max_transfer.min(u64::from(MAX_XFER))).unwrap_or(MAX_XFER),
+            drop_wait,
             enqueued: 0,
             submitted: 0,
             reported: 0,
@@ -252,50 +270,25 @@ impl DsaChannel {
         unsafe { std::ptr::read_volatile(&raw const rec.status) }
     }
 
-    /// Writes one descriptor to the portal; false if a shared queue stayed full.
-    fn write_portal(&self, desc: &HwDesc) -> bool {
-        let portal = self.portal.as_ptr();
-        let desc = std::ptr::from_ref(desc).cast::<u8>();
-        if self.dedicated {
-            // SAFETY: `portal` is the mapped portal page; `desc` is a 64-byte aligned
-            // descriptor; the CPU supports MOVDIR64B (checked in `open`).
-            unsafe {
-                asm!("movdir64b {0}, zmmword ptr [{1}]", in(reg) portal, in(reg) desc, options(nostack))
-            };
-            return true;
-        }
-        for _ in 0..ENQCMD_RETRIES {
-            let retry: u8;
-            // SAFETY: as above, with ENQCMD (checked in `open`); ZF=1 means the shared
-            // queue was full and nothing was accepted.
-            unsafe {
-                asm!(
-                    "enqcmd {0}, zmmword ptr [{1}]",
-                    "setz {2}",
-                    in(reg) portal,
-                    in(reg) desc,
-                    out(reg_byte) retry,
-                    options(nostack)
-                )
-            };
-            if retry == 0 {
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        false
+    /// Descriptors handed to the device that it has not finished.
+    fn device_outstanding(&self) -> u64 {
+        (self.reported..self.submitted)
+            .filter(|&seq| decode_status(self.status(seq)).is_none())
+            .count() as u64
     }
-}
 
-fn queue_is_dedicated(path: &Path) -> Result<bool, DmaError> {
-    let wq = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mode_path = PathBuf::from("/sys/bus/dsa/devices").join(&wq).join("mode");
-    let mode = std::fs::read_to_string(&mode_path)
-        .map_err(|e| DmaError::Unavailable(format!("reading {}: {e}", mode_path.display())))?;
-    Ok(mode.trim() == "dedicated")
+    /// Polls until the device has finished everything it was given or `limit` passed;
+    /// returns how many it still owes.
+    fn wait_for_device(&self, limit: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            let left = self.device_outstanding();
+            if left == 0 || start.elapsed() >= limit {
+                return left;
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
 }
 
 impl DmaChannel for DsaChannel {
@@ -308,13 +301,13 @@ impl DmaChannel for DsaChannel {
     }
 
     unsafe fn copy(&mut self, src: *const u8, dst: *mut u8, len: u32) -> Result<u16, DmaError> {
-        if len > MAX_XFER {
+        if len > self.max_xfer {
             return Err(DmaError::TooLong {
                 len: u64::from(len),
-                max: u64::from(MAX_XFER),
+                max: u64::from(self.max_xfer),
             });
         }
-        if self.enqueued - self.reported >= self.descs.len() as u64 {
+        if self.enqueued - self.reported >= self.capacity {
             return Err(DmaError::Full);
         }
         let slot = self.slot(self.enqueued);
@@ -329,11 +322,11 @@ impl DmaChannel for DsaChannel {
     fn submit(&mut self) -> Result<(), DmaError> {
         // The zeroed completion records and the descriptors must be in memory before the
         // device can see a descriptor.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         let mut lost = 0;
         while self.submitted < self.enqueued {
             let slot = self.slot(self.submitted);
-            if !self.write_portal(&self.descs[slot]) {
+            if !self.portal.write(&self.descs[slot]) {
                 self.comps[slot].status = NOT_SUBMITTED;
                 lost += 1;
             }
@@ -364,6 +357,8 @@ impl DmaChannel for DsaChannel {
                 }
             }
         }
+        // The device wrote each destination before its record: read them after the records.
+        std::sync::atomic::fence(Ordering::Acquire);
         done
     }
 
@@ -377,202 +372,56 @@ impl DmaChannel for DsaChannel {
             n += 1;
             self.reported += 1;
         }
+        std::sync::atomic::fence(Ordering::Acquire);
         n as u16
     }
 
     fn burst_capacity(&self) -> u16 {
-        u16::try_from(self.descs.len() as u64 - (self.enqueued - self.reported)).unwrap_or(u16::MAX)
+        u16::try_from(self.capacity - (self.enqueued - self.reported)).unwrap_or(u16::MAX)
     }
 
+    /// A timer, not an interrupt: after `arm_notification` with copies outstanding it
+    /// becomes readable [`POLL_INTERVAL`] later, whether or not anything completed.
     fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
-        None
+        Some(self.timer.fd.as_fd())
+    }
+
+    fn arm_notification(&mut self) {
+        if self.submitted > self.reported {
+            self.timer.arm();
+        }
+    }
+
+    fn clear_notification(&mut self) {
+        self.timer.clear();
     }
 }
 
 impl Drop for DsaChannel {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, unmapped once.
-        unsafe { libc::munmap(self.portal.as_ptr().cast(), PORTAL_SIZE) };
+        let mut owed = self.wait_for_device(self.drop_wait);
+        // Unmaps the portal and closes the queue; on release the kernel drains it.
+        self.portal = Box::new(Closed);
+        if owed > 0 {
+            owed = self.device_outstanding();
+        }
+        if owed > 0 {
+            let records = std::mem::take(&mut self.comps);
+            let leaked = records.len() as u64;
+            Box::leak(records);
+            let total = LEAKED_RECORDS.fetch_add(leaked, Ordering::Relaxed) + leaked;
+            tracing::warn!(
+                channel = %self.name,
+                owed,
+                leaked_bytes = leaked * size_of::<CompletionRecord>() as u64,
+                total_leaked_records = total,
+                "DMA channel closed while the device still owed completions; its completion \
+                 records are leaked rather than freed, so a late device write cannot land in \
+                 reused memory"
+            );
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{collections::HashMap, process::Command};
-
-    use super::*;
-
-    /// Compiles a C program against `linux/idxd.h` that prints sizes, offsets, constants
-    /// and the bytes of a MEMMOVE descriptor built with the header's bitfields.
-    fn header_facts() -> HashMap<String, String> {
-        let dir = std::env::temp_dir().join(format!("xvio-idxd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = dir.join("idxd.c");
-        std::fs::write(
-            &src,
-            r#"
-#include <stdio.h>
-#include <stddef.h>
-#include <string.h>
-#include <linux/idxd.h>
-#define P(name, v) printf("%s %llu\n", name, (unsigned long long)(v))
-int main(void) {
-    struct dsa_hw_desc d; struct dsa_completion_record c;
-    P("desc_size", sizeof d); P("comp_size", sizeof c);
-    P("completion_addr", offsetof(struct dsa_hw_desc, completion_addr));
-    P("src_addr", offsetof(struct dsa_hw_desc, src_addr));
-    P("dst_addr", offsetof(struct dsa_hw_desc, dst_addr));
-    P("xfer_size", offsetof(struct dsa_hw_desc, xfer_size));
-    P("int_handle", offsetof(struct dsa_hw_desc, int_handle));
-    P("status", offsetof(struct dsa_completion_record, status));
-    P("result", offsetof(struct dsa_completion_record, result));
-    P("bytes_completed", offsetof(struct dsa_completion_record, bytes_completed));
-    P("fault_addr", offsetof(struct dsa_completion_record, fault_addr));
-    P("OPCODE_MEMMOVE", DSA_OPCODE_MEMMOVE); P("FLAG_BOF", IDXD_OP_FLAG_BOF);
-    P("FLAG_CRAV", IDXD_OP_FLAG_CRAV); P("FLAG_RCR", IDXD_OP_FLAG_RCR); P("FLAG_CC", IDXD_OP_FLAG_CC);
-    P("COMP_SUCCESS", DSA_COMP_SUCCESS); P("COMP_PAGE_FAULT_NOBOF", DSA_COMP_PAGE_FAULT_NOBOF);
-    P("COMP_PAGE_FAULT_IR", DSA_COMP_PAGE_FAULT_IR); P("COMP_BAD_OPCODE", DSA_COMP_BAD_OPCODE);
-    P("COMP_STATUS_MASK", DSA_COMP_STATUS_MASK);
-    memset(&d, 0, sizeof d);
-    d.opcode = DSA_OPCODE_MEMMOVE; d.flags = IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR | IDXD_OP_FLAG_CC;
-    d.completion_addr = 0x1122334455667788ULL; d.src_addr = 0x1000; d.dst_addr = 0x2000; d.xfer_size = 1500;
-    printf("bytes");
-    for (size_t i = 0; i < sizeof d; i++) printf(" %02x", ((unsigned char *)&d)[i]);
-    printf("\n");
-    return 0;
-}
-"#,
-        )
-        .unwrap();
-        let exe = dir.join("idxd");
-        let cc = Command::new("cc")
-            .arg(&src)
-            .arg("-o")
-            .arg(&exe)
-            .output()
-            .expect("a C compiler (cc)");
-        assert!(
-            cc.status.success(),
-            "{}",
-            String::from_utf8_lossy(&cc.stderr)
-        );
-        let out = Command::new(&exe).output().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_owned(), v.to_owned())))
-            .collect()
-    }
-
-    #[test]
-    fn encoding_matches_linux_idxd_h() {
-        let facts = header_facts();
-        let num = |k: &str| facts[k].parse::<u64>().unwrap();
-        assert_eq!(num("desc_size"), size_of::<HwDesc>() as u64);
-        assert_eq!(num("comp_size"), size_of::<CompletionRecord>() as u64);
-        assert_eq!(
-            num("completion_addr"),
-            std::mem::offset_of!(HwDesc, completion_addr) as u64
-        );
-        assert_eq!(
-            num("src_addr"),
-            std::mem::offset_of!(HwDesc, src_addr) as u64
-        );
-        assert_eq!(
-            num("dst_addr"),
-            std::mem::offset_of!(HwDesc, dst_addr) as u64
-        );
-        assert_eq!(
-            num("xfer_size"),
-            std::mem::offset_of!(HwDesc, xfer_size) as u64
-        );
-        assert_eq!(
-            num("int_handle"),
-            std::mem::offset_of!(HwDesc, int_handle) as u64
-        );
-        assert_eq!(
-            num("status"),
-            std::mem::offset_of!(CompletionRecord, status) as u64
-        );
-        assert_eq!(
-            num("result"),
-            std::mem::offset_of!(CompletionRecord, result) as u64
-        );
-        assert_eq!(
-            num("bytes_completed"),
-            std::mem::offset_of!(CompletionRecord, bytes_completed) as u64
-        );
-        assert_eq!(
-            num("fault_addr"),
-            std::mem::offset_of!(CompletionRecord, fault_addr) as u64
-        );
-        assert_eq!(num("OPCODE_MEMMOVE"), u64::from(OPCODE_MEMMOVE));
-        assert_eq!(num("FLAG_BOF"), u64::from(FLAG_BOF));
-        assert_eq!(num("FLAG_CRAV"), u64::from(FLAG_CRAV));
-        assert_eq!(num("FLAG_RCR"), u64::from(FLAG_RCR));
-        assert_eq!(num("FLAG_CC"), u64::from(FLAG_CC));
-        assert_eq!(num("COMP_SUCCESS"), u64::from(COMP_SUCCESS));
-        assert_eq!(
-            num("COMP_PAGE_FAULT_NOBOF"),
-            u64::from(COMP_PAGE_FAULT_NOBOF)
-        );
-        assert_eq!(num("COMP_PAGE_FAULT_IR"), u64::from(COMP_PAGE_FAULT_IR));
-        assert_eq!(num("COMP_BAD_OPCODE"), u64::from(COMP_BAD_OPCODE));
-        assert_eq!(num("COMP_STATUS_MASK"), u64::from(COMP_STATUS_MASK));
-
-        // The same descriptor, built by the header's bitfields and by HwDesc, byte for byte.
-        let desc = HwDesc::memmove(0x1000, 0x2000, 1500, 0x1122_3344_5566_7788);
-        assert_eq!(desc.opcode(), OPCODE_MEMMOVE);
-        assert_eq!(desc.flags(), FLAG_CRAV | FLAG_RCR | FLAG_CC);
-        // SAFETY: HwDesc is repr(C), 64 bytes of integers with no padding.
-        let ours: [u8; 64] = unsafe { std::mem::transmute(desc) };
-        let theirs: Vec<u8> = facts["bytes"]
-            .split_whitespace()
-            .map(|b| u8::from_str_radix(b, 16).unwrap())
-            .collect();
-        assert_eq!(ours.as_slice(), theirs.as_slice());
-    }
-
-    #[test]
-    fn completion_statuses_decode() {
-        assert_eq!(decode_status(0), None);
-        assert_eq!(decode_status(COMP_SUCCESS), Some(OpStatus::Success));
-        assert_eq!(
-            decode_status(COMP_SUCCESS | 0x80),
-            Some(OpStatus::Success),
-            "the write bit is masked"
-        );
-        assert_eq!(
-            decode_status(COMP_PAGE_FAULT_NOBOF),
-            Some(OpStatus::Failed(DmaFault::PageFault))
-        );
-        assert_eq!(
-            decode_status(0x11),
-            Some(OpStatus::Failed(DmaFault::InvalidDescriptor))
-        );
-        assert_eq!(
-            decode_status(0x1c),
-            Some(OpStatus::Failed(DmaFault::InvalidDescriptor))
-        );
-        assert_eq!(
-            decode_status(0x05),
-            Some(OpStatus::Failed(DmaFault::Device(5)))
-        );
-        assert_eq!(
-            decode_status(NOT_SUBMITTED),
-            Some(OpStatus::Failed(DmaFault::NotSubmitted))
-        );
-    }
-
-    #[test]
-    fn a_missing_work_queue_is_reported_clearly() {
-        let err = DsaChannel::open(Path::new("/dev/dsa/wq-xvio-none.0"), 64).unwrap_err();
-        let text = err.to_string();
-        assert!(
-            text.contains("no Intel DSA work queue at /dev/dsa/wq-xvio-none.0"),
-            "{text}"
-        );
-        assert!(text.contains("use the sw channel"), "{text}");
-    }
-}
+mod tests;

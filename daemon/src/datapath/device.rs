@@ -16,8 +16,12 @@
 //! enabled before it touches it.
 //!
 //! Event ids: the library runs one event thread per guest (all its queues), so a kick's id is
-//! its queue index; `num_queues` is the library's own (exit and vring-enabled events);
-//! `num_queues + 1` is the announcement.
+//! its queue index; `num_queues` is the library's own (vring-enabled events); `num_queues +
+//! 1` is the announcement; `num_queues + 2` the exit event. The device hands the library no
+//! exit event of its own: vhost-user-backend 0.24 turns the consumer it is given into a raw
+//! fd for its epoll and never closes it (one leaked eventfd per connection). The serving
+//! thread registers the device's exit eventfd instead, and `handle_event` returns an error on
+//! it, which ends the library's event loop.
 
 use std::{
     io,
@@ -32,7 +36,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vmm_sys_util::{
     epoll::EventSet,
-    event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier},
+    event::{EventConsumer, EventNotifier},
     eventfd::{EFD_NONBLOCK, EventFd},
 };
 
@@ -69,7 +73,8 @@ pub struct GuestDevice {
     announce: EventFd,
     /// The worker has the memory and an RX queue ready (frames for the guest are delivered).
     ready: AtomicBool,
-    exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    /// The current connection's exit event (see the module doc).
+    exit: Mutex<EventFd>,
     link: WorkerLink,
     /// The copy engines' counters, as the worker last published them.
     copy_stats: Mutex<CopyStats>,
@@ -105,7 +110,7 @@ impl GuestDevice {
             event_idx: AtomicBool::new(false),
             announce: EventFd::new(EFD_NONBLOCK)?,
             ready: AtomicBool::new(false),
-            exit: Mutex::new(None),
+            exit: Mutex::new(EventFd::new(EFD_NONBLOCK)?),
             link,
             copy_stats: Mutex::default(),
         };
@@ -183,19 +188,47 @@ impl GuestDevice {
     }
 
     /// A fresh exit event for the next connection's event thread (the last one's was used
-    /// up telling it to stop). The library takes clones; this keeps the only originals, so
-    /// replacing them closes them.
+    /// up telling it to stop); replacing it closes the old one.
     pub fn new_connection(&self) -> io::Result<()> {
-        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(pair);
+        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = EventFd::new(EFD_NONBLOCK)?;
         Ok(())
     }
 
     /// Stops the event thread of the current connection.
     pub fn stop_workers(&self) {
-        if let Some((_, notifier)) = self.exit.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = notifier.notify();
+        let _ = self.exit.lock().unwrap_or_else(|e| e.into_inner()).write(1);
+    }
+
+    /// The exit event's id on the library's event thread.
+    pub fn exit_event_id(&self) -> u16 {
+        2 * self.queue_pairs + 2
+    }
+
+    /// The current connection's exit eventfd, to register with [`Self::exit_event_id`].
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_raw_fd()
+    }
+
+    /// The connection ended (its event thread has stopped): the worker lets go of the vrings
+    /// and the guest's memory (a whole VM's RAM, released now rather than when the next
+    /// frontend sets its table), after completing or dropping what it had in flight.
+    pub fn end_connection(&self) {
+        let id = self.id;
+        if !self.link.call(|ack| Command::Disconnect { id, ack }) {
+            tracing::warn!(guest = %self.name, "the datapath did not confirm the disconnect in time");
         }
+        self.forget_features();
+    }
+
+    fn forget_features(&self) {
+        self.acked_features.store(0, Ordering::Relaxed);
+        self.event_idx.store(false, Ordering::Relaxed);
+        self.dirty.set_logging(false);
+        self.dirty.set_log(None);
     }
 
     /// The event id of the announcement on the library's event thread.
@@ -254,10 +287,7 @@ impl VhostUserBackend for GuestDevice {
         if !self.link.call(|ack| Command::Reset { id, ack }) {
             tracing::warn!(guest = %self.name, "the datapath did not confirm the reset in time");
         }
-        self.acked_features.store(0, Ordering::Relaxed);
-        self.event_idx.store(false, Ordering::Relaxed);
-        self.dirty.set_logging(false);
-        self.dirty.set_log(None);
+        self.forget_features();
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -293,13 +323,9 @@ impl VhostUserBackend for GuestDevice {
         vec![(1u64 << self.num_queues()) - 1]
     }
 
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        if thread_index != 0 {
-            return None;
-        }
-        let exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-        let (consumer, notifier) = exit.as_ref()?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // See the module doc: the serving thread registers the exit event itself.
+        None
     }
 
     fn handle_event(
@@ -311,6 +337,12 @@ impl VhostUserBackend for GuestDevice {
     ) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {
             return Ok(());
+        }
+        if device_event == self.exit_event_id() {
+            // An error is what ends the library's event loop when it has no exit event.
+            return Err(io::Error::other(
+                "the connection ended; the event thread stops",
+            ));
         }
         if device_event == self.announce_event() {
             let _ = self.announce.read();

@@ -234,11 +234,6 @@ impl GuestSlot {
                         continue;
                     }
                     GuestCounters::add(&counters.to_guest_dropped_full, 1);
-                    if GuestCounters::get(&counters.to_guest_dropped_full) % 5000 == 1 {
-                        use virtio_queue::QueueT;
-                        let q = state.get_queue();
-                        eprintln!("DEBUGNB next_avail {} avail {:?} size {} ready {} len {} desc {:#x} avail_ring {:#x} used {:#x} event_idx {} mrg {}", q.next_avail(), q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire), q.size(), q.ready(), frame.len(), q.desc_table(), q.avail_ring(), q.used_ring(), event_idx, mrg);
-                    }
                     release(src);
                 }
                 super::to_guest::Placed::Broken => {
@@ -305,16 +300,24 @@ impl GuestSlot {
         self.broken &= !(1u64 << queue);
     }
 
-    /// The device was reset or the frontend went away: every queue is let go of, copies in
-    /// flight are waited for and dropped.
+    /// The device was reset: copies in flight are waited for and dropped, broken queues
+    /// start afresh; the connection's vrings and memory stay (the frontend starts the queues
+    /// again on them).
     pub fn reset(&mut self, release: &mut impl FnMut(Source)) {
         for pair in 0..self.pairs() {
             self.drain(pair, false, release);
         }
-        self.vrings.iter_mut().for_each(|v| *v = None);
         self.broken = 0;
         self.rx_ready = 0;
         self.device.set_ready(false);
+    }
+
+    /// The frontend went away: as [`Self::reset`], and the vrings and the guest's memory are
+    /// let go of.
+    pub fn disconnect(&mut self, release: &mut impl FnMut(Source)) {
+        self.reset(release);
+        self.vrings.iter_mut().for_each(|v| *v = None);
+        self.mem = None;
     }
 
     fn drain(&mut self, pair: usize, complete: bool, release: &mut impl FnMut(Source)) {

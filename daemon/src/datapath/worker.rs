@@ -91,8 +91,16 @@ pub enum Command {
         /// Confirmed once the worker let go of it.
         ack: SyncSender<()>,
     },
-    /// Guest `id`'s device is reset (or its frontend left).
+    /// Guest `id`'s device is reset (VHOST_USER_RESET_DEVICE): copies in flight are
+    /// dropped; the connection's vrings and memory stay.
     Reset {
+        /// The guest.
+        id: GuestId,
+        /// Confirmed once done.
+        ack: SyncSender<()>,
+    },
+    /// Guest `id`'s frontend left: as `Reset`, and its vrings and memory are let go of.
+    Disconnect {
         /// The guest.
         id: GuestId,
         /// Confirmed once done.
@@ -115,6 +123,7 @@ impl std::fmt::Debug for Command {
             Command::Memory { .. } => "Memory",
             Command::StopVring { .. } => "StopVring",
             Command::Reset { .. } => "Reset",
+            Command::Disconnect { .. } => "Disconnect",
             Command::AddUplink(_) => "AddUplink",
             Command::AddGroupInbox(_) => "AddGroupInbox",
             Command::Stop => "Stop",
@@ -310,7 +319,7 @@ impl Worker {
         }
         for slot in &mut self.guests {
             let released = &mut self.released;
-            slot.reset(&mut |s| released.push(s));
+            slot.disconnect(&mut |s| released.push(s));
         }
         self.release_sources();
         self.publish();
@@ -333,7 +342,7 @@ impl Worker {
                     if let Some(i) = self.slot_of(id) {
                         let mut slot = self.guests.remove(i);
                         let released = &mut self.released;
-                        slot.reset(&mut |s| released.push(s));
+                        slot.disconnect(&mut |s| released.push(s));
                         self.release_sources();
                         self.rebuild_fdb();
                     }
@@ -365,6 +374,14 @@ impl Worker {
                     }
                     let _ = ack.send(());
                 }
+                Command::Disconnect { id, ack } => {
+                    if let Some(i) = self.slot_of(id) {
+                        let released = &mut self.released;
+                        self.guests[i].disconnect(&mut |s| released.push(s));
+                        self.release_sources();
+                    }
+                    let _ = ack.send(());
+                }
                 Command::AddUplink(uplink) => self.uplinks.push(*uplink),
                 Command::AddGroupInbox(inbox) => self.group_inboxes.push(inbox),
                 Command::Stop => return false,
@@ -388,7 +405,7 @@ impl Worker {
         }
         let mut total = 0;
         for u in 0..self.uplinks.len() {
-            let n = self.uplinks[u].port.rx_take(&mut self.rx_descs);
+            let n = self.uplinks[u].port.to_guest_take(&mut self.rx_descs);
             if n == 0 {
                 continue;
             }
@@ -612,21 +629,23 @@ impl Worker {
             GuestCounters::add(&counters.from_guest_no_route, 1);
             return TxChain::Frame(0);
         };
-        let Some(base) = uplink.port.tx_alloc() else {
+        let Some(base) = uplink.port.from_guest_alloc() else {
             GuestCounters::add(&counters.from_guest_dropped_full, 1);
             return TxChain::Frame(0);
         };
         let outcome = queue::read_tx_into(chain, mem, uplink.port.frame_mut(base));
         match outcome {
             TxChain::Frame(len) => {
-                if uplink.port.tx_push(base, len as u32) {
+                if uplink.port.from_guest_push(base, len as u32) {
                     GuestCounters::add(&counters.from_guest_packets, 1);
                     GuestCounters::add(&counters.from_guest_bytes, len as u64);
                 } else {
+                    // The tx ring and the stage are full even after a flush.
+                    uplink.port.from_guest_free(base);
                     GuestCounters::add(&counters.from_guest_dropped_full, 1);
                 }
             }
-            _ => uplink.port.tx_free(base),
+            _ => uplink.port.from_guest_free(base),
         }
         outcome
     }
@@ -647,14 +666,16 @@ impl Worker {
                     }
                     if b.to_wire
                         && let Some(uplink) = self.uplinks.first_mut()
-                        && let Some(base) = uplink.port.tx_alloc()
+                        && let Some(base) = uplink.port.from_guest_alloc()
                     {
                         let frame = uplink.port.frame_mut(base);
                         if b.len <= frame.len() {
                             frame[..b.len].copy_from_slice(self.bounce.frame(b.buf, 0, b.len));
-                            uplink.port.tx_push(base, b.len as u32);
+                            if !uplink.port.from_guest_push(base, b.len as u32) {
+                                uplink.port.from_guest_free(base);
+                            }
                         } else {
-                            uplink.port.tx_free(base);
+                            uplink.port.from_guest_free(base);
                         }
                     }
                     self.bounce.release(b.buf);
@@ -719,7 +740,7 @@ impl Worker {
         }
         for u in &mut self.uplinks {
             if !u.to_refill.is_empty() {
-                u.port.rx_release(&u.to_refill);
+                u.port.to_guest_release(&u.to_refill);
                 u.to_refill.clear();
             }
         }
@@ -727,7 +748,7 @@ impl Worker {
 
     fn flush_uplinks(&mut self) {
         for u in &mut self.uplinks {
-            u.port.tx_flush();
+            u.port.flush();
         }
     }
 

@@ -7,8 +7,10 @@
 //! `VHOST_USER_F_PROTOCOL_FEATURES`, and drop the connection. The shim sits between the
 //! frontend and the library: it holds such early `SET_VRING_ENABLE` messages (answering
 //! `NEED_REPLY` itself, with success) and hands them to the library right after
-//! `SET_FEATURES`. It also refuses (by hanging up) a message that would map past the end of
-//! its file, and keeps `SET_LOG_BASE` for xvio's own dirty log (answering it itself; see
+//! `SET_FEATURES`: at most [`MAX_HELD`] of them, well-formed and without descriptors, or it
+//! hangs up (a frontend must not make the daemon hold memory or descriptors without bound).
+//! It also refuses (by hanging up) a message that would map past the end of its file, and
+//! keeps `SET_LOG_BASE` for xvio's own dirty log (answering it itself; see
 //! `dirty`). Every other message, with the file descriptors it carries, passes through
 //! unchanged in both directions. Only the control channel goes through it: guest memory,
 //! kicks and calls are shared with the library directly through those descriptors.
@@ -42,6 +44,10 @@ const HEADER: usize = 12;
 const MAX_PAYLOAD: usize = 4096;
 /// File descriptors one message may carry.
 const MAX_FDS: usize = 32;
+/// Early `SET_VRING_ENABLE` messages held at most: every queue of the largest device (16
+/// queue pairs) enabled and disabled once. A frontend that sends more before `SET_FEATURES`
+/// is not a VMM starting a device; it is hung up on rather than let grow the list.
+const MAX_HELD: usize = 64;
 
 /// A listener for the library's side, in the abstract namespace (no file to clean up), with
 /// a name unique in this process.
@@ -243,6 +249,22 @@ fn install_log(msg: &Message, dirty: &DirtyPages) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether an early `SET_VRING_ENABLE` may be held, `held` being held already: only a
+/// well-formed one (the library refuses the others, after `SET_FEATURES`, by hanging up), and
+/// at most [`MAX_HELD`].
+fn holdable(msg: &Message, held: usize) -> Result<(), String> {
+    if !msg.fds.is_empty() {
+        return Err(format!("it carries {} file descriptor(s)", msg.fds.len()));
+    }
+    if msg.payload.len() != 8 {
+        return Err(format!("its payload is {} bytes, not 8", msg.payload.len()));
+    }
+    if held >= MAX_HELD {
+        return Err(format!("{MAX_HELD} are held already"));
+    }
+    Ok(())
+}
+
 /// The header of a reply to `request` with `size` bytes of payload.
 fn reply_header(request: u32, size: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -291,6 +313,10 @@ pub fn proxy(
             let mut held: Vec<Message> = Vec::new();
             while let Ok(Some(mut msg)) = read_message(&mut from) {
                 if msg.request() == SET_VRING_ENABLE && !features_seen {
+                    if let Err(why) = holdable(&msg, held.len()) {
+                        tracing::warn!(reason = %why, "early SET_VRING_ENABLE (before SET_FEATURES) refused; connection dropped");
+                        break;
+                    }
                     if msg.flags() & FLAG_NEED_REPLY != 0 {
                         let ack = Message {
                             header: reply_header(SET_VRING_ENABLE, 8),
@@ -350,4 +376,29 @@ pub fn proxy(
             let _ = backend.shutdown(std::net::Shutdown::Both);
             let _ = from.shutdown(std::net::Shutdown::Both);
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enable(fds: Vec<OwnedFd>, payload: usize) -> Message {
+        let mut header = reply_header(SET_VRING_ENABLE, payload as u32);
+        header[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        Message {
+            header,
+            payload: vec![0; payload],
+            fds,
+        }
+    }
+
+    #[test]
+    fn only_a_bounded_number_of_well_formed_early_enables_is_held() {
+        assert!(holdable(&enable(Vec::new(), 8), 0).is_ok());
+        assert!(holdable(&enable(Vec::new(), 8), MAX_HELD - 1).is_ok());
+        assert!(holdable(&enable(Vec::new(), 8), MAX_HELD).is_err());
+        assert!(holdable(&enable(Vec::new(), 4096), 0).is_err());
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert!(holdable(&enable(vec![fd], 8), 0).is_err());
+    }
 }

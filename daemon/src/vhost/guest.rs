@@ -1,14 +1,11 @@
 //! Serving one guest's vhost-user socket: a thread that accepts (server mode) or connects
 //! (client mode, with back-off while the VMM is away) and runs a fresh vhost-user daemon per
 //! connection, so that every connection re-learns memory and every vring from scratch.
-//! Between connections the device is reset and the guest's mailbox emptied; the other guests
-//! keep running.
+//! Between connections the device is reset (the datapath lets go of its vrings and memory);
+//! the other guests keep running.
 
 use std::{
-    os::unix::{
-        fs::PermissionsExt,
-        net::{UnixListener, UnixStream},
-    },
+    os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -23,8 +20,12 @@ use tracing::{info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
-use super::compat;
+use super::{
+    compat,
+    socket::{self, SocketError, SocketFile},
+};
 use crate::{
     config::{GuestSpec, SocketMode},
     datapath::{Datapath, DatapathError, GuestCounters, GuestDevice},
@@ -33,18 +34,9 @@ use crate::{
 /// Errors of starting a guest; each names the socket.
 #[derive(Debug, Error)]
 pub enum GuestError {
-    /// The socket's directory does not exist.
-    #[error("guest socket {0}: its directory does not exist (create it, or pick another path)")]
-    NoDirectory(PathBuf),
-    /// The socket could not be created.
-    #[error("creating the vhost-user socket {path}")]
-    Listen {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The server socket could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// The datapath refused the guest (its MAC is taken).
     #[error("guest socket {path}")]
     Datapath {
@@ -74,6 +66,8 @@ pub struct Guest {
     thread: Option<JoinHandle<()>>,
     device: Arc<GuestDevice>,
     datapath: Arc<Datapath>,
+    /// The server socket's file (server mode), removed when the guest goes.
+    socket_file: Option<SocketFile>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -97,6 +91,37 @@ impl Guest {
         datapath: &Arc<Datapath>,
         dma: Option<&Mutex<crate::copy::ChannelPool>>,
     ) -> Result<Guest, GuestError> {
+        // The socket first: when it cannot be had, nothing else (a place in the datapath, a
+        // DMA channel) has been taken.
+        let (listener, socket_file) = match spec.mode {
+            SocketMode::Server => {
+                let (listener, file) = socket::bind(&spec.socket)?;
+                (Some(listener), Some(file))
+            }
+            SocketMode::Client => (None, None),
+        };
+        match Guest::serve_on(spec, datapath, dma, listener) {
+            Ok(mut guest) => {
+                guest.socket_file = socket_file;
+                Ok(guest)
+            }
+            Err(e) => {
+                if let Some(file) = &socket_file {
+                    file.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds the guest to the datapath, and starts the thread serving `listener` (server
+    /// mode) or connecting to the socket (client mode).
+    fn serve_on(
+        spec: &GuestSpec,
+        datapath: &Arc<Datapath>,
+        dma: Option<&Mutex<crate::copy::ChannelPool>>,
+        listener: Option<UnixListener>,
+    ) -> Result<Guest, GuestError> {
         let path = spec.socket.clone();
         let name = path.display().to_string();
         let channels: Vec<_> = (0..spec.queues.max(1))
@@ -111,10 +136,6 @@ impl Guest {
         for c in &channels {
             info!(guest = %name, queue = c.queue().queue, channel = c.name(), threshold = c.threshold(), "RX copies go to a DMA channel");
         }
-        let listener = match spec.mode {
-            SocketMode::Server => Some(listen(&path)?),
-            SocketMode::Client => None,
-        };
         let device = datapath
             .add_guest(&name, spec.mac, spec.queues, channels)
             .map_err(|source| GuestError::Datapath {
@@ -134,16 +155,12 @@ impl Guest {
             std::thread::Builder::new()
                 .name(format!("xvio-guest-{}", device.id()))
                 .spawn(move || serve(&spec, &device, listener, &state))
-                .map_err(|source| GuestError::Backend {
-                    path: path.clone(),
-                    source,
-                })
         };
         let thread = match thread {
             Ok(t) => t,
-            Err(e) => {
+            Err(source) => {
                 datapath.remove_guest(&device);
-                return Err(e);
+                return Err(GuestError::Backend { path, source });
             }
         };
         Ok(Guest {
@@ -154,6 +171,7 @@ impl Guest {
             thread: Some(thread),
             device,
             datapath: Arc::clone(datapath),
+            socket_file: None,
         })
     }
 
@@ -227,27 +245,43 @@ impl Drop for Guest {
             }
         }
         self.datapath.remove_guest(&self.device);
-        if self.spec.mode == SocketMode::Server {
-            let _ = std::fs::remove_file(&self.spec.socket);
+        if let Some(file) = &self.socket_file {
+            file.remove();
         }
     }
 }
 
-/// Creates the server socket (a stale one is replaced), mode 0660.
-fn listen(path: &Path) -> Result<UnixListener, GuestError> {
-    if path
-        .parent()
-        .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
-    {
-        return Err(GuestError::NoDirectory(path.to_owned()));
+/// The daemon of one connection.
+type Daemon = VhostUserDaemon<Arc<GuestDevice>>;
+
+/// Registers the device's exit event on the connection's event thread (see
+/// [`GuestDevice::exit_event_id`]) and its announcement, which hands the vrings to the
+/// datapath worker.
+fn watch_device(daemon: &Daemon, device: &GuestDevice) -> std::io::Result<()> {
+    let handlers = daemon.get_epoll_handlers();
+    let handler = handlers
+        .first()
+        .ok_or_else(|| std::io::Error::other("the backend has no event thread"))?;
+    handler.register_listener(
+        device.exit_fd(),
+        EventSet::IN,
+        u64::from(device.exit_event_id()),
+    )?;
+    handler.register_listener(
+        device.announce_fd(),
+        EventSet::IN,
+        u64::from(device.announce_event()),
+    )?;
+    device.announce()
+}
+
+/// Tells the current connection's event thread to stop when dropped.
+struct StopWorkers<'a>(&'a GuestDevice);
+
+impl Drop for StopWorkers<'_> {
+    fn drop(&mut self) {
+        self.0.stop_workers();
     }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| GuestError::Listen {
-        path: path.to_owned(),
-        source,
-    })?;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
-    Ok(listener)
 }
 
 /// What the serving thread shares with its [`Guest`].
@@ -310,21 +344,15 @@ fn serve(
                 return;
             }
         };
-        // The worker gets this connection's vrings from the library's event thread.
-        let announced = match daemon.get_epoll_handlers().first() {
-            Some(handler) => handler
-                .register_listener(
-                    device.announce_fd(),
-                    vmm_sys_util::epoll::EventSet::IN,
-                    u64::from(device.announce_event()),
-                )
-                .and_then(|()| device.announce()),
-            None => Err(std::io::Error::other("the backend has no event thread")),
-        };
-        if let Err(e) = announced {
-            warn!(guest = %name, error = %e, "cannot hand the vrings to the datapath");
+        if let Err(e) = watch_device(&daemon, device) {
+            // Dropping the daemon would wait for an event thread nothing can stop: leave it.
+            std::mem::forget(daemon);
+            warn!(guest = %name, error = %e, "cannot register the device's events; the guest is not served any more");
             return;
         }
+        // From here on, whichever way this connection ends, its event thread is told to stop
+        // before the daemon (dropped after this guard) waits for it.
+        let stop_workers = StopWorkers(device);
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
         let started = compat::proxy(frontend, &inner_addr, device.dirty())
@@ -336,7 +364,6 @@ fn serve(
                     .map_err(|e| e.to_string())
             });
         if let Err(e) = started {
-            device.stop_workers();
             if let Some(stream) = hangup {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
@@ -357,8 +384,13 @@ fn serve(
         if let Ok(mut slot) = shutdown.lock() {
             *slot = None;
         }
-        device.stop_workers();
-        vhost_user_backend::VhostUserBackend::reset_device(&**device);
+        // The event thread stops, and is waited for, before the device is reset: nothing
+        // may hand this connection's vrings to the worker again afterwards. The reset makes
+        // the worker let go of the vrings and the guest's memory (a whole VM's RAM, released
+        // now rather than when the next frontend sets its table).
+        drop(stop_workers);
+        drop(daemon);
+        device.end_connection();
         match result {
             Ok(()) => {
                 info!(guest = %name, "vhost-user frontend disconnected; the socket serves the next one")

@@ -6,10 +6,12 @@
 //! - `net`: virtio-net features, header and config space.
 //! - `queue`: frames out of TX chains and into RX chains, validating every descriptor.
 //! - `stats`: the guests' counters in the pinned `guest_stats` map.
+//! - `socket`: a server-mode socket's file (only a stale socket is replaced).
 
 pub mod compat;
 pub mod dirty;
 pub mod guest;
 pub mod net;
 pub mod queue;
+pub mod socket;
 pub mod stats;

@@ -1,31 +1,35 @@
 //! One AF_XDP socket on one (interface, rx queue), with its UMEM, its four rings, its
 //! registration in the XDP program's `xsks` map, and a batch API that neither allocates nor
-//! makes a syscall per frame.
+//! makes a syscall per frame. Directions are the datapath's: frames the NIC received go
+//! `to_guest`; frames `from_guest` go out through the tx ring.
 //!
 //! Frame ownership (every frame is in exactly one place, so none is ever lost):
 //! `fill` frames are the kernel's, waiting for received packets; `pool` frames are free for
-//! transmit; `staged` frames are filled and waiting for `tx_flush`; `tx_in_flight` frames are
-//! in the tx ring or not yet reaped from the completion ring; frames the caller took with
-//! `tx_alloc` and has not pushed or freed are `held`. A received frame goes straight back to
-//! the fill ring once its bytes were seen.
+//! transmit; `staged` frames were accepted for transmit and wait for room in the tx ring;
+//! `tx_in_flight` frames are in the tx ring or not yet reaped from the completion ring; frames
+//! the caller took with `from_guest_alloc` and has not pushed or freed are `held`. A received
+//! frame goes straight back to the fill ring once its bytes were seen.
+//!
+//! Back-pressure: a frame the port accepted (`from_guest_push` or `send_from_guest` said so)
+//! is sent, never dropped; when the tx ring and the stage are full the port refuses the
+//! frame, says so, and counts the refusal (`tx_ring_full`, or `tx_no_frame` when no frame is
+//! free), so the caller can keep the frame (a guest's chain stays in its virtqueue) or drop it.
 
-use std::{ffi::CString, num::NonZeroU32, os::fd::BorrowedFd, path::Path};
+use std::{collections::VecDeque, os::fd::BorrowedFd, path::Path};
 
 use aya::maps::{Map, MapData, XskMap};
 use thiserror::Error;
-use xdpilone::{
-    DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User, xdp::XdpDesc,
-};
-
+use tracing::info;
+use xdpilone::xdp::XdpDesc;
 use xvio_common::PortStats;
 
-use super::umem::{FramePool, UmemArea, raise_memlock};
+use super::{
+    queues,
+    umem::{FramePool, OpenFailure, SocketSizes, XskSocket, raise_memlock},
+};
 
-/// Frames handled per call of `rx_burst` at most.
+/// Frames handled per call of `to_guest_burst` at most.
 pub const BURST: usize = 64;
-const SOL_XDP: libc::c_int = 283;
-const XDP_OPTIONS: libc::c_int = 8;
-const XDP_OPTIONS_ZEROCOPY: u32 = 1;
 
 /// Sizes of a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,11 +98,11 @@ pub struct FrameCounts {
     pub fill: u32,
     /// Free for transmit.
     pub pool: u32,
-    /// Pushed, waiting for `tx_flush`.
+    /// Accepted for transmit, waiting for room in the tx ring (`flush`).
     pub staged: u32,
     /// In the tx ring or awaiting completion.
     pub tx_in_flight: u32,
-    /// Taken with `tx_alloc`, not pushed or freed yet.
+    /// Taken with `from_guest_alloc`, not pushed or freed yet.
     pub held: u32,
     /// Received and kept with `rx_take`, not released yet.
     pub rx_held: u32,
@@ -144,18 +148,7 @@ pub enum XskError {
         source: std::io::Error,
     },
     /// A socket call failed.
-    #[error(
-        "AF_XDP {step} on {iface} queue {queue} failed: {errno}{hint}",
-        hint = if *errno == nix::errno::Errno::ENOBUFS || *errno == nix::errno::Errno::EPERM {
-            format!(" (RLIMIT_MEMLOCK is {memlock} bytes: raise it with `ulimit -l unlimited`, or run as root)")
-        } else if *errno == nix::errno::Errno::EBUSY {
-            " (another AF_XDP socket is bound to that queue)".to_owned()
-        } else if *errno == nix::errno::Errno::EINVAL && *step == "bind" {
-            " (does the interface have that many rx queues?)".to_owned()
-        } else {
-            String::new()
-        }
-    )]
+    #[error("AF_XDP {step} on {iface} queue {queue} failed: {errno}{hint}")]
     Socket {
         /// Which call.
         step: &'static str,
@@ -165,8 +158,17 @@ pub enum XskError {
         queue: u32,
         /// The error number.
         errno: nix::errno::Errno,
-        /// RLIMIT_MEMLOCK in force.
-        memlock: u64,
+        /// What to do about it (empty, or starting with a separator).
+        hint: String,
+    },
+    /// Asking the kernel which queues the interface has enabled failed.
+    #[error("asking the kernel for the queues of '{iface}'")]
+    Queues {
+        /// The interface.
+        iface: String,
+        /// The cause.
+        #[source]
+        source: crate::netlink::NetlinkError,
     },
     /// Registering the socket in `xsks` failed.
     #[error("registering {iface} queue {queue} in {map}")]
@@ -189,25 +191,17 @@ pub struct XskPort {
     queue: u32,
     mode: BindMode,
     registration: Option<XskMap<MapData>>,
-    rx: RingRx,
-    tx: RingTx,
-    device: DeviceQueue,
-    user: User,
-    _socket: Socket,
-    _umem: Umem,
     pool: FramePool,
-    staged: Vec<XdpDesc>,
-    /// Scratch for the frames of one rx burst (a field, so no burst pays to zero it).
-    rx_bases: [u64; BURST],
+    /// Accepted frames waiting for room in the tx ring, oldest first; at most `stage_limit`.
+    staged: VecDeque<XdpDesc>,
+    stage_limit: usize,
+    /// Scratch for the frames of one burst (a field, so no burst pays to zero it).
+    burst_bases: [u64; BURST],
     stats: PortStats,
     counts: FrameCounts,
-    // Last: the memory the kernel and the rings point into.
-    area: UmemArea,
+    // Last: the socket, its rings and the memory they point into.
+    socket: XskSocket,
 }
-
-// SAFETY: the port owns its socket, rings and memory; xdpilone's ring handles are raw
-// pointers into mappings owned by the port, used only through &mut self.
-unsafe impl Send for XskPort {}
 
 impl std::fmt::Debug for XskPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -228,78 +222,34 @@ impl XskPort {
         config.check()?;
         let bytes = u64::from(config.frames) * u64::from(config.frame_size);
         let memlock = raise_memlock(bytes);
-        let area =
-            UmemArea::new(config.frames, config.frame_size).map_err(|source| XskError::Map {
-                iface: iface.to_owned(),
-                queue,
-                bytes,
-                source,
-            })?;
-        let fail = |step: &'static str| {
-            move |errno: xdpilone::Errno| XskError::Socket {
-                step,
-                iface: iface.to_owned(),
-                queue,
-                errno: nix::errno::Errno::from_raw(errno.get_raw()),
-                memlock,
-            }
-        };
-        let umem_config = UmemConfig {
-            fill_size: config.ring,
-            complete_size: config.ring,
+        let sizes = SocketSizes {
+            frames: config.frames,
             frame_size: config.frame_size,
-            headroom: 0,
-            flags: 0,
+            ring: config.ring,
         };
-        // SAFETY: `area` is a page-aligned mapping of `frames` frames that the port keeps
-        // alive, and drops after the UMEM and its sockets (field order).
-        let umem = unsafe { Umem::new(umem_config, area.as_nonnull()) }
-            .map_err(fail("UMEM registration"))?;
-        let mut info = IfInfo::invalid();
-        let name = CString::new(iface).map_err(|_| XskError::UnknownInterface {
-            iface: iface.to_owned(),
-        })?;
-        info.from_name(&name)
-            .map_err(|_| XskError::UnknownInterface {
-                iface: iface.to_owned(),
-            })?;
-        info.set_queue(queue);
-        let socket = Socket::with_shared(&info, &umem).map_err(fail("socket"))?;
-        let mut device = umem.fq_cq(&socket).map_err(fail("fill/completion rings"))?;
-        let rings = NonZeroU32::new(config.ring);
-        let mut need_wakeup = true;
-        let mut user = umem
-            .rx_tx(
-                &socket,
-                &SocketConfig {
-                    rx_size: rings,
-                    tx_size: rings,
-                    bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP,
-                },
-            )
-            .map_err(fail("rx/tx rings"))?;
-        if umem.bind(&user).is_err() {
-            // Kernels before 5.4 refuse need_wakeup; bind without it.
-            need_wakeup = false;
-            user = umem
-                .rx_tx(
-                    &socket,
-                    &SocketConfig {
-                        rx_size: rings,
-                        tx_size: rings,
-                        bind_flags: 0,
-                    },
-                )
-                .map_err(fail("rx/tx rings"))?;
-            umem.bind(&user).map_err(fail("bind"))?;
-        }
-        let rx = user.map_rx().map_err(fail("rx ring mapping"))?;
-        let tx = user.map_tx().map_err(fail("tx ring mapping"))?;
-        let zero_copy = bound_zero_copy(user.as_raw_fd());
+        let error = |failure| open_error(failure, iface, queue, bytes, memlock);
+        let (mut socket, need_wakeup) = match XskSocket::open(iface, queue, sizes, true) {
+            Ok(socket) => (socket, true),
+            // Kernels before 5.4 refuse the need_wakeup flag with EINVAL, which is also what
+            // a queue that is not enabled gets: fall back only when the queue is not known to
+            // be disabled, on a fresh socket (the old one's rings are set up for good).
+            Err(OpenFailure::Socket("bind", nix::errno::Errno::EINVAL))
+                if not_enabled_hint(iface, queue).is_none() =>
+            {
+                let socket = XskSocket::open(iface, queue, sizes, false).map_err(error)?;
+                info!(
+                    iface,
+                    queue, "the kernel refused need_wakeup; the socket is bound without it"
+                );
+                (socket, false)
+            }
+            Err(failure) => return Err(error(failure)),
+        };
+        let zero_copy = socket.zero_copy();
 
         let frame = u64::from(config.frame_size);
         let fill_frames = (config.frames / 2).min(config.ring);
-        let mut writer = device.fill(fill_frames);
+        let mut writer = socket.device.fill(fill_frames);
         let filled = writer.insert((0..u64::from(fill_frames)).map(|i| i * frame));
         writer.commit();
         drop(writer);
@@ -325,18 +275,13 @@ impl XskPort {
                 need_wakeup,
             },
             registration: None,
-            rx,
-            tx,
-            device,
-            user,
-            _socket: socket,
-            _umem: umem,
             pool,
-            staged: Vec::with_capacity(config.ring as usize),
-            rx_bases: [0; BURST],
+            staged: VecDeque::with_capacity(config.ring as usize),
+            stage_limit: config.ring as usize,
+            burst_bases: [0; BURST],
             stats: PortStats::default(),
             counts,
-            area,
+            socket,
         })
     }
 
@@ -350,7 +295,7 @@ impl XskPort {
         };
         let data = MapData::from_pin(xsks_pin).map_err(err)?;
         let mut map: XskMap<MapData> = XskMap::try_from(Map::XskMap(data)).map_err(err)?;
-        map.set(self.queue, self.user.as_raw_fd(), 0).map_err(err)?;
+        map.set(self.queue, self.socket.raw_fd(), 0).map_err(err)?;
         self.registration = Some(map);
         Ok(())
     }
@@ -372,8 +317,7 @@ impl XskPort {
 
     /// The socket's fd (to wait on with poll/epoll).
     pub fn fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the fd is owned by the port's socket and stays open while &self lives.
-        unsafe { BorrowedFd::borrow_raw(self.user.as_raw_fd()) }
+        self.socket.fd()
     }
 
     /// Counters, with the bind mode and the kernel's drop statistics folded in
@@ -383,7 +327,7 @@ impl XskPort {
         stats.active = 1;
         stats.zero_copy = u32::from(self.mode.zero_copy);
         stats.need_wakeup = u32::from(self.mode.need_wakeup);
-        if let Ok(k) = self.user.statistics_v2() {
+        if let Ok(k) = self.socket.user.statistics_v2() {
             stats.fill_ring_empty = k.rx_fill_ring_empty_descs;
             stats.rx_ring_full = k.rx_ring_full + k.rx_dropped;
         }
@@ -396,51 +340,30 @@ impl XskPort {
         self.counts
     }
 
-    /// Receives up to `max` (at most [`BURST`]) frames, shows each one's bytes to `each`,
-    /// and gives the frames back to the fill ring. Returns how many.
-    pub fn rx_burst(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
-        let mut n = 0;
-        {
-            let mut reader = self.rx.receive(max.min(BURST) as u32);
-            while let Some(desc) = reader.read() {
-                each(self.area.bytes(desc.addr, desc.len));
-                self.stats.rx_bytes += u64::from(desc.len);
-                self.rx_bases[n] = self.area.frame_base(desc.addr);
-                n += 1;
-            }
-            reader.release();
+    /// Takes up to `max` (at most [`BURST`]) frames the NIC received, for guests: shows each
+    /// one's bytes to `each` and gives the frames back to the fill ring. Returns how many.
+    pub fn to_guest_burst(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
+        let mut descs = [(0u64, 0u32); BURST];
+        let n = self.to_guest_take(&mut descs[..max.min(BURST)]);
+        for (i, &(addr, len)) in descs[..n].iter().enumerate() {
+            each(self.frame(addr, len));
+            self.burst_bases[i] = addr;
         }
-        if n == 0 {
-            self.stats.rx_empty_polls += 1;
-            if self.mode.need_wakeup && self.device.needs_wakeup() {
-                self.device.wake();
-            }
-            return 0;
-        }
-        self.stats.rx_packets += n as u64;
-        let mut writer = self.device.fill(n as u32);
-        let refilled = writer.insert(self.rx_bases[..n].iter().copied()) as usize;
-        writer.commit();
-        drop(writer);
-        // The fill ring holds every receive frame, so this cannot happen; if it did, the
-        // frames go to the pool rather than being lost.
-        for i in refilled..n {
-            self.pool.give(self.rx_bases[i]);
-            self.counts.fill -= 1;
-            self.counts.pool += 1;
-        }
+        let bases = self.burst_bases;
+        self.to_guest_release(&bases[..n]);
         n
     }
 
     /// Takes up to `out.len()` (at most [`BURST`]) received frames out of the rx ring as
     /// (address, length), and keeps them: they are the packet buffers until handed back with
-    /// [`Self::rx_release`] (after their copy completed). Returns how many.
-    pub fn rx_take(&mut self, out: &mut [(u64, u32)]) -> usize {
+    /// [`Self::to_guest_release`] (after their copy completed). Returns how many.
+    pub fn to_guest_take(&mut self, out: &mut [(u64, u32)]) -> usize {
         let mut n = 0;
         {
-            let mut reader = self.rx.receive(out.len().min(BURST) as u32);
+            let XskSocket { rx, area, .. } = &mut self.socket;
+            let mut reader = rx.receive(out.len().min(BURST) as u32);
             while let Some(desc) = reader.read() {
-                out[n] = (desc.addr, desc.len.min(self.area.frame_size()));
+                out[n] = (desc.addr, desc.len.min(area.frame_size()));
                 self.stats.rx_bytes += u64::from(desc.len);
                 n += 1;
             }
@@ -448,8 +371,8 @@ impl XskPort {
         }
         if n == 0 {
             self.stats.rx_empty_polls += 1;
-            if self.mode.need_wakeup && self.device.needs_wakeup() {
-                self.device.wake();
+            if self.mode.need_wakeup && self.socket.device.needs_wakeup() {
+                self.socket.device.wake();
             }
             return 0;
         }
@@ -459,15 +382,16 @@ impl XskPort {
         n
     }
 
-    /// The bytes of a received frame (from [`Self::rx_take`]).
+    /// The bytes of a received frame (from [`Self::to_guest_take`]).
     pub fn frame(&self, addr: u64, len: u32) -> &[u8] {
-        self.area.bytes(addr, len)
+        self.socket.area.bytes(addr, len)
     }
 
-    /// Hands frames taken with [`Self::rx_take`] back to the fill ring.
-    pub fn rx_release(&mut self, addrs: &[u64]) {
-        let bases = addrs.iter().map(|&a| self.area.frame_base(a));
-        let mut writer = self.device.fill(addrs.len() as u32);
+    /// Hands frames taken with [`Self::to_guest_take`] back to the fill ring.
+    pub fn to_guest_release(&mut self, addrs: &[u64]) {
+        let XskSocket { device, area, .. } = &mut self.socket;
+        let bases = addrs.iter().map(|&a| area.frame_base(a));
+        let mut writer = device.fill(addrs.len() as u32);
         let refilled = writer.insert(bases) as usize;
         writer.commit();
         drop(writer);
@@ -476,122 +400,103 @@ impl XskPort {
         // The fill ring holds every receive frame, so this cannot happen; if it did, the
         // frames go to the pool rather than being lost.
         for &a in &addrs[refilled..] {
-            self.pool.give(self.area.frame_base(a));
+            self.pool.give(self.socket.area.frame_base(a));
             self.counts.pool += 1;
         }
     }
 
-    /// Takes a free frame for transmit (reaping completions first if none is free); `None`
-    /// when every frame is busy, which is counted.
-    pub fn tx_alloc(&mut self) -> Option<u64> {
-        if self.pool.is_empty() {
-            self.reap();
+    /// Takes a free frame for a frame from a guest (reaping completions first if none is
+    /// free); `None` when every frame is busy, which is counted (`tx_no_frame`).
+    pub fn from_guest_alloc(&mut self) -> Option<u64> {
+        let base = self.take_frame();
+        if base.is_none() {
+            self.stats.tx_no_frame += 1;
         }
-        match self.pool.take() {
-            Some(base) => {
-                self.counts.pool -= 1;
-                self.counts.held += 1;
-                Some(base)
-            }
-            None => {
-                self.stats.tx_no_frame += 1;
-                None
-            }
-        }
+        base
     }
 
-    /// The bytes of frame `base` (from `tx_alloc`), to fill.
+    /// The bytes of frame `base` (from `from_guest_alloc`), to fill.
     pub fn frame_mut(&mut self, base: u64) -> &mut [u8] {
-        self.area.frame_mut(base)
+        self.socket.area.frame_mut(base)
     }
 
-    /// Gives back a frame from `tx_alloc` unsent.
-    pub fn tx_free(&mut self, base: u64) {
+    /// Gives back a frame from `from_guest_alloc` unsent.
+    pub fn from_guest_free(&mut self, base: u64) {
         if self.pool.give(base) {
             self.counts.held -= 1;
             self.counts.pool += 1;
         }
     }
 
-    /// Queues frame `base` (from `tx_alloc`) holding `len` bytes for the next `tx_flush`.
-    pub fn tx_push(&mut self, base: u64, len: u32) -> bool {
-        if self.staged.len() == self.staged.capacity() {
-            self.tx_flush();
-        }
-        if self.staged.len() == self.staged.capacity() {
-            // The tx ring is full and stays full: drop it, counted.
+    /// Accepts frame `base` (from `from_guest_alloc`) holding `len` bytes for transmit; it
+    /// goes into the tx ring now or at a later `flush`, and is never dropped. False when the
+    /// tx ring and the stage are full even after a flush: the frame was not taken and is
+    /// still the caller's (to push again later, or to free), and the refusal is counted
+    /// (`tx_ring_full`).
+    pub fn from_guest_push(&mut self, base: u64, len: u32) -> bool {
+        if !self.make_room() {
             self.stats.tx_ring_full += 1;
-            self.tx_free(base);
             return false;
         }
-        self.staged.push(XdpDesc {
-            addr: base,
-            len: len.min(self.area.frame_size()),
-            options: 0,
-        });
-        self.counts.held -= 1;
-        self.counts.staged += 1;
+        self.stage(base, len);
         true
     }
 
-    /// Copies `data` into a free frame and queues it; false (counted) when no frame is free.
-    pub fn send(&mut self, data: &[u8]) -> bool {
-        let Some(base) = self.tx_alloc() else {
-            return false;
-        };
-        let frame = self.area.frame_mut(base);
-        let len = data.len().min(frame.len());
-        frame[..len].copy_from_slice(&data[..len]);
-        self.tx_push(base, len as u32)
+    /// Copies `frames`, in order, into free frames and accepts them for transmit, until the
+    /// first one the port cannot take (no free frame, or the tx ring and the stage are full).
+    /// Returns how many it took; every frame it took is sent, and each one it did not take is
+    /// counted (`tx_no_frame` or `tx_ring_full`) and is the caller's to offer again or drop.
+    pub fn send_from_guest<F: AsRef<[u8]>>(&mut self, frames: &[F]) -> usize {
+        for (taken, data) in frames.iter().enumerate() {
+            let refused = (frames.len() - taken) as u64;
+            if !self.make_room() {
+                self.stats.tx_ring_full += refused;
+                return taken;
+            }
+            let Some(base) = self.take_frame() else {
+                self.stats.tx_no_frame += refused;
+                return taken;
+            };
+            let frame = self.socket.area.frame_mut(base);
+            let data = data.as_ref();
+            let len = data.len().min(frame.len());
+            frame[..len].copy_from_slice(&data[..len]);
+            self.stage(base, len as u32);
+        }
+        frames.len()
     }
 
-    /// Hands the queued frames to the tx ring in one batch and wakes the kernel if it says
-    /// it needs it. Frames the ring has no room for are dropped (back to the pool) and
-    /// counted. Returns how many went into the ring.
-    pub fn tx_flush(&mut self) -> usize {
+    /// Hands the accepted frames to the tx ring in one batch, oldest first, and wakes the
+    /// kernel if it says it needs it. Frames the ring has no room for stay staged, in order,
+    /// for the next call. Returns how many went into the ring.
+    pub fn flush(&mut self) -> usize {
         self.reap();
         if self.staged.is_empty() {
             return 0;
         }
-        let mut writer = self.tx.transmit(self.staged.len() as u32);
+        let mut writer = self.socket.tx.transmit(self.staged.len() as u32);
         let sent = writer.insert(self.staged.iter().copied()) as usize;
         writer.commit();
         drop(writer);
-        for desc in &self.staged[..sent] {
+        for desc in self.staged.drain(..sent) {
             self.stats.tx_bytes += u64::from(desc.len);
         }
         self.stats.tx_packets += sent as u64;
         self.counts.staged -= sent as u32;
         self.counts.tx_in_flight += sent as u32;
-        for i in sent..self.staged.len() {
-            let base = self.staged[i].addr;
-            if self.pool.give(base) {
-                self.counts.staged -= 1;
-                self.counts.pool += 1;
-            }
-            self.stats.tx_ring_full += 1;
-        }
-        self.staged.clear();
         self.tx_kick();
         sent
-    }
-
-    /// Wakes the kernel to send what is in the tx ring, when it needs it. (In copy mode the
-    /// kernel sends only from that syscall, a limited batch each time.)
-    fn tx_kick(&mut self) {
-        if self.tx.pending() > 0 && (!self.mode.need_wakeup || self.tx.needs_wakeup()) {
-            self.tx.wake();
-        }
     }
 
     /// Moves transmitted frames from the completion ring back to the pool, and wakes the
     /// kernel if the tx ring still holds frames; returns how many came back.
     pub fn reap(&mut self) -> usize {
         self.tx_kick();
-        let mut reader = self.device.complete(self.counts.tx_in_flight);
+        let XskSocket { device, area, .. } = &mut self.socket;
+        let mut reader = device.complete(self.counts.tx_in_flight);
         let mut n = 0;
         while let Some(addr) = reader.read() {
-            if self.pool.give(self.area.frame_base(addr)) {
+            if self.pool.give(area.frame_base(addr)) {
                 n += 1;
             }
         }
@@ -600,6 +505,46 @@ impl XskPort {
         self.counts.tx_in_flight -= n as u32;
         self.counts.pool += n as u32;
         n
+    }
+
+    /// A free frame, reaping completions first if none is free; uncounted.
+    fn take_frame(&mut self) -> Option<u64> {
+        if self.pool.is_empty() {
+            self.reap();
+        }
+        let base = self.pool.take()?;
+        self.counts.pool -= 1;
+        self.counts.held += 1;
+        Some(base)
+    }
+
+    /// Whether the stage has room for one more frame, flushing it into the tx ring first if
+    /// it is full.
+    fn make_room(&mut self) -> bool {
+        if self.staged.len() >= self.stage_limit {
+            self.flush();
+        }
+        self.staged.len() < self.stage_limit
+    }
+
+    /// Stages a held frame (room was made).
+    fn stage(&mut self, base: u64, len: u32) {
+        self.staged.push_back(XdpDesc {
+            addr: base,
+            len: len.min(self.socket.area.frame_size()),
+            options: 0,
+        });
+        self.counts.held -= 1;
+        self.counts.staged += 1;
+    }
+
+    /// Wakes the kernel to send what is in the tx ring, when it needs it. (In copy mode the
+    /// kernel sends only from that syscall, a limited batch each time.)
+    fn tx_kick(&mut self) {
+        let tx = &self.socket.tx;
+        if tx.pending() > 0 && (!self.mode.need_wakeup || tx.needs_wakeup()) {
+            tx.wake();
+        }
     }
 }
 
@@ -612,19 +557,47 @@ impl Drop for XskPort {
     }
 }
 
-/// Whether the socket `fd` was bound in zero-copy mode (`XDP_OPTIONS`).
-fn bound_zero_copy(fd: libc::c_int) -> bool {
-    let mut flags: u32 = 0;
-    let mut len = size_of::<u32>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `flags`, a live u32, and updates len.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            SOL_XDP,
-            XDP_OPTIONS,
-            (&raw mut flags).cast(),
-            &raw mut len,
-        )
+/// Why `queue` of `iface` cannot take a socket, when its channels say it is not enabled.
+fn not_enabled_hint(iface: &str, queue: u32) -> Option<String> {
+    let ifindex = nix::net::if_::if_nametoindex(iface).ok()?;
+    queues::not_enabled(iface, ifindex, queue)
+}
+
+/// The error for a socket that could not be opened, with what to do about it.
+fn open_error(failure: OpenFailure, iface: &str, queue: u32, bytes: u64, memlock: u64) -> XskError {
+    use nix::errno::Errno;
+    let (step, errno) = match failure {
+        OpenFailure::UnknownInterface => {
+            return XskError::UnknownInterface {
+                iface: iface.to_owned(),
+            };
+        }
+        OpenFailure::Map(source) => {
+            return XskError::Map {
+                iface: iface.to_owned(),
+                queue,
+                bytes,
+                source,
+            };
+        }
+        OpenFailure::Socket(step, errno) => (step, errno),
     };
-    rc == 0 && flags & XDP_OPTIONS_ZEROCOPY != 0
+    let hint = match errno {
+        Errno::ENOBUFS | Errno::EPERM => format!(
+            " (RLIMIT_MEMLOCK is {memlock} bytes: raise it with `ulimit -l unlimited`, or run as root)"
+        ),
+        Errno::EBUSY => " (another AF_XDP socket is bound to that queue)".to_owned(),
+        Errno::EINVAL if step == "bind" => match not_enabled_hint(iface, queue) {
+            Some(why) => format!(" ({why})"),
+            None => format!(" (is queue {queue} enabled? see `ethtool -l {iface}`)"),
+        },
+        _ => String::new(),
+    };
+    XskError::Socket {
+        step,
+        iface: iface.to_owned(),
+        queue,
+        errno,
+        hint,
+    }
 }

@@ -1,12 +1,26 @@
-//! The UMEM area of an AF_XDP port (a page-aligned anonymous mapping, split into frames) and
-//! the LIFO pool of frames the port's worker owns.
+//! The UMEM of an AF_XDP port (a page-aligned anonymous mapping, split into frames), the
+//! socket bound over it with its four rings, and the LIFO pool of frames the port's worker
+//! owns. This is the one home of the `xsk` module's `unsafe`: the mapping the kernel reads
+//! and writes, its registration, and the socket calls xdpilone does not wrap.
 //!
-//! Invariants: the mapping lives as long as the port (it is the last field dropped); the
-//! pool holds frame base offsets only, each at most once, and never more than the area has.
+//! Invariants: the mapping outlives everything that points into it (it is the last field of
+//! [`XskSocket`] dropped); the pool holds frame base offsets only, each at most once, and
+//! never more than the area has.
 
-use std::{io, ptr::NonNull};
+use std::{
+    ffi::CString,
+    io,
+    num::NonZeroU32,
+    os::fd::{BorrowedFd, RawFd},
+    ptr::NonNull,
+};
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
+
+const SOL_XDP: libc::c_int = 283;
+const XDP_OPTIONS: libc::c_int = 8;
+const XDP_OPTIONS_ZEROCOPY: u32 = 1;
 
 /// An anonymous, page-aligned, pre-faulted mapping of `frames × frame_size` bytes.
 #[derive(Debug)]
@@ -102,6 +116,154 @@ impl Drop for UmemArea {
         // SAFETY: exactly the mapping made in `new`, unmapped once, after the sockets that
         // used it (the port drops it last).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Sizes of one socket's UMEM and rings.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketSizes {
+    /// Frames in the UMEM.
+    pub frames: u32,
+    /// Bytes per frame.
+    pub frame_size: u32,
+    /// Entries of each of the four rings.
+    pub ring: u32,
+}
+
+/// Why a socket could not be opened: the mapping, or one call and its errno.
+#[derive(Debug)]
+pub enum OpenFailure {
+    /// The interface name has a NUL byte or names no interface.
+    UnknownInterface,
+    /// Mapping the UMEM failed.
+    Map(io::Error),
+    /// A socket call failed: which one, and the errno.
+    Socket(&'static str, nix::errno::Errno),
+}
+
+/// One AF_XDP socket bound to one (interface, queue) over its own UMEM: xdpilone's handles
+/// and the memory they point into. Fields drop in order: the rings and the socket first, the
+/// UMEM registration next, the mapping last.
+pub struct XskSocket {
+    /// The rx ring: frames the NIC received, for guests.
+    pub(super) rx: RingRx,
+    /// The tx ring: frames from guests, for the NIC.
+    pub(super) tx: RingTx,
+    /// The fill and completion rings.
+    pub(super) device: DeviceQueue,
+    /// The bound socket (statistics, fd).
+    pub(super) user: User,
+    _socket: Socket,
+    _umem: Umem,
+    /// The frames (read-only outside this module: the mapping is this socket's for good).
+    pub(super) area: UmemArea,
+}
+
+// SAFETY: the socket owns its UMEM mapping and its ring mappings (xdpilone's handles hold raw
+// pointers into them, which is why they are not Send); nothing else points into them, and the
+// port that owns the socket uses them only through &mut self, on one thread at a time.
+unsafe impl Send for XskSocket {}
+
+impl std::fmt::Debug for XskSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XskSocket")
+            .field("fd", &self.user.as_raw_fd())
+            .field("area", &self.area)
+            .finish()
+    }
+}
+
+impl XskSocket {
+    /// Maps a UMEM of `sizes`, registers it, and binds a fresh socket with rx and tx rings to
+    /// `queue` of `iface` (in this thread's network namespace), asking for need_wakeup when
+    /// `need_wakeup`. Nothing of a failed attempt is kept: a retry starts from a new socket,
+    /// since the kernel refuses to set up the rings of a socket twice.
+    pub fn open(
+        iface: &str,
+        queue: u32,
+        sizes: SocketSizes,
+        need_wakeup: bool,
+    ) -> Result<XskSocket, OpenFailure> {
+        let fail = |step: &'static str| {
+            move |e: xdpilone::Errno| {
+                OpenFailure::Socket(step, nix::errno::Errno::from_raw(e.get_raw()))
+            }
+        };
+        let area = UmemArea::new(sizes.frames, sizes.frame_size).map_err(OpenFailure::Map)?;
+        let config = UmemConfig {
+            fill_size: sizes.ring,
+            complete_size: sizes.ring,
+            frame_size: sizes.frame_size,
+            headroom: 0,
+            flags: 0,
+        };
+        // SAFETY: `area` is a page-aligned mapping of `frames` frames of `frame_size` bytes;
+        // the returned socket owns it and drops it after the registration (field order).
+        let umem =
+            unsafe { Umem::new(config, area.as_nonnull()) }.map_err(fail("UMEM registration"))?;
+        let name = CString::new(iface).map_err(|_| OpenFailure::UnknownInterface)?;
+        let mut info = IfInfo::invalid();
+        info.from_name(&name)
+            .map_err(|_| OpenFailure::UnknownInterface)?;
+        info.set_queue(queue);
+        let socket = Socket::with_shared(&info, &umem).map_err(fail("socket"))?;
+        let device = umem.fq_cq(&socket).map_err(fail("fill/completion rings"))?;
+        let rings = NonZeroU32::new(sizes.ring);
+        let user = umem
+            .rx_tx(
+                &socket,
+                &SocketConfig {
+                    rx_size: rings,
+                    tx_size: rings,
+                    bind_flags: if need_wakeup {
+                        SocketConfig::XDP_BIND_NEED_WAKEUP
+                    } else {
+                        0
+                    },
+                },
+            )
+            .map_err(fail("rx/tx rings"))?;
+        umem.bind(&user).map_err(fail("bind"))?;
+        let rx = user.map_rx().map_err(fail("rx ring mapping"))?;
+        let tx = user.map_tx().map_err(fail("tx ring mapping"))?;
+        Ok(XskSocket {
+            rx,
+            tx,
+            device,
+            user,
+            _socket: socket,
+            _umem: umem,
+            area,
+        })
+    }
+
+    /// The socket's fd, to register in an XSKMAP.
+    pub fn raw_fd(&self) -> RawFd {
+        self.user.as_raw_fd()
+    }
+
+    /// The socket's fd, to wait on with poll/epoll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the fd is owned by the socket's handles and stays open while &self lives.
+        unsafe { BorrowedFd::borrow_raw(self.user.as_raw_fd()) }
+    }
+
+    /// Whether the kernel bound the socket in zero-copy mode (`XDP_OPTIONS`).
+    pub fn zero_copy(&self) -> bool {
+        let mut flags: u32 = 0;
+        let mut len = size_of::<u32>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `flags`, a live u32, and updates
+        // len; the fd is the socket's own.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.user.as_raw_fd(),
+                SOL_XDP,
+                XDP_OPTIONS,
+                (&raw mut flags).cast(),
+                &raw mut len,
+            )
+        };
+        rc == 0 && flags & XDP_OPTIONS_ZEROCOPY != 0
     }
 }
 
