@@ -13,6 +13,32 @@ use nix::{
     unistd::Pid,
 };
 
+/// The `RX-packets` (`what` = "RX") or `TX-packets` (`what` = "TX") of each forwarding
+/// stream testpmd printed when it stopped, by that side's queue.
+pub fn packets_by_queue(out: &str, what: &str) -> Vec<(u32, u64)> {
+    let (port, counter) = (format!("{what} Port="), format!("{what}-packets:"));
+    let mut streams = Vec::new();
+    let mut queue = None;
+    for line in out.lines() {
+        if line.contains("Forward Stats for") {
+            queue = line
+                .find(&port)
+                .and_then(|at| line[at..].split("Queue=").nth(1))
+                .and_then(|q| q.split_whitespace().next())
+                .and_then(|q| q.parse().ok());
+        } else if let (Some(q), Some(at)) = (queue, line.find(&counter)) {
+            let n = line[at + counter.len()..]
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            streams.push((q, n));
+            queue = None;
+        }
+    }
+    streams
+}
+
 /// Totals testpmd printed when it stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TestpmdTotals {

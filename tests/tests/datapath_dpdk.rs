@@ -16,7 +16,7 @@ use aya::maps::{Array, Map, MapData};
 use xvio_common::{GuestStats, PortStats, maps};
 use xvio_tests::{
     daemon::wait_guests_ready,
-    dpdk::Testpmd,
+    dpdk::{Testpmd, packets_by_queue},
     frames::{ETH_P_EXPERIMENTAL, frame},
     netns::mac_of,
     privileged,
@@ -181,6 +181,77 @@ fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
         received.rx <= g.to_guest_packets && g.to_guest_packets - received.rx <= 1024,
         "testpmd got what xvio delivered (but a ring): {report}"
     );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_two_queue_guest_receives_on_both_queues() {
+    if !privileged("a_two_queue_guest_receives_on_both_queues") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new(1);
+    let socket = socket();
+    let guest = format!("socket={},mac={GUEST},queues=2", socket.display());
+    let daemon = topo.start(&["--guest", &guest]);
+    let rx = Testpmd::start_with(
+        &socket,
+        "rxonly",
+        64,
+        "02:00:00:00:00:02",
+        &format!(",mac={GUEST},queues=2"),
+        "1,0",
+        &["--rxq=2", "--txq=2"],
+    );
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    assert!(rx.wait_forwarding(), "testpmd forwards:\n{}", rx.output());
+    std::thread::sleep(Duration::from_secs(1));
+    // Two flows (two source MACs) that the datapath's flow hash puts on different queues.
+    let first = frame(
+        GUEST_MAC,
+        [0x02, 0, 0, 0, 0x08, 0],
+        None,
+        ETH_P_EXPERIMENTAL,
+        64,
+        1,
+    );
+    let parity = |f: &[u8]| xvio::datapath::worker::flow_hash(f) % 2;
+    let second = (1..=255u8)
+        .map(|b| {
+            frame(
+                GUEST_MAC,
+                [0x02, 0, 0, 0, 0x08, b],
+                None,
+                ETH_P_EXPERIMENTAL,
+                64,
+                1,
+            )
+        })
+        .find(|f| parity(f) != parity(&first))
+        .expect("a source MAC that hashes to the other queue");
+    topo.peer.run(|| {
+        let generator = Generator::load(&topo.peer_if);
+        for _ in 0..20 {
+            generator.send(&first, 1000);
+            generator.send(&second, 1000);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (totals, out) = rx.stop_keep_output();
+    let by_queue = packets_by_queue(&out, "RX");
+    let g = guest_stats();
+    let report = format!("testpmd {totals:?} by queue {by_queue:?}, xvio {g:?}");
+    eprintln!("{report}");
+    for q in 0..2 {
+        let n = by_queue
+            .iter()
+            .filter(|(queue, _)| *queue == q)
+            .map(|(_, n)| n)
+            .sum::<u64>();
+        assert!(n > 1000, "queue {q} received: {report}\n{out}");
+    }
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }

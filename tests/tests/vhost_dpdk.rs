@@ -12,7 +12,10 @@ use xvio::{
     datapath::Datapath,
     vhost::guest::Guest,
 };
-use xvio_tests::{dpdk::Testpmd, privileged, unique_name};
+use xvio_tests::{
+    dpdk::{Testpmd, packets_by_queue},
+    privileged, unique_name,
+};
 
 /// testpmd instances busy-poll both cores: one test at a time, or they starve each other.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -28,30 +31,6 @@ fn spec(mac: [u8; 6], mode: SocketMode) -> GuestSpec {
         queues: 1,
         mode,
     }
-}
-
-/// TX-packets of each forwarding stream testpmd printed when it stopped, by TX queue.
-fn tx_by_queue(out: &str) -> Vec<(u32, u64)> {
-    let mut streams = Vec::new();
-    let mut queue = None;
-    for line in out.lines() {
-        if let Some(at) = line.find("-> TX Port=") {
-            queue = line[at..]
-                .split("Queue=")
-                .nth(1)
-                .and_then(|q| q.split_whitespace().next())
-                .and_then(|q| q.parse().ok());
-        } else if let (Some(q), Some(at)) = (queue, line.find("TX-packets:")) {
-            let n = line[at + "TX-packets:".len()..]
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            streams.push((q, n));
-            queue = None;
-        }
-    }
-    streams
 }
 
 fn counters(guest: &Guest) -> String {
@@ -128,7 +107,7 @@ fn txonly_to_rxonly(queue_pairs: u16) -> Run {
     let report = format!(
         "testpmd tx {:?} by queue {:?} rx {received:?}\nxvio tx guest: {}\nxvio rx guest: {}",
         sent.0,
-        tx_by_queue(&sent.1),
+        packets_by_queue(&sent.1, "TX"),
         counters(&tx_guest),
         counters(&rx_guest)
     );
@@ -193,7 +172,7 @@ fn a_two_queue_pair_frontend_sends_on_both_queues() {
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let run = txonly_to_rxonly(2);
-    let streams = tx_by_queue(&run.sent.1);
+    let streams = packets_by_queue(&run.sent.1, "TX");
     for queue in [0, 1] {
         let n = streams
             .iter()

@@ -41,6 +41,7 @@ use super::{
 use crate::{
     vhost::{
         dirty::{GuestMem, Memory},
+        net::MAX_FRAME,
         queue::{self, TxChain},
     },
     xsk::XskPort,
@@ -231,6 +232,8 @@ struct Bounced {
     dest: Dest,
     /// A flooded frame goes to the wire too (not one that came from it).
     to_wire: bool,
+    /// Its flow hash (picks the receiver's RX queue).
+    hash: u32,
 }
 
 /// The worker's own state.
@@ -248,6 +251,8 @@ pub struct Worker {
     rx_descs: [(u64, u32); BURST],
     rx_dest: [Option<(usize, usize)>; BURST],
     bounced: Vec<Bounced>,
+    /// For one receiver, the RX queue pair of each bounced frame it gets.
+    bounced_pair: Vec<Option<usize>>,
     released: Vec<Source>,
     last_publish: Instant,
 }
@@ -283,6 +288,7 @@ impl Worker {
             rx_descs: [(0, 0); BURST],
             rx_dest: [None; BURST],
             bounced: Vec::with_capacity(BURST),
+            bounced_pair: Vec::with_capacity(BURST),
             released: Vec::with_capacity(8 * BURST),
             last_publish: Instant::now(),
         };
@@ -492,12 +498,14 @@ impl Worker {
                 };
                 let len = frame.len().min(self.bounce.buf_mut(buf).len());
                 self.bounce.buf_mut(buf)[..len].copy_from_slice(&frame[..len]);
+                let hash = flow_hash(&frame[..len]);
                 self.bounced.push(Bounced {
                     buf,
                     len,
                     from: usize::MAX,
                     dest: Dest::Flood,
                     to_wire: false,
+                    hash,
                 });
             });
         }
@@ -554,8 +562,12 @@ impl Worker {
             let outcome = match dest {
                 None => TxChain::Malformed,
                 Some(Dest::Guest(d)) if d == s => {
-                    GuestCounters::add(&counters.from_guest_no_route, 1);
-                    TxChain::Frame(0)
+                    // To itself: nowhere to go, but a bad chain is still counted as one.
+                    let outcome = queue::check_tx(chain, &**mem, MAX_FRAME);
+                    if let TxChain::Frame(_) = outcome {
+                        GuestCounters::add(&counters.from_guest_no_route, 1);
+                    }
+                    outcome
                 }
                 Some(Dest::Wire) => self.send_to_wire(&counters, chain, mem),
                 Some(dest) => match self.bounce.take() {
@@ -569,12 +581,14 @@ impl Worker {
                         if let TxChain::Frame(len) = outcome {
                             GuestCounters::add(&counters.from_guest_packets, 1);
                             GuestCounters::add(&counters.from_guest_bytes, len as u64);
+                            let hash = flow_hash(self.bounce.frame(buf, 0, len));
                             self.bounced.push(Bounced {
                                 buf,
                                 len,
                                 from: s,
                                 dest,
                                 to_wire: true,
+                                hash,
                             });
                         } else {
                             self.bounce.release(buf);
@@ -626,8 +640,12 @@ impl Worker {
         M: std::ops::Deref<Target = GuestMem>,
     {
         let Some(uplink) = self.uplinks.first_mut() else {
-            GuestCounters::add(&counters.from_guest_no_route, 1);
-            return TxChain::Frame(0);
+            // No interface: nowhere to go, but a bad chain is still counted as one.
+            let outcome = queue::check_tx(chain, mem, MAX_FRAME);
+            if let TxChain::Frame(_) = outcome {
+                GuestCounters::add(&counters.from_guest_no_route, 1);
+            }
+            return outcome;
         };
         let Some(base) = uplink.port.from_guest_alloc() else {
             GuestCounters::add(&counters.from_guest_dropped_full, 1);
@@ -650,64 +668,74 @@ impl Worker {
         outcome
     }
 
-    /// The second copy of the frames from guests waiting in bounce buffers.
+    /// The second copy of the frames waiting in bounce buffers: for each receiving guest and
+    /// RX queue, all its frames of the burst under one vring lock, in the order they came.
     fn deliver_bounced(&mut self) {
-        // In the order the guest sent them.
-        for i in 0..self.bounced.len() {
-            let b = self.bounced[i];
-            match b.dest {
-                Dest::Guest(d) => self.bounce_to_guest(b, d),
-                Dest::Flood => {
-                    for d in 0..self.guests.len() {
-                        if d != b.from {
-                            self.bounce.share(b.buf);
-                            self.bounce_to_guest(b, d);
-                        }
-                    }
-                    if b.to_wire
-                        && let Some(uplink) = self.uplinks.first_mut()
-                        && let Some(base) = uplink.port.from_guest_alloc()
-                    {
-                        let frame = uplink.port.frame_mut(base);
-                        if b.len <= frame.len() {
-                            frame[..b.len].copy_from_slice(self.bounce.frame(b.buf, 0, b.len));
-                            if !uplink.port.from_guest_push(base, b.len as u32) {
-                                uplink.port.from_guest_free(base);
-                            }
-                        } else {
-                            uplink.port.from_guest_free(base);
-                        }
-                    }
-                    self.bounce.release(b.buf);
-                }
-                Dest::Wire => self.bounce.release(b.buf),
-            }
+        if self.bounced.is_empty() {
+            return;
         }
-        self.bounced.clear();
-        self.release_sources();
-    }
-
-    fn bounce_to_guest(&mut self, b: Bounced, d: usize) {
         let Worker {
             guests,
+            uplinks,
             bounce,
+            bounced,
+            bounced_pair,
             released,
             ..
         } = self;
-        let slot = &mut guests[d];
-        let pair = slot.rx_pair_for(flow_hash(bounce.frame(b.buf, 0, b.len)));
-        let (Some(pair), Some(mem)) = (pair, slot.memory()) else {
-            GuestCounters::add(&slot.counters().to_guest_dropped_reset, 1);
+        // Each receiver of a flooded frame holds a share of its buffer; the wire gets a copy.
+        for b in bounced.iter().filter(|b| b.dest == Dest::Flood) {
+            for _ in (0..guests.len()).filter(|&d| d != b.from) {
+                bounce.share(b.buf);
+            }
+            if b.to_wire {
+                flood_to_wire(uplinks.first_mut(), bounce.frame(b.buf, 0, b.len));
+            }
+        }
+        for (d, slot) in guests.iter_mut().enumerate() {
+            let goes_to_d = |b: &Bounced| match b.dest {
+                Dest::Guest(g) => g == d,
+                Dest::Flood => b.from != d,
+                Dest::Wire => false,
+            };
+            if !bounced.iter().any(goes_to_d) {
+                continue;
+            }
+            let mem = slot.memory();
+            bounced_pair.clear();
+            bounced_pair.extend(bounced.iter().map(|b| {
+                (goes_to_d(b) && mem.is_some())
+                    .then(|| slot.rx_pair_for(b.hash))
+                    .flatten()
+            }));
+            if let Some(mem) = mem.as_ref() {
+                for pair in 0..slot.pairs() {
+                    if !bounced_pair.contains(&Some(pair)) {
+                        continue;
+                    }
+                    let frames = bounced
+                        .iter()
+                        .zip(bounced_pair.iter())
+                        .filter(|(_, p)| **p == Some(pair))
+                        .map(|(b, _)| (Source::Bounce(b.buf), bounce.frame(b.buf, 0, b.len)));
+                    slot.deliver(pair, mem, frames, &mut |src| released.push(src));
+                }
+            }
+            // No ready RX queue (or no memory yet): dropped.
+            for (b, pair) in bounced.iter().zip(bounced_pair.iter()) {
+                if goes_to_d(b) && pair.is_none() {
+                    GuestCounters::add(&slot.counters().to_guest_dropped_reset, 1);
+                    released.push(Source::Bounce(b.buf));
+                }
+            }
+        }
+        // The sender's own reference of a flooded frame's buffer (a unicast frame's went
+        // with its one copy).
+        for b in bounced.iter().filter(|b| b.dest == Dest::Flood) {
             bounce.release(b.buf);
-            return;
-        };
-        let frame = bounce.frame(b.buf, 0, b.len);
-        slot.deliver(
-            pair,
-            &mem,
-            std::iter::once((Source::Bounce(b.buf), frame)),
-            &mut |src| released.push(src),
-        );
+        }
+        bounced.clear();
+        self.release_sources();
     }
 
     /// Completes finished copies; returns how many frames are still in flight.
@@ -813,6 +841,24 @@ impl Worker {
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);
         let _ = self.shared.wake.read();
+    }
+}
+
+/// Copies a flooded frame into a frame of `uplink` and queues it for transmit (best effort:
+/// without a free frame or ring room the wire misses it; the guests got it).
+fn flood_to_wire(uplink: Option<&mut Uplink>, frame: &[u8]) {
+    let Some(uplink) = uplink else { return };
+    let Some(base) = uplink.port.from_guest_alloc() else {
+        return;
+    };
+    let dst = uplink.port.frame_mut(base);
+    if frame.len() > dst.len() {
+        uplink.port.from_guest_free(base);
+        return;
+    }
+    dst[..frame.len()].copy_from_slice(frame);
+    if !uplink.port.from_guest_push(base, frame.len() as u32) {
+        uplink.port.from_guest_free(base);
     }
 }
 

@@ -105,6 +105,17 @@ fn tx_refuses_hostile_chains() {
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = pop(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(
+            check_tx(chain.clone(), &mem, TX_BUF - HDR_LEN),
+            want,
+            "{what}: checked without reading"
+        );
+        let mut frame = [0u8; TX_BUF - HDR_LEN];
+        assert_eq!(
+            read_tx_into(chain.clone(), &mem, &mut frame),
+            want,
+            "{what}: into a frame"
+        );
         let mut buf = [0u8; TX_BUF];
         assert_eq!(read_tx(chain, &mem, &mut buf), want, "{what}");
     }
