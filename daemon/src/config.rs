@@ -142,7 +142,7 @@ pub enum SocketMode {
 pub struct GuestSpec {
     /// The vhost-user socket.
     pub socket: std::path::PathBuf,
-    /// The guest's MAC (what the switch delivers to it).
+    /// The guest's MAC (frames to it, from the wire or other guests, go to this guest).
     pub mac: MacAddr,
     /// Queue pairs (1 to 16).
     pub queues: u16,

@@ -135,7 +135,7 @@ fn cycle(guest: &Guest) {
 }
 
 /// Connect/disconnect cycles leave the descriptor and thread counts where they were, for
-/// one queue pair and for several (one worker, and one exit event, per pair).
+/// one queue pair and for several (one event thread, and one exit event, per guest).
 #[test]
 fn connect_disconnect_cycles_leave_no_descriptor_or_thread_behind() {
     let _serial = one_at_a_time();

@@ -1,5 +1,5 @@
 //! Two DPDK virtio-user frontends (testpmd: one txonly, one rxonly) exchange frames through
-//! xvio's switch; and the client-mode socket reconnects when its VMM (a testpmd serving the
+//! xvio's datapath; and the client-mode socket reconnects when its VMM (a testpmd serving the
 //! socket) restarts. The backend runs in this process; testpmd needs root here.
 
 use std::{

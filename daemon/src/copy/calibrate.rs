@@ -36,9 +36,8 @@ use super::channel::{ChannelKind, DmaChannel, DmaError};
 
 /// Copy sizes measured.
 pub const SIZES: [u32; 8] = [64, 128, 256, 512, 1024, 1518, 4096, 9000];
-/// Packets a datapath queue keeps in flight at most: the vhost RX engine's limit
-/// (`vhost::rx_dma`, one mailbox of `MAILBOX_FRAMES`), one copy each for frames that fit one
-/// guest buffer.
+/// Packets a datapath queue keeps in flight at most: a guest RX queue's limit
+/// (`datapath::to_guest::MAX_INFLIGHT`), one copy each for frames that fit one guest buffer.
 pub const DATAPATH_DEPTH: u32 = 256;
 /// Bytes of each of the source and destination areas (larger than the LLC of the machines
 /// this runs on, so that copies miss the cache as guest buffers do).

@@ -814,7 +814,14 @@ impl Worker {
             }
         }
         if !more {
-            let inflight = self.guests.iter().any(|g| g.has_inflight());
+            // Copies in flight on a channel without a completion fd, or frames accepted for
+            // transmit that wait for room in a full tx ring (the kernel frees it, and says
+            // nothing): look again soon.
+            let inflight = self.guests.iter().any(|g| g.has_inflight())
+                || self
+                    .uplinks
+                    .iter()
+                    .any(|u| u.port.frame_counts().staged > 0);
             let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + self.uplinks.len());
             fds.push(PollFd::new(self.shared.wake.as_fd(), PollFlags::POLLIN));
             for u in &self.uplinks {
@@ -828,7 +835,6 @@ impl Worker {
             for fd in completion {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
-            // Copies in flight on a channel without a completion fd: look again soon.
             let timeout = if inflight {
                 Duration::from_millis(1)
             } else {

@@ -5,7 +5,7 @@
 //! RX: a frame is written behind a header into one chain, or, with MRG_RXBUF, into as many
 //! chains as it needs (`num_buffers` in the first header); if the queue runs out midway, the
 //! chains taken are given back to the avail ring untouched as far as the guest can see (the
-//! used ring was not written) and the frame waits.
+//! used ring was not written) and the caller decides (the datapath drops the frame, counted).
 //!
 //! A chain is malformed when it points outside guest memory, loops or runs past the queue
 //! (the descriptor iterator stops while the last descriptor still says NEXT), mixes the
