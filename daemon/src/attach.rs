@@ -315,19 +315,6 @@ impl AttachedIface {
         Ok(())
     }
 
-    /// Stops steering `key` (its guest is gone); frames to it pass to the kernel again.
-    pub fn unsteer(&mut self, key: xvio_common::SteerKey) -> Result<(), AttachError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::STEER)
-            .ok_or(AttachError::Missing(maps::STEER))?;
-        let mut hash: HashMap<&mut MapData, xvio_common::SteerKey, SteerValue> =
-            HashMap::try_from(map).map_err(map_error(maps::STEER))?;
-        let _ = hash.remove(&key);
-        self.steer_entries = hash.keys().count() as u32;
-        Ok(())
-    }
-
     fn pin_maps(&mut self) -> Result<(), AttachError> {
         // Pins left by a daemon that died: this daemon holds the interface now.
         if maps::PINNED

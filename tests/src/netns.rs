@@ -30,6 +30,14 @@ impl Netns {
         format!("/run/netns/{}", self.name)
     }
 
+    /// `program` to run in this namespace (through `nsenter --net`, which keeps `/sys/fs/bpf`,
+    /// unlike `ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path())).arg(program);
+        cmd
+    }
+
     /// Runs `ip -n NAME ARGS…`, panicking with its output on failure.
     pub fn ip(&self, args: &[&str]) {
         let mut all = vec!["-n", &self.name];

@@ -8,7 +8,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
@@ -54,9 +53,9 @@ fn port_stats(topo: &Topology) -> PortStats {
 
 /// A counter of `ifname` in `ns` (`ip -s link`), e.g. "tx_dropped".
 fn link_stat(ns: &xvio_tests::netns::Netns, ifname: &str, name: &str) -> u64 {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .args(["cat", &format!("/sys/class/net/{ifname}/statistics/{name}")])
+    let out = ns
+        .command("cat")
+        .args([&format!("/sys/class/net/{ifname}/statistics/{name}")])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -73,6 +72,24 @@ fn daemon_with_guest(topo: &Topology, socket: &Path, extra: &[&str]) -> xvio_tes
     topo.start(&args)
 }
 
+/// xvio with a guest whose testpmd txonly sends 64-byte frames to the peer, up and sending.
+fn txonly_guest_to_peer(topo: &Topology) -> (xvio_tests::daemon::Daemon, Testpmd) {
+    let peer = mac_of(&topo.peer, &topo.peer_if);
+    let peer = peer.map(|b| format!("{b:02x}")).join(":");
+    let socket = socket();
+    let daemon = daemon_with_guest(topo, &socket, &[]);
+    let tx = Testpmd::start(
+        &socket,
+        "txonly",
+        64,
+        &peer,
+        &format!(",mac={GUEST}"),
+        "0,1",
+    );
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    (daemon, tx)
+}
+
 #[test]
 fn frames_a_guest_sends_to_the_wire_are_each_counted_at_the_peer_or_dropped_by_name() {
     if !privileged(
@@ -85,19 +102,7 @@ fn frames_a_guest_sends_to_the_wire_are_each_counted_at_the_peer_or_dropped_by_n
     let counter = topo
         .peer
         .run(|| DropCounter::attach_from(&topo.peer_if, GUEST_MAC));
-    let peer = mac_of(&topo.peer, &topo.peer_if);
-    let peer = peer.map(|b| format!("{b:02x}")).join(":");
-    let socket = socket();
-    let daemon = daemon_with_guest(&topo, &socket, &[]);
-    let tx = Testpmd::start(
-        &socket,
-        "txonly",
-        64,
-        &peer,
-        &format!(",mac={GUEST}"),
-        "0,1",
-    );
-    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let (daemon, tx) = txonly_guest_to_peer(&topo);
     std::thread::sleep(Duration::from_secs(3));
     let (sent, out) = tx.stop_keep_output();
     let g = guest_stats();
@@ -278,15 +283,17 @@ fn a_peer_pings_a_guest_it_resolves_by_arp() {
         "1,0",
     );
     wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", topo.peer.path()))
-        .args(["ping", "-c", "5", "-i", "0.2", "-W", "2", "10.252.0.9"])
+    let out = topo
+        .peer
+        .command("ping")
+        .args(["-c", "5", "-i", "0.2", "-W", "2", "10.252.0.9"])
         .output()
         .expect("ping");
     let ping = String::from_utf8_lossy(&out.stdout);
-    let neigh = Command::new("nsenter")
-        .arg(format!("--net={}", topo.peer.path()))
-        .args(["ip", "neigh", "show", "10.252.0.9"])
+    let neigh = topo
+        .peer
+        .command("ip")
+        .args(["neigh", "show", "10.252.0.9"])
         .output()
         .expect("ip neigh");
     let neigh = String::from_utf8_lossy(&neigh.stdout);
@@ -308,25 +315,14 @@ fn the_host_keeps_its_network_when_the_daemon_is_killed_under_load() {
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let topo = Topology::new(1);
-    let peer = mac_of(&topo.peer, &topo.peer_if);
-    let peer = peer.map(|b| format!("{b:02x}")).join(":");
-    let socket = socket();
-    let daemon = daemon_with_guest(&topo, &socket, &[]);
-    let tx = Testpmd::start(
-        &socket,
-        "txonly",
-        64,
-        &peer,
-        &format!(",mac={GUEST}"),
-        "0,1",
-    );
-    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let (daemon, tx) = txonly_guest_to_peer(&topo);
     std::thread::sleep(Duration::from_secs(1));
     daemon.kill();
     std::thread::sleep(Duration::from_secs(1));
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", topo.host.path()))
-        .args(["ping", "-c", "10", "-i", "0.1", "-W", "1", "10.252.0.2"])
+    let out = topo
+        .host
+        .command("ping")
+        .args(["-c", "10", "-i", "0.1", "-W", "1", "10.252.0.2"])
         .output()
         .expect("ping");
     let ping = String::from_utf8_lossy(&out.stdout);

@@ -3,7 +3,7 @@
 //! then iperf3 TCP both ways — while the host's own traffic on that veth keeps flowing.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -18,9 +18,7 @@ const PEER_IP: &str = "10.252.0.2";
 
 /// `cmd ARGS…` in `ns`, started.
 fn spawn_in(ns: &Netns, cmd: &str, args: &[&str]) -> Child {
-    Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .arg(cmd)
+    ns.command(cmd)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -33,9 +31,10 @@ fn guest_talks_to_the_peer(mrg_rxbuf: bool, dma: bool) {
     let topo = Topology::new(1);
     // A veth computes TCP checksums lazily (CHECKSUM_PARTIAL); AF_XDP gets the frame
     // without them: the peer must fill them in itself.
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", topo.peer.path()))
-        .args(["ethtool", "-K", &topo.peer_if, "tx", "off"])
+    let out = topo
+        .peer
+        .command("ethtool")
+        .args(["-K", &topo.peer_if, "tx", "off"])
         .output()
         .expect("ethtool (apt-get install ethtool)");
     assert!(
