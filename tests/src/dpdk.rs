@@ -84,7 +84,10 @@ impl Testpmd {
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-testpmd-")));
         let prefix = crate::unique_name("xvio-pmd-");
         let main_lcore = cpus.split(',').next().unwrap_or("0").to_owned();
-        let child = Command::new("dpdk-testpmd")
+        // Line-buffered: its output goes to a file, and `wait_forwarding` reads it as it comes
+        // (stdbuf execs testpmd: the child's pid is testpmd's).
+        let child = Command::new("stdbuf")
+            .args(["-oL", "dpdk-testpmd"])
             .args([
                 "--main-lcore",
                 &main_lcore,
@@ -137,7 +140,7 @@ impl Testpmd {
     pub fn wait_forwarding(&self) -> bool {
         let start = std::time::Instant::now();
         while start.elapsed() < std::time::Duration::from_secs(20) {
-            if self.output().contains("Start automatic packet forwarding") {
+            if self.output().contains("Press enter to exit") {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));

@@ -64,8 +64,10 @@ fn link_stat(ns: &xvio_tests::netns::Netns, ifname: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// xvio on the host end with one guest served at a fresh socket.
+/// xvio on the host end with one guest served at a fresh socket. A `guest_stats` pin left
+/// by an earlier daemon that was killed is removed first: its `ready` is not this guest's.
 fn daemon_with_guest(topo: &Topology, socket: &Path, extra: &[&str]) -> xvio_tests::daemon::Daemon {
+    let _ = std::fs::remove_file(guest_map());
     let guest = format!("socket={},mac={GUEST}", socket.display());
     let mut args = vec!["--guest", guest.as_str()];
     args.extend_from_slice(extra);
@@ -162,18 +164,43 @@ fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
     wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
     let src = mac_of(&topo.peer, &topo.peer_if);
     let data = frame(GUEST_MAC, src, None, ETH_P_EXPERIMENTAL, 64, 1);
+    // testpmd posts its RX buffers a while after it says it forwards: probe until frames
+    // get through, then count from there.
+    let generator = topo.peer.run(|| Generator::load(&topo.peer_if));
+    let mut probes = 0;
+    while guest_stats().to_guest_packets == 0 {
+        probes += 1;
+        assert!(probes < 10, "no frame reached the guest:\n{}", daemon.log());
+        topo.peer.run(|| generator.send(&data, 16));
+    }
+    let (g0, p0) = (guest_stats(), port_stats(&topo));
     const FRAMES: u32 = 200_000;
-    topo.peer
-        .run(|| Generator::load(&topo.peer_if).send(&data, FRAMES));
+    topo.peer.run(|| generator.send(&data, FRAMES));
     std::thread::sleep(Duration::from_millis(500));
-    let received = rx.stop();
-    let g = guest_stats();
-    let p = port_stats(&topo);
+    let (received, out) = rx.stop_keep_output();
+    let (g1, p1) = (guest_stats(), port_stats(&topo));
+    // The counters of the measured burst; testpmd's total includes the probes.
+    let g = GuestStats {
+        to_guest_packets: g1.to_guest_packets - g0.to_guest_packets,
+        to_guest_dropped_full: g1.to_guest_dropped_full - g0.to_guest_dropped_full,
+        to_guest_dropped_small: g1.to_guest_dropped_small - g0.to_guest_dropped_small,
+        to_guest_dropped_reset: g1.to_guest_dropped_reset - g0.to_guest_dropped_reset,
+        ..g1
+    };
+    let p = PortStats {
+        rx_packets: p1.rx_packets - p0.rx_packets,
+        rx_no_guest: p1.rx_no_guest - p0.rx_no_guest,
+        ..p1
+    };
+    let received = xvio_tests::dpdk::TestpmdTotals {
+        rx: received.rx - g0.to_guest_packets,
+        ..received
+    };
     let report = format!("testpmd received {received:?}, xvio {g:?}, port {p:?}");
     eprintln!("{report}");
     assert!(
         g.to_guest_packets > 1000,
-        "frames flowed: {report}\n{}",
+        "frames flowed: {report}\n{}\n--- testpmd ---\n{out}",
         daemon.log()
     );
     assert_eq!(
@@ -327,6 +354,9 @@ fn the_host_keeps_its_network_when_the_daemon_is_killed_under_load() {
         .expect("ping");
     let ping = String::from_utf8_lossy(&out.stdout);
     tx.crash();
+    // A killed daemon leaves its pins; no later test may read them.
+    let _ = std::fs::remove_dir_all(topo.pin_dir());
+    let _ = std::fs::remove_file(guest_map());
     assert!(
         ping.contains(" 0% packet loss"),
         "one second after SIGKILL the host's pings over the interface lose nothing:\n{ping}"
