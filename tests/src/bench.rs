@@ -1,0 +1,120 @@
+//! Small pieces the benchmarks share: pinning the calling thread, the summary of repeated
+//! runs (median, min, max), xvio's published counters read from their pins, and a
+//! process's CPU time from /proc.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, Map, MapData};
+use xvio_common::{GuestStats, PortStats, maps};
+
+/// Pins the calling thread to `cpu` (ignored when the CPU does not exist).
+pub fn pin_current_thread(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Median, min and max of repeated measurements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    /// The middle value (the upper one of the two middles for an even count).
+    pub median: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+}
+
+impl Summary {
+    /// The summary of `values`; `None` when there are none.
+    pub fn of(values: &[f64]) -> Option<Summary> {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Some(Summary {
+            median: *v.get(v.len() / 2)?,
+            min: *v.first()?,
+            max: *v.last()?,
+        })
+    }
+}
+
+/// Where xvio pins `guest_stats`.
+pub fn guest_stats_pin() -> PathBuf {
+    Path::new(xvio_common::PIN_ROOT)
+        .join(maps::GUESTS_DIR)
+        .join(maps::GUEST_STATS)
+}
+
+/// Guest `id`'s counters as the daemon published them last (about once a second); `None`
+/// when the map is not pinned (no daemon).
+pub fn guest_stats(id: u32) -> Option<GuestStats> {
+    let map = Map::Array(MapData::from_pin(guest_stats_pin()).ok()?);
+    let array: Array<MapData, GuestStats> = Array::try_from(map).ok()?;
+    array.get(&id, 0).ok()
+}
+
+/// Queue `queue`'s AF_XDP port counters in the `port_stats` map pinned under `pin_dir` (an
+/// interface's pin folder), as published last.
+pub fn port_stats(pin_dir: &Path, queue: u32) -> Option<PortStats> {
+    let map = Map::Array(MapData::from_pin(pin_dir.join(maps::PORT_STATS)).ok()?);
+    let array: Array<MapData, PortStats> = Array::try_from(map).ok()?;
+    array.get(&queue, 0).ok()
+}
+
+/// CPU time (user + system, in clock ticks) of each thread of process `pid`, by thread
+/// name, from /proc/PID/task/*/stat.
+pub fn thread_cpu_ticks(pid: i32) -> Vec<(String, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|stat| parse_stat_ticks(&stat))
+        .collect()
+}
+
+/// CPU time (user + system, in clock ticks) of every thread of `pid` together.
+pub fn process_cpu_ticks(pid: i32) -> u64 {
+    thread_cpu_ticks(pid).iter().map(|(_, t)| t).sum()
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf reads a constant of the system and has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// `(comm, utime + stime)` of one `/proc/…/stat` line; the name is between the first `(`
+/// and the last `)` and may hold spaces.
+fn parse_stat_ticks(stat: &str) -> Option<(String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_owned();
+    // After ") ": state(3) ppid(4) … utime(14) stime(15); index 0 here is field 3.
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_five() {
+        let s = Summary::of(&[3.0, 1.0, 5.0, 2.0, 4.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn stat_ticks_with_a_space_in_the_name() {
+        let stat =
+            "4242 (xvio dp 0) R 1 4242 4242 0 -1 4194560 100 0 0 0 700 35 0 0 20 0 9 0 1 2 3";
+        assert_eq!(parse_stat_ticks(stat), Some(("xvio dp 0".to_owned(), 735)));
+    }
+}
