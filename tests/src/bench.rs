@@ -15,6 +15,16 @@ pub fn pin_current_thread(cpu: usize) {
     }
 }
 
+/// Makes the calling thread real-time (SCHED_FIFO, priority 1), so that when it wakes it
+/// preempts busy-polling threads on its CPU at once: a paced sender that sleeps between
+/// bursts then keeps its pace. Whether it worked.
+pub fn make_current_thread_fifo() -> bool {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the calling
+    // thread; the call reads `param` and changes only that thread's scheduling.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+}
+
 /// Median, min and max of repeated measurements.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
@@ -78,6 +88,62 @@ pub fn thread_cpu_ticks(pid: i32) -> Vec<(String, u64)> {
 /// CPU time (user + system, in clock ticks) of every thread of `pid` together.
 pub fn process_cpu_ticks(pid: i32) -> u64 {
     thread_cpu_ticks(pid).iter().map(|(_, t)| t).sum()
+}
+
+/// Voluntary context switches (times it went to sleep) of each thread of `pid`, by thread
+/// name, from /proc/PID/task/*/status: for a thread that sleeps until an event, how many
+/// times it woke.
+pub fn thread_sleeps(pid: i32) -> Vec<(String, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            let value = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(str::trim)
+            };
+            Some((
+                value("Name:")?.to_owned(),
+                value("voluntary_ctxt_switches:")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Busy and total clock ticks of each CPU since boot (/proc/stat `cpuN` lines; busy is all
+/// but idle and iowait).
+pub fn cpu_ticks() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let total: u64 = v.iter().sum();
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
+}
+
+/// Each CPU's busy share (percent) between two [`cpu_ticks`] readings.
+pub fn cpu_busy_percent(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|((b0, t0), (b1, t1))| {
+            let total = t1.saturating_sub(*t0).max(1);
+            100.0 * b1.saturating_sub(*b0) as f64 / total as f64
+        })
+        .collect()
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
