@@ -25,6 +25,15 @@ pub fn make_current_thread_fifo() -> bool {
     unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
 }
 
+/// DPDK's runtime folders (/var/run/dpdk/FILE_PREFIX). A DPDK process leaves its folder
+/// behind when it exits (several MiB of tmpfs for a `--no-huge` testpmd): a caller that
+/// lists them before and after starting one knows which to remove once it stopped.
+pub fn dpdk_runtime_dirs() -> std::collections::BTreeSet<PathBuf> {
+    std::fs::read_dir("/var/run/dpdk")
+        .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
 /// Median, min and max of repeated measurements.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {

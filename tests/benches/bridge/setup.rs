@@ -11,9 +11,9 @@ use std::{
 
 use xvio_common::{GuestStats, PortStats, maps};
 use xvio_tests::{
-    bench::{guest_stats, port_stats, thread_sleeps},
+    bench::{dpdk_runtime_dirs, guest_stats, port_stats, thread_sleeps},
     daemon::Daemon,
-    dpdk::Testpmd,
+    dpdk::{Testpmd, TestpmdTotals},
     netns::mac_of,
     ovs::{OvsCpus, OvsDpdk, OvsPortCounters},
     topology::Topology,
@@ -287,13 +287,9 @@ impl Bridge {
 
     /// Starts a testpmd guest in forward `mode` (frames of `len` bytes to `peer`) on the
     /// socket and waits until it forwards and the datapath serves it.
-    pub(crate) fn start_guest(
-        &self,
-        mode: &str,
-        len: usize,
-        peer: &str,
-    ) -> Result<Testpmd, String> {
-        let guest = Testpmd::start_with(
+    pub(crate) fn start_guest(&self, mode: &str, len: usize, peer: &str) -> Result<Guest, String> {
+        let existing = dpdk_runtime_dirs();
+        let pmd = Testpmd::start_with(
             &self.socket,
             mode,
             len,
@@ -302,7 +298,22 @@ impl Bridge {
             GUEST_CPUS,
             STATS_PERIOD,
         );
-        wait_forwarding(&guest)?;
+        let started = wait_forwarding(&pmd);
+        // Ours: new since we started it, and named by this process (see `unique_name`).
+        let ours = format!("xvio-pmd-{:x}", std::process::id() % 0xfffff);
+        let guest = Guest {
+            pmd: Some(pmd),
+            runtime_dirs: dpdk_runtime_dirs()
+                .difference(&existing)
+                .filter(|d| {
+                    d.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&ours))
+                })
+                .cloned()
+                .collect(),
+        };
+        started?;
         self.wait_guest(true)?;
         Ok(guest)
     }
@@ -325,6 +336,28 @@ impl Drop for Bridge {
         self.detach_counter();
         // The engine and the namespaces go with the fields; xvio's socket file may stay.
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A testpmd guest, and the DPDK runtime folders it made, removed once it stopped.
+pub(crate) struct Guest {
+    pmd: Option<Testpmd>,
+    runtime_dirs: Vec<PathBuf>,
+}
+
+impl Guest {
+    /// Stops it (SIGINT) and returns the totals it printed.
+    pub(crate) fn stop(mut self) -> TestpmdTotals {
+        self.pmd.take().map(Testpmd::stop).unwrap_or_default()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        drop(self.pmd.take());
+        for dir in &self.runtime_dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
