@@ -130,6 +130,12 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The daemon's pid (`nsenter` execs xvio, so the child's pid is the daemon's); `None`
+    /// once it was stopped.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok())
+    }
+
     fn child_mut(&mut self) -> &mut Child {
         self.child.as_mut().expect("daemon already stopped")
     }

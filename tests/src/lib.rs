@@ -5,11 +5,13 @@
 //! Privileged tests call [`privileged`] first: as root they run; outside CI without root
 //! they print why they skip; in CI (`CI=true`) they never skip, they fail.
 
+pub mod bench;
 pub mod daemon;
 pub mod dpdk;
 pub mod frames;
 pub mod guest;
 pub mod netns;
+pub mod ovs;
 pub mod packet;
 pub mod qemu;
 pub mod topology;

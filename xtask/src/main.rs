@@ -6,8 +6,9 @@
 //! - `cargo xtask test`: installs what is missing, then fmt, clippy and every test,
 //!   privileged ones included (they need root; in CI they must not skip), and last the
 //!   README's `cargo xtask run` itself, checked end to end (see `readme_run`).
-//! - `cargo xtask bench copy|xsk`: the copy-engine benchmark (criterion); AF_XDP rates on a
-//!   veth against the XDP_DROP ceiling.
+//! - `cargo xtask bench copy|xsk|vhost|bridge`: the copy-engine benchmark (criterion); AF_XDP
+//!   rates on a veth against the XDP_DROP ceiling; guest to guest and NIC to guest against
+//!   OVS-DPDK in the same run.
 
 mod deps;
 mod readme_run;
@@ -150,8 +151,9 @@ impl TestTotals {
     }
 }
 
-/// `cargo xtask bench copy|xsk`: the copy-engine benchmark (criterion) or the AF_XDP rates
-/// against the in-kernel ceiling; release builds.
+/// `cargo xtask bench copy|xsk|vhost|bridge`: the copy-engine benchmark (criterion), the
+/// AF_XDP rates against the in-kernel ceiling, guest to guest and NIC to guest against
+/// OVS-DPDK; release builds.
 fn bench(args: &[String]) -> Result<()> {
     let (which, extra) = match args.split_first() {
         Some((first, rest)) if !first.starts_with('-') => (first.as_str(), rest),
@@ -185,7 +187,21 @@ fn bench(args: &[String]) -> Result<()> {
             cargo_args.extend(extra.iter().map(String::as_str));
             cargo(&cargo_args)
         }
-        other => bail!("no benchmark '{other}'; available: copy, xsk, vhost"),
+        "bridge" => {
+            deps::ensure(deps::TEST_PACKAGES)?;
+            deps::ensure(&["openvswitch-switch-dpdk"])?;
+            if !deps::is_root() {
+                bail!(
+                    "bench bridge makes namespaces and runs XDP, DPDK and OVS-DPDK: run it as root"
+                );
+            }
+            deps::ensure_bpffs()?;
+            cargo(&["build", "--release", "-p", "xvio", "--bin", "xvio"])?;
+            let mut cargo_args = vec!["bench", "-p", "xvio-tests", "--bench", "bridge", "--"];
+            cargo_args.extend(extra.iter().map(String::as_str));
+            cargo(&cargo_args)
+        }
+        other => bail!("no benchmark '{other}'; available: copy, xsk, vhost, bridge"),
     }
 }
 

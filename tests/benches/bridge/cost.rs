@@ -1,0 +1,257 @@
+//! What forwarding costs, beside how fast it goes: the datapath process's CPU time with a
+//! guest connected and no traffic; its CPU time per frame at the same paced load for every
+//! datapath (64 B frames to the guest, well below what the sink drains, so that every frame
+//! is delivered); and the round-trip time of pings from the peer to an icmpecho guest.
+//!
+//! xvio's CPU time is its threads' utime + stime (/proc/PID/task/*/stat, in clock ticks).
+//! OVS's is ovs-vswitchd's the same way, which includes its PMD thread polling all the time,
+//! and, from `ovs-appctl dpif-netdev/pmd-stats-show`, the PMD's processing cycles per
+//! packet, which leave the polling out.
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use xvio_tests::{
+    bench::{
+        Summary, make_current_thread_fifo, pin_current_thread, thread_cpu_ticks, ticks_per_second,
+    },
+    frames::{ETH_P_EXPERIMENTAL, frame},
+    packet::RawSocket,
+};
+
+use crate::setup::{Bridge, GUEST, GUEST_MAC};
+
+/// How long the idle CPU is measured.
+pub(crate) const IDLE: Duration = Duration::from_secs(10);
+/// The paced load: frames per second and for how long.
+pub(crate) const PACED_PPS: u32 = 50_000;
+pub(crate) const PACED: Duration = Duration::from_secs(5);
+/// Bursts of the paced load: frames per generator call, one call per period (500: every
+/// 10 ms; 32: every 640 µs). xvio's worker parks after 200 µs without work, so it sleeps
+/// between bursts either way; OVS's PMD polls all the time.
+pub(crate) const PACED_BURSTS: [u32; 2] = [500, 32];
+/// Pings, and their interval.
+pub(crate) const PINGS: u32 = 1000;
+const PING_INTERVAL: &str = "0.01";
+/// The guest's address for the pings (the peer knows its MAC statically: no ARP, which
+/// OVS's two flows would not carry).
+const GUEST_IP: &str = "10.252.0.9";
+
+/// Idle CPU, then CPU per frame under the paced load (each burst size), then pings; one
+/// line of results.
+pub(crate) fn measure(bridge: &Bridge) -> Result<String, String> {
+    let pid = bridge.pid().ok_or("the datapath has no process")?;
+    let rx = bridge.start_guest("rxonly", 64, "02:00:00:00:00:02")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = cpu_by_thread(pid);
+    std::thread::sleep(IDLE);
+    let idle = delta(&t0, &cpu_by_thread(pid));
+    let idle_pct = 100.0 * seconds(idle.values().sum()) / IDLE.as_secs_f64();
+    drop(rx);
+    bridge.wait_guest(false)?;
+
+    let mut paced_results = Vec::new();
+    for burst in PACED_BURSTS {
+        paced_results.push(paced_cost(bridge, pid, burst)?);
+    }
+    let ping = ping_guest(bridge)?;
+    Ok(format!(
+        "idle CPU {idle_pct:.1}% of a core | {} | ping {ping}",
+        paced_results.join(" | ")
+    ))
+}
+
+/// The datapath's CPU time per frame delivered under the paced load in bursts of `burst`.
+fn paced_cost(bridge: &Bridge, pid: i32, burst: u32) -> Result<String, String> {
+    let rx = bridge.start_guest("rxonly", 64, "02:00:00:00:00:02")?;
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(ovs) = bridge.ovs() {
+        ovs.appctl(&["dpif-netdev/pmd-stats-clear"])?;
+    }
+    let t0 = cpu_by_thread(pid);
+    let offered = paced(bridge, burst)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = delta(&t0, &cpu_by_thread(pid));
+    let pmd = match bridge.ovs() {
+        Some(ovs) => Some(ovs.appctl(&["dpif-netdev/pmd-stats-show"])?),
+        None => None,
+    };
+    let delivered = rx.stop().rx;
+    bridge.wait_guest(false)?;
+    if delivered == 0 {
+        return Err(format!(
+            "{}: the guest received nothing of the paced load",
+            bridge.datapath().name()
+        ));
+    }
+    let per_frame = |ticks: u64| 1e6 * seconds(ticks) / delivered as f64;
+    let breakdown = top_threads(&busy, 2)
+        .iter()
+        .map(|(name, t)| format!("{name} {:.2}", per_frame(*t)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let pmd = pmd.map_or(String::new(), |out| {
+        let cycles = pmd_processing_cycles_per_packet(&out);
+        format!(
+            "; PMD processing {} cycles/frame{}",
+            cycles.map_or("?".to_owned(), |c| format!("{c:.0}")),
+            match (cycles, tsc_mhz()) {
+                (Some(c), Some(mhz)) => format!(" = {:.2} µs at {mhz:.0} MHz", c / mhz),
+                _ => String::new(),
+            }
+        )
+    });
+    Ok(format!(
+        "paced, bursts of {burst}: guest got {delivered} of {offered}, CPU {:.2} µs/frame ({breakdown}){pmd}",
+        per_frame(busy.values().sum()),
+    ))
+}
+
+/// Sends 64 B frames to the guest at [`PACED_PPS`] for [`PACED`], in bursts of `burst`
+/// frames through an AF_PACKET socket on the peer's veth end (the live-frames generator
+/// cannot pace: each of its calls costs tens of milliseconds), from a real-time thread on
+/// CPU 0 so that the sink's busy polling there does not delay it; how many it sent.
+fn paced(bridge: &Bridge, burst: u32) -> Result<u64, String> {
+    let data = frame(GUEST_MAC, bridge.peer_mac, None, ETH_P_EXPERIMENTAL, 64, 1);
+    let topo = &bridge.topo;
+    topo.peer.run(|| {
+        pin_current_thread(0);
+        if !make_current_thread_fifo() {
+            return Err("SCHED_FIFO for the paced sender was refused".to_owned());
+        }
+        let socket = RawSocket::bind(&topo.peer_if)
+            .map_err(|e| format!("AF_PACKET on {}: {e}", topo.peer_if))?;
+        let period = Duration::from_secs_f64(f64::from(burst) / f64::from(PACED_PPS));
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut next = start;
+        while start.elapsed() < PACED {
+            for _ in 0..burst {
+                socket
+                    .send(&data)
+                    .map_err(|e| format!("sending on {}: {e}", topo.peer_if))?;
+            }
+            sent += u64::from(burst);
+            next += period;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(sent)
+    })
+}
+
+/// [`PINGS`] pings from the peer (on CPU 0) to an icmpecho guest: "p50 … p99 … ms".
+fn ping_guest(bridge: &Bridge) -> Result<String, String> {
+    let topo = &bridge.topo;
+    topo.peer.ip(&[
+        "neigh",
+        "replace",
+        GUEST_IP,
+        "lladdr",
+        GUEST,
+        "dev",
+        &topo.peer_if,
+        "nud",
+        "permanent",
+    ]);
+    let peer = bridge.peer_mac.map(|b| format!("{b:02x}")).join(":");
+    let echo = bridge.start_guest("icmpecho", 64, &peer)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", topo.peer.path()))
+        .args(["taskset", "-c", "0", "ping", "-n", "-c"])
+        .arg(PINGS.to_string())
+        .args(["-i", PING_INTERVAL, "-W", "1", GUEST_IP])
+        .output()
+        .map_err(|e| format!("ping: {e}"))?;
+    drop(echo);
+    bridge.wait_guest(false)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    let Some(s) = Summary::of(&rtts) else {
+        return Err(format!(
+            "{}: no ping came back:\n{text}{}",
+            bridge.datapath().name(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    };
+    Ok(format!(
+        "RTT p50 {:.3} ms p99 {:.3} ms max {:.3} ms ({} of {PINGS} answered)",
+        s.median,
+        percentile(&rtts, 0.99),
+        s.max,
+        rtts.len()
+    ))
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len());
+    v[at - 1]
+}
+
+/// CPU ticks by thread name (threads of one name added up).
+fn cpu_by_thread(pid: i32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    for (name, ticks) in thread_cpu_ticks(pid) {
+        *by_name.entry(name).or_insert(0) += ticks;
+    }
+    by_name
+}
+
+/// Ticks each thread name used between two readings (a thread that ended in between is
+/// lost; one that started counts from zero).
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                t.saturating_sub(before.get(name).copied().unwrap_or(0)),
+            )
+        })
+        .collect()
+}
+
+fn top_threads(ticks: &BTreeMap<String, u64>, n: usize) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = ticks
+        .iter()
+        .filter(|(_, t)| **t > 0)
+        .map(|(name, t)| (name.clone(), *t))
+        .collect();
+    v.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+    v.truncate(n);
+    v
+}
+
+fn seconds(ticks: u64) -> f64 {
+    ticks as f64 / ticks_per_second() as f64
+}
+
+/// "avg processing cycles per packet: X" of the PMD on core 1.
+fn pmd_processing_cycles_per_packet(out: &str) -> Option<f64> {
+    let core = out.find("core_id 1:")?;
+    out[core..]
+        .lines()
+        .take_while(|l| !l.starts_with("main thread"))
+        .find_map(|l| l.trim().strip_prefix("avg processing cycles per packet:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// The CPU's clock as /proc/cpuinfo reports it (OVS counts TSC cycles).
+fn tsc_mhz() -> Option<f64> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1)?.trim().parse().ok())
+}
