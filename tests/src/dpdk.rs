@@ -53,6 +53,8 @@ pub struct TestpmdTotals {
 pub struct Testpmd {
     child: Option<Child>,
     log: PathBuf,
+    /// Its `--file-prefix` (its runtime folder's name).
+    prefix: String,
 }
 
 impl Testpmd {
@@ -132,6 +134,7 @@ impl Testpmd {
         Testpmd {
             child: Some(child),
             log,
+            prefix,
         }
     }
 
@@ -201,6 +204,8 @@ impl Drop for Testpmd {
     fn drop(&mut self) {
         self.kill_and_wait(Signal::SIGKILL);
         let _ = std::fs::remove_file(&self.log);
+        // DPDK leaves its runtime folder (its memory's files, on tmpfs: megabytes) behind.
+        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
     }
 }
 
