@@ -34,6 +34,9 @@ pub struct GuestSlot {
     /// By RX queue pair.
     to_guest: Vec<ToGuest>,
     broken: u64,
+    /// Queues whose driver was asked not to kick (see `queue::quiet_kicks`): RX queues for
+    /// good (a frame never waits for buffers), TX queues until the worker next sleeps.
+    quiet: u64,
     /// RX queue pairs ready and enabled, as of the worker's last look (once per iteration).
     rx_ready: u64,
     last_log: Option<Instant>,
@@ -70,6 +73,7 @@ impl GuestSlot {
             vrings: vec![None; 2 * pairs],
             to_guest,
             broken: 0,
+            quiet: 0,
             rx_ready: 0,
             last_log: None,
         }
@@ -116,6 +120,7 @@ impl GuestSlot {
             .take(n)
             .collect();
         self.broken = 0;
+        self.quiet = 0;
         self.rx_ready = 0;
     }
 
@@ -150,6 +155,39 @@ impl GuestSlot {
     /// Whether queue `queue` is broken.
     pub fn is_broken(&self, queue: usize) -> bool {
         self.broken & (1u64 << queue) != 0
+    }
+
+    /// Asks the driver of queue `index` not to kick while the worker serves it, once (the
+    /// caller holds the queue's lock and serves it).
+    pub fn quiet_kicks(&mut self, index: usize, q: &mut virtio_queue::Queue, mem: &GuestMem) {
+        let bit = 1u64 << index;
+        if self.quiet & bit == 0 && queue::quiet_kicks(q, mem).is_ok() {
+            self.quiet |= bit;
+        }
+    }
+
+    /// Before the worker sleeps: asks the driver of each TX queue served to kick when it
+    /// sends; true if one has sent meanwhile (look again instead of sleeping).
+    pub fn want_kicks(&mut self) -> bool {
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let mut more = false;
+        for pair in 0..self.pairs() {
+            let index = 2 * pair + 1;
+            let Some(vring) = self.vrings[index].as_ref() else {
+                continue;
+            };
+            if self.is_broken(index) {
+                continue;
+            }
+            let mut state = vring.get_mut();
+            if queue::serving(state.get_queue(), state.is_enabled()) {
+                more |= queue::want_kicks(state.get_queue_mut(), &*mem).unwrap_or(false);
+                self.quiet &= !(1u64 << index);
+            }
+        }
+        more
     }
 
     /// Marks queue `queue` broken (counted, logged once).
@@ -204,6 +242,13 @@ impl GuestSlot {
         };
         let mut state = vring.get_mut();
         let serving = queue::serving(state.get_queue(), state.is_enabled());
+        let bit = 1u64 << queue_index;
+        if serving
+            && self.quiet & bit == 0
+            && queue::quiet_kicks(state.get_queue_mut(), &**mem).is_ok()
+        {
+            self.quiet |= bit;
+        }
         let to_guest = &mut self.to_guest[pair];
         let mut used = to_guest.complete(state.get_queue_mut(), mem, &counters, release);
         let mut broken = false;
@@ -248,7 +293,7 @@ impl GuestSlot {
         used |= to_guest.complete(state.get_queue_mut(), mem, &counters, release);
         if used {
             self.device.dirty().mark_used_ring(state.get_queue());
-            if state.needs_notification().unwrap_or(true) {
+            if queue::needs_call(state.get_queue_mut(), &**mem) {
                 let _ = state.signal_used_queue();
             }
         }
@@ -277,7 +322,7 @@ impl GuestSlot {
             let to_guest = &mut self.to_guest[pair];
             if to_guest.complete(state.get_queue_mut(), &mem, &self.counters, release) {
                 self.device.dirty().mark_used_ring(state.get_queue());
-                if state.needs_notification().unwrap_or(true) {
+                if queue::needs_call(state.get_queue_mut(), &*mem) {
                     let _ = state.signal_used_queue();
                 }
             }
@@ -298,6 +343,7 @@ impl GuestSlot {
             self.rx_ready &= !(1 << (queue / 2));
         }
         self.broken &= !(1u64 << queue);
+        self.quiet &= !(1u64 << queue);
     }
 
     /// The device was reset: copies in flight are waited for and dropped, broken queues
@@ -308,6 +354,7 @@ impl GuestSlot {
             self.drain(pair, false, release);
         }
         self.broken = 0;
+        self.quiet = 0;
         self.rx_ready = 0;
         self.device.set_ready(false);
     }

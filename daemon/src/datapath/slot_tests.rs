@@ -193,3 +193,50 @@ fn stopping_a_vring_clears_its_broken_flag() {
     assert!(!slot.is_broken(0));
     assert_eq!(slot.counters().broken_queues.load(Ordering::Relaxed), 2);
 }
+
+#[test]
+fn a_guest_without_event_idx_kicks_only_while_the_worker_sleeps() {
+    let mem = memory();
+    let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let txq = MockSplitQueue::create(&mem, GuestAddress(0x4_0000), 16);
+    rxq.add_desc_chains(&[rx_buffer(0x2_0000, 2048)], 0)
+        .unwrap();
+    let (mut slot, _device, atomic) = slot(&mem);
+    let started = |vq: &MockSplitQueue<'_, GuestMem>| {
+        let v = started_rx(vq, &atomic);
+        v.set_queue_event_idx(false);
+        v
+    };
+    slot.set_vrings(vec![started(&rxq), started(&txq)]);
+    slot.refresh_ready();
+    let used_flags =
+        |vq: &MockSplitQueue<'_, GuestMem>| mem.read_obj::<u16>(vq.used_addr()).unwrap();
+    let snapshot = slot.memory().unwrap();
+    let f = frame(60);
+    slot.deliver(
+        0,
+        &snapshot,
+        std::iter::once((Source::Bounce(0), &f[..])),
+        &mut |_| {},
+    );
+    assert_eq!(rxq.used().idx().load(), 1);
+    assert_eq!(
+        used_flags(&rxq),
+        1,
+        "RX: VRING_USED_F_NO_NOTIFY (no frame waits for buffers)"
+    );
+    // The worker polls the TX queue: no kicks; before it sleeps: kicks, and RX stays quiet.
+    let tx = slot.tx_vring(0).unwrap().clone();
+    slot.quiet_kicks(1, tx.get_mut().get_queue_mut(), &snapshot);
+    assert_eq!(used_flags(&txq), 1);
+    assert!(!slot.want_kicks(), "nothing sent");
+    assert_eq!(
+        used_flags(&txq),
+        0,
+        "TX: kicks wanted while the worker sleeps"
+    );
+    assert_eq!(used_flags(&rxq), 1);
+    // Served again after the sleep: quiet again.
+    slot.quiet_kicks(1, tx.get_mut().get_queue_mut(), &snapshot);
+    assert_eq!(used_flags(&txq), 1);
+}

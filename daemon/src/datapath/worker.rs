@@ -543,6 +543,7 @@ impl Worker {
         if !queue::serving(state.get_queue(), state.is_enabled()) {
             return 0;
         }
+        self.guests[s].quiet_kicks(queue_index, state.get_queue_mut(), mem);
         let counters = self.guests[s].counters_arc();
         let mut taken = 0;
         let mut broken = false;
@@ -615,7 +616,7 @@ impl Worker {
                 .device()
                 .dirty()
                 .mark_used_ring(state.get_queue());
-            if state.needs_notification().unwrap_or(true) {
+            if queue::needs_call(state.get_queue_mut(), &**mem) {
                 let _ = state.signal_used_queue();
             }
         }
@@ -797,21 +798,8 @@ impl Worker {
         self.shared.sleeping.store(true, Ordering::SeqCst);
         // The last look, after saying we sleep: a kick from here on writes the eventfd.
         let mut more = false;
-        for slot in &self.guests {
-            let Some(mem) = slot.memory() else { continue };
-            if !slot.device().event_idx() {
-                continue; // without EVENT_IDX the guest kicks for every frame
-            }
-            for pair in 0..slot.pairs() {
-                if let Some(vring) = slot.tx_vring(pair) {
-                    let state = vring.get_ref();
-                    if queue::serving(state.get_queue(), state.is_enabled())
-                        && queue::notify_on_more(state.get_queue(), &*mem).unwrap_or(false)
-                    {
-                        more = true;
-                    }
-                }
-            }
+        for slot in &mut self.guests {
+            more |= slot.want_kicks();
         }
         if !more {
             // Copies in flight on a channel without a completion fd, or frames accepted for

@@ -15,6 +15,7 @@
 
 use std::ops::Deref;
 
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory};
 
@@ -80,6 +81,45 @@ pub fn notify_on_more<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, Br
         .map_err(|_| Broken)?
         .0;
     Ok(now != seen)
+}
+
+/// Asks the driver not to kick `queue` while the worker polls it: `VRING_USED_F_NO_NOTIFY`
+/// in the used ring's flags (a driver without EVENT_IDX, such as DPDK's virtio PMD, kicks
+/// after every burst otherwise). With EVENT_IDX nothing is written: the driver kicks only
+/// when its avail index passes `avail_event`, which stays behind while the worker polls.
+pub fn quiet_kicks<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<(), Broken> {
+    queue.disable_notification(mem).map_err(|_| Broken)
+}
+
+/// Asks the driver to kick `queue` when it adds a chain (the worker is about to sleep), and
+/// says whether there is one to take already, in which case the caller looks again rather
+/// than sleeps. With EVENT_IDX see [`notify_on_more`]; without, the flags of the used ring
+/// are cleared and the avail index compared with the backend's position.
+pub fn want_kicks<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<bool, Broken> {
+    if queue.event_idx_enabled() {
+        return notify_on_more(queue, mem);
+    }
+    queue.enable_notification(mem).map_err(|_| Broken)
+}
+
+/// Whether the driver wants to be told (its call eventfd written) of the used entries just
+/// added. With EVENT_IDX its `used_event` says; without, `VRING_AVAIL_F_NO_INTERRUPT` in the
+/// avail ring's flags, which a polling driver sets (virtio-queue 0.18 ignores that flag,
+/// which would cost a write to an eventfd nobody reads after every burst).
+pub fn needs_call<M: GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
+    use std::sync::atomic::{Ordering, fence};
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    // The used entries must be visible before the flags are read.
+    fence(Ordering::SeqCst);
+    mem.load::<u16>(
+        vm_memory::GuestAddress(queue.avail_ring()),
+        Ordering::Relaxed,
+    )
+    .map_or(true, |flags| {
+        u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+    })
 }
 
 /// Takes the next available chain, or `Ok(None)` when there is none.

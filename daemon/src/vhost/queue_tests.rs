@@ -237,3 +237,30 @@ fn rx_chains_outside_memory_are_completed_empty() {
         "device-readable RX buffer"
     );
 }
+
+#[test]
+fn a_driver_without_event_idx_is_asked_not_to_kick_while_polled_and_to_kick_before_sleep() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let flags = |mem: &GuestMemoryMmap<()>| mem.read_obj::<u16>(vq.used_addr()).unwrap();
+    quiet_kicks(&mut q, &mem).unwrap();
+    assert_eq!(flags(&mem), 1, "VRING_USED_F_NO_NOTIFY while polled");
+    assert!(!want_kicks(&mut q, &mem).unwrap(), "nothing to take");
+    assert_eq!(flags(&mem), 0, "kicks wanted before sleeping");
+    // The driver sent a chain (without kicking: the flag was set) before the worker slept.
+    quiet_kicks(&mut q, &mem).unwrap();
+    vq.add_desc_chains(&[desc(0x1_0000, 64, 0, 0)], 0).unwrap();
+    assert!(want_kicks(&mut q, &mem).unwrap(), "look again, not sleep");
+}
+
+#[test]
+fn a_driver_without_event_idx_that_polls_is_not_called() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert!(needs_call(&mut q, &mem), "interrupts wanted by default");
+    // VRING_AVAIL_F_NO_INTERRUPT: a polling driver (DPDK's virtio PMD) reads no eventfd.
+    mem.write_obj(1u16, vq.avail_addr()).unwrap();
+    assert!(!needs_call(&mut q, &mem));
+}
