@@ -80,6 +80,13 @@ pub struct RunConfig {
     /// busy-polls under load and sleeps when idle.
     #[arg(long = "datapath-cpus", value_name = "CPU")]
     pub datapath_cpu: Option<usize>,
+    /// How long the datapath worker keeps polling after its last frame before it sleeps, in
+    /// microseconds (as the kernel's `busy_poll`): longer answers sparse traffic sooner (a
+    /// sleeping worker takes tens to hundreds of microseconds to wake) at the price of a busy
+    /// core while it comes; 0 sleeps at once.
+    #[arg(long = "busy-poll", value_name = "USECS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub busy_poll_us: u64,
 }
 
 /// `--dma`: one DMA channel.

@@ -113,7 +113,10 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         &config.dma,
         config.copy_threshold,
     )?);
-    let datapath = Datapath::start(config.datapath_cpu)?;
+    let datapath = Datapath::start(
+        config.datapath_cpu,
+        std::time::Duration::from_micros(config.busy_poll_us),
+    )?;
     // On an error, the interfaces attached so far are dropped: ports closed, program
     // detached, pins removed.
     let mut ifaces = Vec::with_capacity(config.ifaces.len());

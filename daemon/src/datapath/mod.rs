@@ -72,9 +72,14 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Starts the worker, pinned to `cpu` when given.
-    pub fn start(cpu: Option<usize>) -> Result<Arc<Datapath>, DatapathError> {
-        let (worker, link) = Worker::new("xvio-dp0").map_err(DatapathError::Worker)?;
+    /// Starts the worker, pinned to `cpu` when given, polling for `busy_poll` after its last
+    /// frame before it sleeps.
+    pub fn start(
+        cpu: Option<usize>,
+        busy_poll: std::time::Duration,
+    ) -> Result<Arc<Datapath>, DatapathError> {
+        let (mut worker, link) = Worker::new("xvio-dp0").map_err(DatapathError::Worker)?;
+        worker.set_busy_poll(busy_poll);
         let (started, ready) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("xvio-dp0".to_owned())

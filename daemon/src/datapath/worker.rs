@@ -8,7 +8,7 @@
 //! from its UMEM frame into the guest); frames from the guests (a burst per TX queue: to the
 //! wire copied once into a UMEM frame, to guests through a bounce buffer); completions of
 //! copies in flight; the uplinks' transmit rings flushed. Busy, it polls; idle for
-//! [`IDLE_BEFORE_PARK`], it parks in `poll(2)` on its uplinks' sockets, its wake eventfd and
+//! [`IDLE_BEFORE_PARK`] (`--busy-poll`), it parks in `poll(2)` on its uplinks' sockets, its wake eventfd and
 //! its DMA channels' completion fds, after asking every guest to kick (so an idle xvio uses
 //! no CPU). Wakers set nothing but the eventfd, and only while the worker says it sleeps:
 //! the worker says so *before* its last look at the queues, so no kick is lost.
@@ -49,7 +49,7 @@ use crate::{
 
 /// Frames per burst (OVS's and DPDK's burst size).
 pub const BURST: usize = 32;
-/// Idle time before the worker parks.
+/// Idle time before the worker parks, unless set otherwise (`--busy-poll`).
 pub const IDLE_BEFORE_PARK: Duration = Duration::from_micros(200);
 /// Longest park (counters are published at least this often).
 const PARK_MAX: Duration = Duration::from_millis(100);
@@ -255,6 +255,8 @@ pub struct Worker {
     bounced_pair: Vec<Option<usize>>,
     released: Vec<Source>,
     last_publish: Instant,
+    /// Idle time before the worker parks.
+    busy_poll: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -291,8 +293,14 @@ impl Worker {
             bounced_pair: Vec::with_capacity(BURST),
             released: Vec::with_capacity(8 * BURST),
             last_publish: Instant::now(),
+            busy_poll: IDLE_BEFORE_PARK,
         };
         Ok((worker, link))
+    }
+
+    /// How long to keep polling after the last frame before parking.
+    pub fn set_busy_poll(&mut self, busy_poll: Duration) {
+        self.busy_poll = busy_poll;
     }
 
     /// Runs until [`Command::Stop`] (or every link is gone).
@@ -316,7 +324,7 @@ impl Worker {
             }
             match idle_since {
                 None => idle_since = Some(Instant::now()),
-                Some(t) if t.elapsed() >= IDLE_BEFORE_PARK => {
+                Some(t) if t.elapsed() >= self.busy_poll => {
                     self.park();
                     idle_since = None;
                 }
