@@ -321,8 +321,11 @@ pub struct GuestStats {
     pub copy_fallback_error: u64,
     /// … the doorbell failed.
     pub copy_fallback_submit: u64,
-    /// Frames whose RX copies are in flight.
+    /// Frames whose copies (both directions) are in flight.
     pub copy_inflight: u64,
+    /// Frames the guest sent, dropped: its TX queue was stopped or reset while their copies
+    /// to the wire were in flight.
+    pub from_guest_dropped_reset: u64,
 }
 
 /// Kind of a kernel event (`enum xvio_event_kind`).

@@ -250,6 +250,10 @@ fn common_matches_btf() {
                 offset_of!(GuestStats, copy_fallback_submit),
             ),
             ("copy_inflight", offset_of!(GuestStats, copy_inflight)),
+            (
+                "from_guest_dropped_reset",
+                offset_of!(GuestStats, from_guest_dropped_reset),
+            ),
         ],
     );
     check_struct(

@@ -46,7 +46,8 @@ fn guest_talks_to_the_peer(mrg_rxbuf: bool, dma: bool) {
     let guest = format!("socket={},mac={GUEST_MAC}", socket.display());
     let mut args = vec!["--guest", &guest];
     if dma {
-        args.extend(["--dma", "sw", "--copy-threshold", "0"]);
+        // Two channels: the RX queue's, then the TX queue's (copies both ways).
+        args.extend(["--dma", "sw", "--dma", "sw", "--copy-threshold", "0"]);
     }
     let daemon = topo.start(&args);
     let mut server = spawn_in(&topo.peer, "iperf3", &["-s"]);

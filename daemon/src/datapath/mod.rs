@@ -20,6 +20,7 @@ pub mod bounce;
 pub mod counters;
 pub mod device;
 pub mod fdb;
+pub mod from_guest;
 pub mod inbox;
 pub mod slot;
 pub mod to_guest;

@@ -11,6 +11,7 @@ use vhost_user_backend::VringT;
 use super::{
     counters::GuestCounters,
     device::{GuestDevice, Vring},
+    from_guest::{FromGuest, Outgoing},
     to_guest::{Source, ToGuest},
 };
 use crate::{
@@ -33,6 +34,9 @@ pub struct GuestSlot {
     vrings: Vec<Option<Vring>>,
     /// By RX queue pair.
     to_guest: Vec<ToGuest>,
+    /// By TX queue pair: the copy side of a TX queue with a DMA channel (without one, the
+    /// worker copies its frames on the CPU at once).
+    from_guest: Vec<Option<FromGuest>>,
     broken: u64,
     /// Queues whose driver was asked not to kick (see `queue::quiet_kicks`): RX queues for
     /// good (a frame never waits for buffers), TX queues until the worker next sleeps.
@@ -57,21 +61,35 @@ impl std::fmt::Debug for GuestSlot {
 }
 
 impl GuestSlot {
-    /// A slot for `device`, its RX queues' copies on `channels` (one per queue pair, or fewer:
-    /// the rest copy on the CPU).
-    pub fn new(device: Arc<GuestDevice>, mut channels: Vec<BoundChannel>) -> GuestSlot {
+    /// A slot for `device`, the copies of each queue on the channel of `channels` bound to
+    /// it (queues without one copy on the CPU).
+    pub fn new(device: Arc<GuestDevice>, channels: Vec<BoundChannel>) -> GuestSlot {
         let pairs = usize::from(device.queue_pairs());
-        channels.truncate(pairs);
-        let mut channels = channels.into_iter();
-        let to_guest = (0..pairs)
-            .map(|_| ToGuest::new(channels.next(), device.dirty()))
+        let mut rx: Vec<Option<BoundChannel>> = (0..pairs).map(|_| None).collect();
+        let mut tx: Vec<Option<BoundChannel>> = (0..pairs).map(|_| None).collect();
+        for channel in channels {
+            let queue = usize::from(channel.queue().queue);
+            let side = if queue.is_multiple_of(2) {
+                &mut rx
+            } else {
+                &mut tx
+            };
+            if let Some(spot) = side.get_mut(queue / 2) {
+                *spot = Some(channel);
+            }
+        }
+        let to_guest = rx
+            .into_iter()
+            .map(|c| ToGuest::new(c, device.dirty()))
             .collect();
+        let from_guest = tx.into_iter().map(|c| c.map(FromGuest::new)).collect();
         GuestSlot {
             counters: device.counters_arc(),
             device,
             mem: None,
             vrings: vec![None; 2 * pairs],
             to_guest,
+            from_guest,
             broken: 0,
             quiet: 0,
             rx_ready: 0,
@@ -94,9 +112,86 @@ impl GuestSlot {
         Arc::clone(&self.counters)
     }
 
-    /// Whether copies into the guest are in flight.
+    /// Whether copies into or out of the guest are in flight.
     pub fn has_inflight(&self) -> bool {
         self.to_guest.iter().any(|t| t.inflight() > 0)
+            || self.from_guest.iter().flatten().any(|f| f.inflight() > 0)
+    }
+
+    /// The copy side of TX queue pair `pair`, when it has a DMA channel.
+    pub fn from_guest_mut(&mut self, pair: usize) -> Option<&mut FromGuest> {
+        self.from_guest.get_mut(pair)?.as_mut()
+    }
+
+    /// Completes finished copies out of every TX queue: each frame goes to `sent` (see
+    /// [`FromGuest::complete`]) and its chain is marked used; returns how many frames are
+    /// still in flight.
+    pub fn complete_from_guest(&mut self, sent: &mut impl FnMut(&Outgoing, bool) -> bool) -> usize {
+        let Some(mem) = self.memory() else {
+            return 0;
+        };
+        let mut inflight = 0;
+        for pair in 0..self.pairs() {
+            let Some(from_guest) = self.from_guest[pair].as_mut() else {
+                continue;
+            };
+            if from_guest.inflight() == 0 {
+                continue;
+            }
+            from_guest.clear_notification();
+            let counters = &self.counters;
+            let Some(vring) = self.vrings[2 * pair + 1].as_ref() else {
+                from_guest.complete(counters, sent, &mut |_| {});
+                inflight += from_guest.inflight();
+                continue;
+            };
+            let mut state = vring.get_mut();
+            let mut broken = false;
+            let n = from_guest.complete(counters, sent, &mut |o| {
+                broken |= state.add_used(o.head, 0).is_err();
+            });
+            if n > 0 {
+                self.device.dirty().mark_used_ring(state.get_queue());
+                if queue::needs_call(state.get_queue_mut(), &*mem) {
+                    let _ = state.signal_used_queue();
+                }
+            }
+            if from_guest.inflight() > 0 {
+                from_guest.flush();
+            }
+            inflight += from_guest.inflight();
+            drop(state);
+            if broken {
+                self.break_queue(2 * pair + 1);
+            }
+        }
+        inflight
+    }
+
+    /// Waits for the copies out of TX queue pair `pair`: their frames go to `sent`; with
+    /// `complete` their chains are marked used (the queue stops: the frontend reads its
+    /// position next), without (a reset) they are not.
+    fn drain_from_guest(
+        &mut self,
+        pair: usize,
+        complete: bool,
+        sent: &mut impl FnMut(&Outgoing, bool) -> bool,
+    ) {
+        let Some(from_guest) = self.from_guest.get_mut(pair).and_then(Option::as_mut) else {
+            return;
+        };
+        let counters = &self.counters;
+        match (complete, self.vrings[2 * pair + 1].as_ref()) {
+            (true, Some(vring)) => {
+                let mut state = vring.get_mut();
+                from_guest.drain(counters, sent, &mut |o| {
+                    let _ = state.add_used(o.head, 0);
+                });
+                self.device.dirty().mark_used_ring(state.get_queue());
+                let _ = state.signal_used_queue();
+            }
+            _ => from_guest.drain(counters, sent, &mut |_| {}),
+        }
     }
 
     /// The guest memory now (one snapshot per burst).
@@ -337,10 +432,17 @@ impl GuestSlot {
     /// The frontend stops queue `queue` (GET_VRING_BASE): copies in flight into it are
     /// completed into it (it is still mapped, and the frontend reads its position next); a
     /// broken queue starts afresh when the frontend starts it again.
-    pub fn stop_vring(&mut self, queue: usize, release: &mut impl FnMut(Source)) {
+    pub fn stop_vring(
+        &mut self,
+        queue: usize,
+        release: &mut impl FnMut(Source),
+        sent: &mut impl FnMut(&Outgoing, bool) -> bool,
+    ) {
         if queue.is_multiple_of(2) {
             self.drain(queue / 2, true, release);
             self.rx_ready &= !(1 << (queue / 2));
+        } else {
+            self.drain_from_guest(queue / 2, true, sent);
         }
         self.broken &= !(1u64 << queue);
         self.quiet &= !(1u64 << queue);
@@ -349,9 +451,14 @@ impl GuestSlot {
     /// The device was reset: copies in flight are waited for and dropped, broken queues
     /// start afresh; the connection's vrings and memory stay (the frontend starts the queues
     /// again on them).
-    pub fn reset(&mut self, release: &mut impl FnMut(Source)) {
+    pub fn reset(
+        &mut self,
+        release: &mut impl FnMut(Source),
+        sent: &mut impl FnMut(&Outgoing, bool) -> bool,
+    ) {
         for pair in 0..self.pairs() {
             self.drain(pair, false, release);
+            self.drain_from_guest(pair, false, sent);
         }
         self.broken = 0;
         self.quiet = 0;
@@ -361,8 +468,12 @@ impl GuestSlot {
 
     /// The frontend went away: as [`Self::reset`], and the vrings and the guest's memory are
     /// let go of.
-    pub fn disconnect(&mut self, release: &mut impl FnMut(Source)) {
-        self.reset(release);
+    pub fn disconnect(
+        &mut self,
+        release: &mut impl FnMut(Source),
+        sent: &mut impl FnMut(&Outgoing, bool) -> bool,
+    ) {
+        self.reset(release, sent);
         self.vrings.iter_mut().for_each(|v| *v = None);
         self.mem = None;
     }
@@ -382,11 +493,12 @@ impl GuestSlot {
         }
     }
 
-    /// Copy counters summed over the RX queues.
+    /// Copy counters summed over the queues.
     pub fn copy_stats(&self) -> CopyStats {
         self.to_guest
             .iter()
             .map(ToGuest::stats)
+            .chain(self.from_guest.iter().flatten().map(FromGuest::stats))
             .fold(CopyStats::default(), |mut sum, s| {
                 sum.packets += s.packets;
                 sum.cpu_copies += s.cpu_copies;
@@ -403,9 +515,17 @@ impl GuestSlot {
             })
     }
 
-    /// The completion fds of the RX queues' channels.
+    /// The completion fds of the queues' channels.
     pub fn completion_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
-        self.to_guest.iter().filter_map(ToGuest::completion_fd)
+        self.to_guest
+            .iter()
+            .filter_map(ToGuest::completion_fd)
+            .chain(
+                self.from_guest
+                    .iter()
+                    .flatten()
+                    .filter_map(FromGuest::completion_fd),
+            )
     }
 }
 

@@ -186,10 +186,10 @@ fn stopping_a_vring_clears_its_broken_flag() {
     ]);
     slot.break_queue(0);
     slot.break_queue(1);
-    slot.stop_vring(1, &mut |_| {});
+    slot.stop_vring(1, &mut |_| {}, &mut |_, _| false);
     assert!(!slot.is_broken(1), "TX queue serves again after a restart");
     assert!(slot.is_broken(0), "the RX queue was not stopped");
-    slot.stop_vring(0, &mut |_| {});
+    slot.stop_vring(0, &mut |_| {}, &mut |_, _| false);
     assert!(!slot.is_broken(0));
     assert_eq!(slot.counters().broken_queues.load(Ordering::Relaxed), 2);
 }

@@ -34,6 +34,7 @@ use super::{
     counters::GuestCounters,
     device::{GuestId, Vring},
     fdb::{self, Dest, Fdb},
+    from_guest::{Outgoing, Taken},
     inbox::Inbox,
     slot::GuestSlot,
     to_guest::Source,
@@ -332,8 +333,10 @@ impl Worker {
             }
         }
         for slot in &mut self.guests {
-            let released = &mut self.released;
-            slot.disconnect(&mut |s| released.push(s));
+            let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+            slot.disconnect(&mut |s| released.push(s), &mut |o, stale| {
+                transmit(uplinks, o, stale)
+            });
         }
         self.release_sources();
         self.publish();
@@ -355,8 +358,10 @@ impl Worker {
                 Command::RemoveGuest { id, ack } => {
                     if let Some(i) = self.slot_of(id) {
                         let mut slot = self.guests.remove(i);
-                        let released = &mut self.released;
-                        slot.disconnect(&mut |s| released.push(s));
+                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        slot.disconnect(&mut |s| released.push(s), &mut |o, stale| {
+                            transmit(uplinks, o, stale)
+                        });
                         self.release_sources();
                         self.rebuild_fdb();
                     }
@@ -374,24 +379,32 @@ impl Worker {
                 }
                 Command::StopVring { id, queue, ack } => {
                     if let Some(i) = self.slot_of(id) {
-                        let released = &mut self.released;
-                        self.guests[i].stop_vring(usize::from(queue), &mut |s| released.push(s));
+                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        self.guests[i].stop_vring(
+                            usize::from(queue),
+                            &mut |s| released.push(s),
+                            &mut |o, stale| transmit(uplinks, o, stale),
+                        );
                         self.release_sources();
                     }
                     let _ = ack.send(());
                 }
                 Command::Reset { id, ack } => {
                     if let Some(i) = self.slot_of(id) {
-                        let released = &mut self.released;
-                        self.guests[i].reset(&mut |s| released.push(s));
+                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        self.guests[i].reset(&mut |s| released.push(s), &mut |o, stale| {
+                            transmit(uplinks, o, stale)
+                        });
                         self.release_sources();
                     }
                     let _ = ack.send(());
                 }
                 Command::Disconnect { id, ack } => {
                     if let Some(i) = self.slot_of(id) {
-                        let released = &mut self.released;
-                        self.guests[i].disconnect(&mut |s| released.push(s));
+                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        self.guests[i].disconnect(&mut |s| released.push(s), &mut |o, stale| {
+                            transmit(uplinks, o, stale)
+                        });
                         self.release_sources();
                     }
                     let _ = ack.send(());
@@ -554,9 +567,16 @@ impl Worker {
         self.guests[s].quiet_kicks(queue_index, state.get_queue_mut(), mem);
         let counters = self.guests[s].counters_arc();
         let mut taken = 0;
+        let mut used = 0;
         let mut broken = false;
         let mut malformed = 0u32;
         while taken < BURST {
+            if self.guests[s]
+                .from_guest_mut(pair)
+                .is_some_and(|f| f.room() == 0)
+            {
+                break; // its copies to the wire are all in flight
+            }
             let chain = match queue::pop(state.get_queue_mut(), &**mem) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
@@ -578,7 +598,11 @@ impl Worker {
                     }
                     outcome
                 }
-                Some(Dest::Wire) => self.send_to_wire(&counters, chain, mem),
+                Some(Dest::Wire) => match self.send_to_wire(s, pair, &counters, chain, mem) {
+                    Some(outcome) => outcome,
+                    // In flight: its chain is marked used when the copy completed.
+                    None => continue,
+                },
                 Some(dest) => match self.bounce.take() {
                     None => {
                         GuestCounters::add(&counters.from_guest_dropped_full, 1);
@@ -618,8 +642,9 @@ impl Worker {
                 broken = true;
                 break;
             }
+            used += 1;
         }
-        if taken > 0 {
+        if used > 0 {
             self.guests[s]
                 .device()
                 .dirty()
@@ -629,6 +654,9 @@ impl Worker {
             }
         }
         drop(state);
+        if let Some(from_guest) = self.guests[s].from_guest_mut(pair) {
+            from_guest.flush();
+        }
         if malformed > 0 {
             self.guests[s].log_malformed("malformed TX descriptor chain", queue_index);
         }
@@ -638,29 +666,46 @@ impl Worker {
         taken
     }
 
-    /// Copies a guest's chain into a frame of the first uplink and queues it (one copy).
+    /// Copies a guest's chain into a frame of the first uplink and queues it (one copy): now
+    /// on the CPU, or through TX queue `pair`'s copy engine when it has a DMA channel (then
+    /// `None`: the chain is marked used, and the frame queued, when the copy completed).
     fn send_to_wire<M>(
         &mut self,
+        s: usize,
+        pair: usize,
         counters: &GuestCounters,
         chain: virtio_queue::DescriptorChain<M>,
-        mem: &GuestMem,
-    ) -> TxChain
+        mem: &Arc<GuestMem>,
+    ) -> Option<TxChain>
     where
         M: std::ops::Deref<Target = GuestMem>,
     {
         let Some(uplink) = self.uplinks.first_mut() else {
             // No interface: nowhere to go, but a bad chain is still counted as one.
-            let outcome = queue::check_tx(chain, mem, MAX_FRAME);
+            let outcome = queue::check_tx(chain, &**mem, MAX_FRAME);
             if let TxChain::Frame(_) = outcome {
                 GuestCounters::add(&counters.from_guest_no_route, 1);
             }
-            return outcome;
+            return Some(outcome);
         };
         let Some(base) = uplink.port.from_guest_alloc() else {
             GuestCounters::add(&counters.from_guest_dropped_full, 1);
-            return TxChain::Frame(0);
+            return Some(TxChain::Frame(0));
         };
-        let outcome = queue::read_tx_into(chain, mem, uplink.port.frame_mut(base));
+        if let Some(from_guest) = self.guests[s].from_guest_mut(pair) {
+            return match from_guest.send(chain, mem, (0, base, uplink.port.frame_mut(base))) {
+                Taken::InFlight => None,
+                Taken::Done(outcome) => {
+                    uplink.port.from_guest_free(base);
+                    if let TxChain::Frame(_) = outcome {
+                        // The engine had no room after all: not sent.
+                        GuestCounters::add(&counters.from_guest_dropped_full, 1);
+                    }
+                    Some(outcome)
+                }
+            };
+        }
+        let outcome = queue::read_tx_into(chain, &**mem, uplink.port.frame_mut(base));
         match outcome {
             TxChain::Frame(len) => {
                 if uplink.port.from_guest_push(base, len as u32) {
@@ -674,7 +719,7 @@ impl Worker {
             }
             _ => uplink.port.from_guest_free(base),
         }
-        outcome
+        Some(outcome)
     }
 
     /// The second copy of the frames waiting in bounce buffers: for each receiving guest and
@@ -750,11 +795,15 @@ impl Worker {
     /// Completes finished copies; returns how many frames are still in flight.
     fn complete_copies(&mut self) -> usize {
         let Worker {
-            guests, released, ..
+            guests,
+            released,
+            uplinks,
+            ..
         } = self;
         let mut inflight = 0;
         for slot in guests.iter_mut() {
             inflight += slot.complete(&mut |s| released.push(s));
+            inflight += slot.complete_from_guest(&mut |o, stale| transmit(uplinks, o, stale));
         }
         let done = !self.released.is_empty();
         self.release_sources();
@@ -844,6 +893,19 @@ impl Worker {
         self.shared.sleeping.store(false, Ordering::SeqCst);
         let _ = self.shared.wake.read();
     }
+}
+
+/// Queues a frame whose copy out of a guest completed on its uplink's transmit ring (or frees
+/// it: `stale`, or the ring and stage are full even after a flush); whether it went out.
+fn transmit(uplinks: &mut [Uplink], o: &Outgoing, stale: bool) -> bool {
+    let Some(uplink) = uplinks.get_mut(usize::from(o.uplink)) else {
+        return false;
+    };
+    if !stale && uplink.port.from_guest_push(o.addr, o.len) {
+        return true;
+    }
+    uplink.port.from_guest_free(o.addr);
+    false
 }
 
 /// Copies a flooded frame into a frame of `uplink` and queues it for transmit (best effort:

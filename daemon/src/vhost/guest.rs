@@ -84,8 +84,8 @@ impl Guest {
         Guest::start_with_dma(spec, datapath, None)
     }
 
-    /// As [`Guest::start`]; the guest's RX queues' copies go to channels of `dma` while free
-    /// ones last (one per queue pair).
+    /// As [`Guest::start`]; the guest's queues' copies go to channels of `dma` while free
+    /// ones last (one per queue: the RX queues first, then the TX queues).
     pub fn start_with_dma(
         spec: &GuestSpec,
         datapath: &Arc<Datapath>,
@@ -124,17 +124,27 @@ impl Guest {
     ) -> Result<Guest, GuestError> {
         let path = spec.socket.clone();
         let name = path.display().to_string();
-        let channels: Vec<_> = (0..spec.queues.max(1))
-            .map_while(|pair| {
+        // The RX queues first (a frame into a guest is the larger copy of the two), then the
+        // TX queues, while free channels last.
+        let pairs = spec.queues.max(1);
+        let channels: Vec<_> = (0..pairs)
+            .map(|pair| 2 * pair)
+            .chain((0..pairs).map(|pair| 2 * pair + 1))
+            .map_while(|queue| {
                 let queue = crate::copy::QueueRef {
                     device: name.clone(),
-                    queue: 2 * pair,
+                    queue,
                 };
                 dma.and_then(|pool| pool.lock().ok()?.bind_any(queue))
             })
             .collect();
         for c in &channels {
-            info!(guest = %name, queue = c.queue().queue, channel = c.name(), threshold = c.threshold(), "RX copies go to a DMA channel");
+            let what = if c.queue().queue % 2 == 0 {
+                "copies into the guest (RX queue) go to a DMA channel"
+            } else {
+                "copies out of the guest (TX queue) go to a DMA channel"
+            };
+            info!(guest = %name, queue = c.queue().queue, channel = c.name(), threshold = c.threshold(), "{what}");
         }
         let device = datapath
             .add_guest(&name, spec.mac, spec.queues, channels)

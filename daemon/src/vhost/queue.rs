@@ -169,7 +169,54 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let (hdr_len, room) = (header.len(), header.len() + frame.len());
+    let hdr_len = header.len();
+    walk_tx(chain, hdr_len, frame.len(), |addr, at, n| {
+        let dst = if at < hdr_len {
+            &mut header[at..at + n]
+        } else {
+            &mut frame[at - hdr_len..at - hdr_len + n]
+        };
+        mem.read_slice(dst, addr).is_ok()
+    })
+}
+
+/// Walks the frame of a TX chain without reading it: hands `piece(guest address, offset in
+/// the frame, length)` each piece of it (the virtio-net header is checked, not handed out),
+/// for a copy the caller makes later (through a DMA channel). The same verdict as
+/// [`read_tx_into`] into a frame of `room` bytes.
+pub fn tx_pieces<M>(
+    chain: DescriptorChain<M>,
+    mem: &M::Target,
+    room: usize,
+    mut piece: impl FnMut(vm_memory::GuestAddress, usize, usize) -> bool,
+) -> TxChain
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    walk_tx(chain, HDR_LEN, room, |addr, at, n| {
+        if at < HDR_LEN {
+            mem.check_range(addr, n, vm_memory::Permissions::Read)
+        } else {
+            piece(addr, at - HDR_LEN, n)
+        }
+    })
+}
+
+/// Walks a TX chain of at most `hdr_len + room` bytes, handing `piece(guest address, offset
+/// in the chain, length)` each piece of each descriptor (a piece never straddles `hdr_len`);
+/// a piece refused makes the chain malformed.
+fn walk_tx<M>(
+    chain: DescriptorChain<M>,
+    hdr_len: usize,
+    room: usize,
+    mut piece: impl FnMut(vm_memory::GuestAddress, usize, usize) -> bool,
+) -> TxChain
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let room = hdr_len + room;
     let mut total = 0usize;
     let mut descriptors = 0usize;
     let mut last_has_next = false;
@@ -189,17 +236,15 @@ where
         let mut done = 0usize;
         while done < len {
             let at = total + done;
-            let (dst, n) = if at < hdr_len {
-                let n = (hdr_len - at).min(len - done);
-                (&mut header[at..at + n], n)
+            let n = if at < hdr_len {
+                (hdr_len - at).min(len - done)
             } else {
-                let n = len - done;
-                (&mut frame[at - hdr_len..at - hdr_len + n], n)
+                len - done
             };
             let Some(addr) = desc.addr().checked_add(done as u64) else {
                 return TxChain::Malformed;
             };
-            if mem.read_slice(dst, addr).is_err() {
+            if !piece(addr, at, n) {
                 return TxChain::Malformed;
             }
             done += n;

@@ -138,6 +138,7 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         copy_fallback_error: copy.fallback_error,
         copy_fallback_submit: copy.fallback_submit,
         copy_inflight: copy.inflight,
+        from_guest_dropped_reset: get(&c.from_guest_dropped_reset),
     }
 }
 
@@ -157,7 +158,8 @@ pub fn totals(stats: &[GuestStats]) -> xvio_common::DaemonStats {
             + g.to_guest_dropped_reset
             + g.from_guest_no_route
             + g.from_guest_oversize
-            + g.from_guest_dropped_full;
+            + g.from_guest_dropped_full
+            + g.from_guest_dropped_reset;
         t.guests_malformed_chains += g.malformed_chains;
         t.copy_cpu += g.copy_cpu;
         t.copy_dma += g.copy_dma;
