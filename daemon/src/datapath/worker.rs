@@ -570,21 +570,20 @@ impl Worker {
         let mut used = 0;
         let mut broken = false;
         let mut malformed = 0u32;
-        while taken < BURST {
-            if self.guests[s]
-                .from_guest_mut(pair)
-                .is_some_and(|f| f.room() == 0)
-            {
-                break; // its copies to the wire are all in flight
+        // At most as many as the TX queue's copies to the wire have room for in flight.
+        let limit = self.guests[s]
+            .from_guest_mut(pair)
+            .map_or(BURST, |f| f.room().min(BURST));
+        let mut chains = [const { None }; BURST];
+        let n = match queue::pop_burst(state.get_queue_mut(), &**mem, &mut chains[..limit]) {
+            Ok(n) => n,
+            Err(queue::Broken) => {
+                broken = true;
+                0
             }
-            let chain = match queue::pop(state.get_queue_mut(), &**mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(queue::Broken) => {
-                    broken = true;
-                    break;
-                }
-            };
+        };
+        for chain in chains.iter_mut().take(n) {
+            let Some(chain) = chain.take() else { break };
             taken += 1;
             let head = chain.head_index();
             let dest = queue::peek_dst(&chain, &**mem).map(|dst| self.fdb.lookup(&dst));

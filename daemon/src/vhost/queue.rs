@@ -136,6 +136,31 @@ where
     }
 }
 
+/// Takes up to `out.len()` available chains into `out` with one read of the avail index;
+/// returns how many (`Ok(0)` for a queue not set up).
+pub fn pop_burst<M>(
+    queue: &mut Queue,
+    mem: M,
+    out: &mut [Option<DescriptorChain<M>>],
+) -> Result<usize, Broken>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mut iter = match queue.iter(mem) {
+        Ok(iter) => iter,
+        Err(virtio_queue::Error::QueueNotReady) => return Ok(0),
+        Err(_) => return Err(Broken),
+    };
+    let mut n = 0;
+    for slot in out.iter_mut() {
+        let Some(chain) = iter.next() else { break };
+        *slot = Some(chain);
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Reads a TX chain into `buf`: the header, then the frame at `buf[HDR_LEN..]`.
 pub fn read_tx<M>(chain: DescriptorChain<M>, mem: &M::Target, buf: &mut [u8; TX_BUF]) -> TxChain
 where
@@ -176,8 +201,37 @@ where
         } else {
             &mut frame[at - hdr_len..at - hdr_len + n]
         };
-        mem.read_slice(dst, addr).is_ok()
+        read_guest(mem, addr, dst)
     })
+}
+
+/// Copies guest memory at `addr` into `dst`, one `memcpy` per piece of a memory region
+/// (vm-memory's `read_slice` copies through volatile loops, several times slower for the
+/// short pieces of a frame); false if any of it is not guest memory (`dst` then partly
+/// written). The guest may be writing the bytes meanwhile: the copy then holds whatever it
+/// wrote, as with `read_slice`.
+fn read_guest<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: vm_memory::GuestAddress,
+    dst: &mut [u8],
+) -> bool {
+    let Ok(slices) = mem.get_slices(addr, dst.len(), vm_memory::Permissions::Read) else {
+        return false;
+    };
+    let mut done = 0usize;
+    for slice in slices {
+        let Ok(slice) = slice else { return false };
+        let n = slice.len();
+        let Some(to) = dst.get_mut(done..done + n) else {
+            return false;
+        };
+        // SAFETY: `slice` is `n` bytes of mapped guest memory (vm-memory checked the range
+        // and the mapping lives as long as `mem`), `to` is `n` bytes of ours, and guest
+        // memory is never one of our buffers, so they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(slice.ptr_guard().as_ptr(), to.as_mut_ptr(), n) };
+        done += n;
+    }
+    done == dst.len()
 }
 
 /// Walks the frame of a TX chain without reading it: hands `piece(guest address, offset in
@@ -312,7 +366,9 @@ where
         }
         let n = (len - skip).min(6 - got);
         let addr = desc.addr().checked_add(skip as u64)?;
-        mem.read_slice(&mut dst[got..got + n], addr).ok()?;
+        if !read_guest(mem, addr, &mut dst[got..got + n]) {
+            return None;
+        }
         got += n;
         skip = 0;
         if got == 6 {
