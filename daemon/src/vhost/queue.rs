@@ -205,6 +205,30 @@ where
     })
 }
 
+/// Copies `src` into guest memory at `addr`, one `memcpy` per piece of a memory region (see
+/// [`read_guest`]); false if any of it is not guest memory (then partly written).
+fn write_guest<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: vm_memory::GuestAddress,
+    src: &[u8],
+) -> bool {
+    let Ok(slices) = mem.get_slices(addr, src.len(), vm_memory::Permissions::Write) else {
+        return false;
+    };
+    let mut done = 0usize;
+    for slice in slices {
+        let Ok(slice) = slice else { return false };
+        let n = slice.len();
+        let Some(from) = src.get(done..done + n) else {
+            return false;
+        };
+        // SAFETY: as in `read_guest`, the other way round.
+        unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), slice.ptr_guard_mut().as_ptr(), n) };
+        done += n;
+    }
+    done == src.len()
+}
+
 /// Copies guest memory at `addr` into `dst`, one `memcpy` per piece of a memory region
 /// (vm-memory's `read_slice` copies through volatile loops, several times slower for the
 /// short pieces of a frame); false if any of it is not guest memory (`dst` then partly
@@ -567,7 +591,7 @@ where
         mrg_rxbuf,
         dirty,
         |addr, off, n| {
-            let ok = target.write_slice(&frame[off..off + n], addr).is_ok();
+            let ok = write_guest(&*target, addr, &frame[off..off + n]);
             if ok && let Some(d) = dirty {
                 d.mark(addr.0, n);
             }
