@@ -121,7 +121,7 @@ struct xvio_port_stats {
 	__u64 tx_bytes;
 	__u64 rx_empty_polls;    /* receive polls that found nothing */
 	__u64 fill_ring_empty;   /* kernel drops: no frame in the fill ring */
-	__u64 rx_ring_full;      /* kernel drops: rx ring full */
+	__u64 rx_ring_full;      /* kernel drops: rx ring full (and its other drops, not fill_ring_empty) */
 	__u64 tx_ring_full;      /* frames not sent: tx ring full */
 	__u64 tx_no_frame;       /* frames not sent: no free frame */
 	__u64 tx_in_flight;      /* frames in the tx ring or awaiting completion */

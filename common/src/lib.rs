@@ -254,7 +254,7 @@ pub struct PortStats {
     pub rx_empty_polls: u64,
     /// Kernel drops: no frame in the fill ring.
     pub fill_ring_empty: u64,
-    /// Kernel drops: rx ring full.
+    /// Kernel drops: rx ring full (and any other of its drops but `fill_ring_empty`'s).
     pub rx_ring_full: u64,
     /// Frames not sent: tx ring full.
     pub tx_ring_full: u64,
