@@ -151,7 +151,7 @@ impl AfXdpVhostFwd {
             .output()
             .lines()
             .find(|l| l.contains("forwards packets on"))
-            .map(|l| l.trim().to_owned())
+            .map(|l| l.trim().trim_end_matches(':').to_owned())
     }
 
     /// Port `port`'s counters now.
