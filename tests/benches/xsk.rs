@@ -11,18 +11,14 @@
 
 use std::time::{Duration, Instant};
 
-use xvio::{
-    attach::{AttachOptions, AttachedIface},
-    config::{SteerSpec, XdpModeArg},
-    xsk::{BindMode, XskConfig, XskPort},
-};
+use xvio::xsk::{BindMode, XskConfig, XskPort};
 use xvio_tests::{
     bench::{Summary, pin_current_thread},
     frames::{ETH_P_EXPERIMENTAL, frame},
     netns::mac_of,
     topology::Topology,
     xdp::{DropCounter, Generator},
-    xsk::{XskLoop, transmit_loop},
+    xsk::{XskLoop, attach_steering, transmit_loop},
 };
 
 const GUEST: &str = "02:58:56:49:4f:01";
@@ -47,17 +43,7 @@ fn ceiling(topo: &Topology, data: &[u8], frames: u32) -> f64 {
 
 /// Packets/s received and recycled by an XskPort behind xvio's program.
 fn af_xdp_rx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64, BindMode) {
-    let pin_root = std::path::PathBuf::from(xvio_common::PIN_ROOT);
-    let steer = [GUEST.parse::<SteerSpec>().unwrap()];
-    let opts = AttachOptions {
-        mode: XdpModeArg::Native,
-        replace: false,
-        pin_root: &pin_root,
-        steer: &steer,
-    };
-    let attached = topo
-        .host
-        .run(|| AttachedIface::attach(&topo.ifname, opts).expect("attach xvio"));
+    let attached = attach_steering(&topo.host, &topo.ifname, GUEST).expect("attach xvio");
     let xsks = attached.pin_dir().join(xvio_common::maps::XSKS);
     let consumer = XskLoop::receive(&topo.host, &topo.ifname, xsks, 1).unwrap();
     let mode = consumer.mode();

@@ -41,6 +41,17 @@ pub fn packets_by_queue(out: &str, what: &str) -> Vec<(u32, u64)> {
     streams
 }
 
+/// The testpmd arguments every start here shares: forwarding at once on one lcore, rings of
+/// 1024, bursts of 32, 32768 mbufs.
+pub const APP_ARGS: [&str; 6] = [
+    "--auto-start",
+    "--nb-cores=1",
+    "--txd=1024",
+    "--rxd=1024",
+    "--burst=32",
+    "--total-num-mbufs=32768",
+];
+
 /// Totals testpmd printed when it stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TestpmdTotals {
@@ -101,17 +112,8 @@ impl Testpmd {
             format!("--txpkts={len}"),
             format!("--eth-peer=0,{peer}"),
         );
-        let mut app = vec![
-            "--auto-start",
-            "--nb-cores=1",
-            "--txd=1024",
-            "--rxd=1024",
-            "--burst=32",
-            "--total-num-mbufs=32768",
-            &mode,
-            &len,
-            &peer,
-        ];
+        let mut app = APP_ARGS.to_vec();
+        app.extend([mode.as_str(), &len, &peer]);
         app.extend_from_slice(extra);
         Testpmd::spawn(
             None,

@@ -22,7 +22,10 @@ use nix::sys::socket::{
     sockopt,
 };
 
-use crate::{dpdk::Testpmd, netns::Netns};
+use crate::{
+    dpdk::{APP_ARGS, Testpmd},
+    netns::Netns,
+};
 
 /// How a forwarder is started.
 #[derive(Clone, Debug)]
@@ -106,18 +109,16 @@ impl AfXdpVhostFwd {
                 &vhost,
             ],
             &[
-                "--forward-mode=io",
-                "--auto-start",
-                "--nb-cores=1",
-                "--txd=1024",
-                "--rxd=1024",
-                "--burst=32",
-                "--total-num-mbufs=32768",
-                "--record-core-cycles",
-                // Without a terminal, testpmd flushes its log with each statistics print.
-                "--stats-period",
-                "1",
-            ],
+                APP_ARGS.as_slice(),
+                &[
+                    "--forward-mode=io",
+                    "--record-core-cycles",
+                    // Without a terminal, testpmd flushes its log with each statistics print.
+                    "--stats-period",
+                    "1",
+                ],
+            ]
+            .concat(),
         )?;
         let deadline = Instant::now() + WAIT;
         while !(pmd.output().contains("forwards packets on") && config.socket.exists()) {

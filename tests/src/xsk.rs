@@ -12,10 +12,32 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xvio::xsk::{BindMode, XskConfig, XskPort};
+use xvio::{
+    attach::{AttachOptions, AttachedIface},
+    config::{SteerSpec, XdpModeArg},
+    xsk::{BindMode, XskConfig, XskPort},
+};
 use xvio_common::PortStats;
 
 use crate::{bench::pin_current_thread, netns::Netns};
+
+/// Attaches xvio's XDP program natively to `iface` in `ns`, steering frames to `mac` to the
+/// AF_XDP sockets registered in its `xsks` map (pinned under xvio's pin root), with no daemon:
+/// what a bare AF_XDP receiver sits behind.
+pub fn attach_steering(ns: &Netns, iface: &str, mac: &str) -> Result<AttachedIface, String> {
+    let pin_root = PathBuf::from(xvio_common::PIN_ROOT);
+    let steer = [mac
+        .parse::<SteerSpec>()
+        .map_err(|e| format!("{mac}: {e}"))?];
+    let opts = AttachOptions {
+        mode: XdpModeArg::Native,
+        replace: false,
+        pin_root: &pin_root,
+        steer: &steer,
+    };
+    ns.run(|| AttachedIface::attach(iface, opts))
+        .map_err(|e| format!("attaching xvio's program to {iface}: {e}"))
+}
 
 /// Receives on `ports` until `want` frames came in all or none came for `idle`; returns
 /// copies of the frames, per port, in arrival order.

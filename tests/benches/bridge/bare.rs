@@ -12,15 +12,8 @@
 //!   counts the frames from the guest's MAC in the window after 1 s of warm-up, as for the
 //!   datapaths.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use xvio::{
-    attach::{AttachOptions, AttachedIface},
-    config::{SteerSpec, XdpModeArg},
-};
 use xvio_common::{PortStats, maps};
 use xvio_tests::{
     bench::{cpu_busy_percent, cpu_ticks},
@@ -28,7 +21,7 @@ use xvio_tests::{
     netns::mac_of,
     topology::Topology,
     xdp::DropCounter,
-    xsk::XskLoop,
+    xsk::{XskLoop, attach_steering},
 };
 
 use crate::{
@@ -42,18 +35,7 @@ const LOOP_CPU: usize = 1;
 pub(crate) fn to_guest(len: usize, window: Duration) -> Result<Sample, String> {
     let topo = Topology::new(1);
     let peer_mac = mac_of(&topo.peer, &topo.peer_if);
-    let pin_root = PathBuf::from(xvio_common::PIN_ROOT);
-    let steer = [GUEST.parse::<SteerSpec>().map_err(|e| e.to_string())?];
-    let opts = AttachOptions {
-        mode: XdpModeArg::Native,
-        replace: false,
-        pin_root: &pin_root,
-        steer: &steer,
-    };
-    let attached = topo
-        .host
-        .run(|| AttachedIface::attach(&topo.ifname, opts))
-        .map_err(|e| format!("attaching xvio's program to {}: {e}", topo.ifname))?;
+    let attached = attach_steering(&topo.host, &topo.ifname, GUEST)?;
     let xsks = attached.pin_dir().join(maps::XSKS);
     let result = (|| -> Result<Sample, String> {
         let receiver = XskLoop::receive(&topo.host, &topo.ifname, xsks, LOOP_CPU)?;
