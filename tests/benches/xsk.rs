@@ -9,47 +9,31 @@
 //!
 //! Every measurement is repeated; the medians are printed, with the ratios to the ceiling.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use xvio::{
-    attach::{AttachOptions, AttachedIface},
-    config::{SteerSpec, XdpModeArg},
-    xsk::{XskConfig, XskPort},
-};
+use xvio::xsk::{BindMode, XskConfig, XskPort};
 use xvio_tests::{
+    bench::{Summary, pin_current_thread},
     frames::{ETH_P_EXPERIMENTAL, frame},
     netns::mac_of,
     topology::Topology,
     xdp::{DropCounter, Generator},
+    xsk::{XskLoop, attach_steering, transmit_loop},
 };
 
 const GUEST: &str = "02:58:56:49:4f:01";
 const GUEST_MAC: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0x01];
 const REPS: usize = 5;
 
-fn pin_self(core: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    if set.set(core).is_ok() {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: &[f64]) -> f64 {
+    Summary::of(v).map_or(0.0, |s| s.median)
 }
 
 /// Packets/s the kernel drops at XDP on `topo.ifname`.
 fn ceiling(topo: &Topology, data: &[u8], frames: u32) -> f64 {
     let counter = topo.host.run(|| DropCounter::attach(&topo.ifname));
     let elapsed = topo.peer.run(|| {
-        pin_self(0);
+        pin_current_thread(0);
         Generator::load(&topo.peer_if).send(data, frames)
     });
     let counted = counter.count();
@@ -58,103 +42,45 @@ fn ceiling(topo: &Topology, data: &[u8], frames: u32) -> f64 {
 }
 
 /// Packets/s received and recycled by an XskPort behind xvio's program.
-fn af_xdp_rx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64, xvio::xsk::BindMode) {
-    let pin_root = std::path::PathBuf::from(xvio_common::PIN_ROOT);
-    let steer = [GUEST.parse::<SteerSpec>().unwrap()];
-    let opts = AttachOptions {
-        mode: XdpModeArg::Native,
-        replace: false,
-        pin_root: &pin_root,
-        steer: &steer,
-    };
-    let attached = topo
-        .host
-        .run(|| AttachedIface::attach(&topo.ifname, opts).expect("attach xvio"));
-    let received = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+fn af_xdp_rx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64, BindMode) {
+    let attached = attach_steering(&topo.host, &topo.ifname, GUEST).expect("attach xvio");
     let xsks = attached.pin_dir().join(xvio_common::maps::XSKS);
-    let (mode_tx, mode_rx) = std::sync::mpsc::channel();
-    let (rate, drops, mode) = std::thread::scope(|s| {
-        let consumer = {
-            let (received, stop, xsks) = (Arc::clone(&received), Arc::clone(&stop), xsks.clone());
-            s.spawn(move || {
-                topo.host.run(|| {
-                    pin_self(1);
-                    let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
-                    port.register(&xsks).unwrap();
-                    mode_tx.send(port.mode()).unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        let n = port.to_guest_burst(64, |_| {});
-                        if n > 0 {
-                            received.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                    }
-                    let s = port.stats();
-                    s.fill_ring_empty + s.rx_ring_full
-                })
-            })
-        };
-        let mode = mode_rx.recv().unwrap();
-        let start = Instant::now();
-        topo.peer.run(|| {
-            pin_self(0);
-            Generator::load(&topo.peer_if).send(data, frames)
-        });
-        // Let the consumer finish what is in the ring.
-        let mut last = received.load(Ordering::Relaxed);
-        let mut last_change = Instant::now();
-        while last_change.elapsed() < Duration::from_millis(50) {
-            std::thread::sleep(Duration::from_millis(5));
-            let now = received.load(Ordering::Relaxed);
-            if now != last {
-                last = now;
-                last_change = Instant::now();
-            }
-        }
-        let elapsed = last_change.duration_since(start);
-        stop.store(true, Ordering::Relaxed);
-        let drops = consumer.join().unwrap();
-        (last as f64 / elapsed.as_secs_f64(), drops, mode)
+    let consumer = XskLoop::receive(&topo.host, &topo.ifname, xsks, 1).unwrap();
+    let mode = consumer.mode();
+    let start = Instant::now();
+    topo.peer.run(|| {
+        pin_current_thread(0);
+        Generator::load(&topo.peer_if).send(data, frames)
     });
+    // Let the consumer finish what is in the ring.
+    let mut last = consumer.count();
+    let mut last_change = Instant::now();
+    while last_change.elapsed() < Duration::from_millis(50) {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = consumer.count();
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+    }
+    let elapsed = last_change.duration_since(start);
+    let s = consumer.stop();
     topo.host.run(move || drop(attached));
-    (rate, drops, mode)
+    (
+        last as f64 / elapsed.as_secs_f64(),
+        s.fill_ring_empty + s.rx_ring_full,
+        mode,
+    )
 }
 
 /// Packets/s an XskPort transmits (completed), counted again by XDP_DROP on the peer.
 fn af_xdp_tx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64) {
     let counter = topo.peer.run(|| DropCounter::attach(&topo.peer_if));
     let elapsed = topo.host.run(|| {
-        pin_self(1);
+        pin_current_thread(1);
         let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
-        // Write the frame into every free frame once; afterwards frames are resent as they are.
-        let mut bases = Vec::new();
-        while let Some(base) = port.from_guest_alloc() {
-            port.frame_mut(base)[..data.len()].copy_from_slice(data);
-            bases.push(base);
-        }
-        for base in bases {
-            port.from_guest_free(base);
-        }
         let start = Instant::now();
-        let mut sent = 0u32;
-        while sent < frames {
-            let mut n = 0;
-            while n < 64 && sent < frames {
-                let Some(base) = port.from_guest_alloc() else {
-                    break;
-                };
-                if !port.from_guest_push(base, data.len() as u32) {
-                    port.from_guest_free(base);
-                    break;
-                }
-                n += 1;
-                sent += 1;
-            }
-            port.flush();
-        }
-        while port.frame_counts().staged + port.frame_counts().tx_in_flight > 0 {
-            port.flush();
-        }
+        transmit_loop(&mut port, data, |sent| sent < u64::from(frames));
         start.elapsed()
     });
     let counted = counter.count();
@@ -216,7 +142,7 @@ fn main() {
             tx.push(rate);
             tx_counted += counted;
         }
-        let (c, r, t) = (median(ceil), median(rx), median(tx));
+        let (c, r, t) = (median(&ceil), median(&rx), median(&tx));
         let mode = mode.unwrap();
         println!(
             "{size:>5} B  XDP_DROP ceiling {:>6.2} Mpps | AF_XDP rx+recycle {:>6.2} Mpps ({:>3.0}% of ceiling; kernel drops {rx_drops}) | AF_XDP tx {:>6.2} Mpps ({:>3.0}% of ceiling; peer counted {tx_counted} of {}) | {} {}",

@@ -2,7 +2,10 @@
 //! runs (median, min, max), xvio's published counters read from their pins, and a
 //! process's CPU time from /proc.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{Array, Map, MapData};
 use xvio_common::{GuestStats, PortStats, maps};
@@ -92,6 +95,44 @@ pub fn thread_cpu_ticks(pid: i32) -> Vec<(String, u64)> {
         .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
         .filter_map(|stat| parse_stat_ticks(&stat))
         .collect()
+}
+
+/// CPU ticks by thread name (threads of one name added up).
+pub fn cpu_by_thread(pid: i32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    for (name, ticks) in thread_cpu_ticks(pid) {
+        *by_name.entry(name).or_insert(0) += ticks;
+    }
+    by_name
+}
+
+/// Ticks each thread name used between two [`cpu_by_thread`] readings (a thread that ended in
+/// between is lost; one that started counts from zero).
+pub fn cpu_delta(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                t.saturating_sub(before.get(name).copied().unwrap_or(0)),
+            )
+        })
+        .collect()
+}
+
+/// The `n` threads that used the most ticks (none that used none), busiest first.
+pub fn top_threads(ticks: &BTreeMap<String, u64>, n: usize) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = ticks
+        .iter()
+        .filter(|(_, t)| **t > 0)
+        .map(|(name, t)| (name.clone(), *t))
+        .collect();
+    v.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+    v.truncate(n);
+    v
 }
 
 /// CPU time (user + system, in clock ticks) of every thread of `pid` together.

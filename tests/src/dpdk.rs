@@ -13,6 +13,8 @@ use nix::{
     unistd::Pid,
 };
 
+use crate::netns::Netns;
+
 /// The `RX-packets` (`what` = "RX") or `TX-packets` (`what` = "TX") of each forwarding
 /// stream testpmd printed when it stopped, by that side's queue.
 pub fn packets_by_queue(out: &str, what: &str) -> Vec<(u32, u64)> {
@@ -38,6 +40,17 @@ pub fn packets_by_queue(out: &str, what: &str) -> Vec<(u32, u64)> {
     }
     streams
 }
+
+/// The testpmd arguments every start here shares: forwarding at once on one lcore, rings of
+/// 1024, bursts of 32, 32768 mbufs.
+pub const APP_ARGS: [&str; 6] = [
+    "--auto-start",
+    "--nb-cores=1",
+    "--txd=1024",
+    "--rxd=1024",
+    "--burst=32",
+    "--total-num-mbufs=32768",
+];
 
 /// Totals testpmd printed when it stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,59 +96,100 @@ impl Testpmd {
         cpus: &str,
         extra: &[&str],
     ) -> Testpmd {
-        let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-testpmd-")));
-        let prefix = crate::unique_name("xvio-pmd-");
-        let main_lcore = cpus.split(',').next().unwrap_or("0").to_owned();
-        // Line-buffered: its output goes to a file, and `wait_forwarding` reads it as it comes
-        // (stdbuf execs testpmd: the child's pid is testpmd's).
-        let child = Command::new("stdbuf")
-            .args(["-oL", "dpdk-testpmd"])
-            .args([
+        let main_lcore = cpus.split(',').next().unwrap_or("0");
+        let vdev = format!(
+            "net_virtio_user0,path={},queue_size=1024{}{vdev_opts}",
+            socket.display(),
+            // One queue pair unless the options name a count.
+            if vdev_opts.contains("queues=") {
+                ""
+            } else {
+                ",queues=1"
+            }
+        );
+        let (mode, len, peer) = (
+            format!("--forward-mode={mode}"),
+            format!("--txpkts={len}"),
+            format!("--eth-peer=0,{peer}"),
+        );
+        let mut app = APP_ARGS.to_vec();
+        app.extend([mode.as_str(), &len, &peer]);
+        app.extend_from_slice(extra);
+        Testpmd::spawn(
+            None,
+            &[
                 "--main-lcore",
-                &main_lcore,
+                main_lcore,
                 "-l",
                 cpus,
-                "--no-huge",
                 "-m",
                 "512",
-                "--no-pci",
-                "--file-prefix",
-            ])
-            .arg(&prefix)
-            .arg("--vdev")
-            .arg(format!(
-                "net_virtio_user0,path={},queue_size=1024{}{vdev_opts}",
-                socket.display(),
-                // One queue pair unless the options name a count.
-                if vdev_opts.contains("queues=") {
-                    ""
-                } else {
-                    ",queues=1"
-                }
-            ))
-            .args([
-                "--",
-                "--auto-start",
-                "--nb-cores=1",
-                "--txd=1024",
-                "--rxd=1024",
-                "--burst=32",
-                "--total-num-mbufs=32768",
-            ])
-            .arg(format!("--forward-mode={mode}"))
-            .arg(format!("--txpkts={len}"))
-            .arg(format!("--eth-peer=0,{peer}"))
-            .args(extra)
+                "--vdev",
+                &vdev,
+            ],
+            &app,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts `dpdk-testpmd EAL… -- APP…` (in `ns` when given) with its output in a log file;
+    /// `--no-huge --no-pci` and a fresh `--file-prefix` are added to the EAL arguments. Its
+    /// standard input stays open (a pipe), so a testpmd without `--stats-period` waits at
+    /// "Press enter to exit" instead of reading end of file and exiting at once.
+    pub fn spawn(ns: Option<&Netns>, eal: &[&str], app: &[&str]) -> Result<Testpmd, String> {
+        let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-testpmd-")));
+        let prefix = crate::unique_name("xvio-pmd-");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = ns.command("stdbuf");
+                c.arg("-oL");
+                c
+            }
+            None => {
+                let mut c = Command::new("stdbuf");
+                c.arg("-oL");
+                c
+            }
+        };
+        // Line-buffered: its output goes to a file, and callers read it as it comes (nsenter
+        // and stdbuf exec testpmd: the child's pid is testpmd's).
+        let child = cmd
+            .arg("dpdk-testpmd")
+            .args(["--no-huge", "--no-pci", "--file-prefix", &prefix])
+            .args(eal)
+            .arg("--")
+            .args(app)
             .stdin(Stdio::piped())
-            .stdout(File::create(&log).expect("testpmd log"))
+            .stdout(File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?)
             .stderr(Stdio::null())
             .spawn()
-            .expect("dpdk-testpmd (apt-get install dpdk-dev; `cargo xtask test` installs it)");
-        Testpmd {
+            .map_err(|e| {
+                format!(
+                    "dpdk-testpmd: {e} (apt-get install dpdk-dev; `cargo xtask test` installs it)"
+                )
+            })?;
+        Ok(Testpmd {
             child: Some(child),
             log,
             prefix,
-        }
+        })
+    }
+
+    /// Its pid (nsenter and stdbuf exec testpmd); `None` once it was stopped.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok())
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Its `--file-prefix`: its runtime folder under /var/run/dpdk.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Waits (at most 20 s) until testpmd forwards (its RX buffers are posted); whether it

@@ -1,6 +1,6 @@
 //! Helpers for xvio's integration tests: privilege gating, network namespaces with veth
-//! pairs, the daemon as a child process, raw AF_PACKET sockets, a small AF_XDP receiver,
-//! and frame builders.
+//! pairs, the daemon as a child process, raw AF_PACKET sockets, AF_XDP receive and transmit
+//! loops, DPDK testpmd (as a guest and as a datapath), OVS-DPDK, and frame builders.
 //!
 //! Privileged tests call [`privileged`] first: as root they run; outside CI without root
 //! they print why they skip; in CI (`CI=true`) they never skip, they fail.
@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod dpdk;
+pub mod dpdk_fwd;
 pub mod frames;
 pub mod guest;
 pub mod netns;

@@ -57,6 +57,19 @@ impl Netns {
             .expect("thread in netns panicked")
         })
     }
+
+    /// Starts `f` on a thread of its own that entered this namespace (a loop that runs while
+    /// the caller measures).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let ns = File::open(self.path()).expect("open netns");
+        std::thread::spawn(move || {
+            setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
 }
 
 impl Drop for Netns {

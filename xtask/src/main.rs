@@ -182,6 +182,7 @@ fn bench(args: &[String]) -> Result<()> {
             if !deps::is_root() {
                 bail!("bench vhost runs DPDK and OVS-DPDK: run it as root");
             }
+            deps::ensure_bpffs()?;
             cargo(&["build", "--release", "-p", "xvio", "--bin", "xvio"])?;
             let mut cargo_args = vec!["bench", "-p", "xvio-tests", "--bench", "vhost", "--"];
             cargo_args.extend(extra.iter().map(String::as_str));

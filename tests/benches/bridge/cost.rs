@@ -6,17 +6,20 @@
 //! xvio's CPU time is its threads' utime + stime (/proc/PID/task/*/stat, in clock ticks).
 //! OVS's is ovs-vswitchd's the same way, which includes its PMD thread polling all the time,
 //! and, from `ovs-appctl dpif-netdev/pmd-stats-show`, the PMD's processing cycles per
-//! packet, which leave the polling out.
+//! packet, which leave the polling out. testpmd's is its process's the same way (its
+//! forwarding lcore polls all the time too), and, from `--record-core-cycles`, its forwarding
+//! lcore's cycles in bursts that received frames per frame received, which testpmd prints only
+//! when it stops: the bench restarts it after each paced load to read them.
 
 use std::{
-    collections::BTreeMap,
     process::Command,
     time::{Duration, Instant},
 };
 
 use xvio_tests::{
     bench::{
-        Summary, make_current_thread_fifo, pin_current_thread, thread_cpu_ticks, ticks_per_second,
+        Summary, cpu_by_thread, cpu_delta, make_current_thread_fifo, pin_current_thread,
+        ticks_per_second, top_threads,
     },
     frames::{ETH_P_EXPERIMENTAL, frame},
     packet::RawSocket,
@@ -42,20 +45,20 @@ const GUEST_IP: &str = "10.252.0.9";
 
 /// Idle CPU, then CPU per frame under the paced load (each burst size), then pings; one
 /// line of results.
-pub(crate) fn measure(bridge: &Bridge) -> Result<String, String> {
+pub(crate) fn measure(bridge: &mut Bridge) -> Result<String, String> {
     let pid = bridge.pid().ok_or("the datapath has no process")?;
     let rx = bridge.start_guest("rxonly", 64, "02:00:00:00:00:02")?;
     std::thread::sleep(Duration::from_secs(1));
     let t0 = cpu_by_thread(pid);
     std::thread::sleep(IDLE);
-    let idle = delta(&t0, &cpu_by_thread(pid));
+    let idle = cpu_delta(&t0, &cpu_by_thread(pid));
     let idle_pct = 100.0 * seconds(idle.values().sum()) / IDLE.as_secs_f64();
     drop(rx);
     bridge.wait_guest(false)?;
 
     let mut paced_results = Vec::new();
     for burst in PACED_BURSTS {
-        paced_results.push(paced_cost(bridge, pid, burst)?);
+        paced_results.push(paced_cost(bridge, burst)?);
     }
     let ping = ping_guest(bridge)?;
     Ok(format!(
@@ -65,7 +68,9 @@ pub(crate) fn measure(bridge: &Bridge) -> Result<String, String> {
 }
 
 /// The datapath's CPU time per frame delivered under the paced load in bursts of `burst`.
-fn paced_cost(bridge: &Bridge, pid: i32, burst: u32) -> Result<String, String> {
+fn paced_cost(bridge: &mut Bridge, burst: u32) -> Result<String, String> {
+    // testpmd's pid changes with each restart.
+    let pid = bridge.pid().ok_or("the datapath has no process")?;
     let rx = bridge.start_guest("rxonly", 64, "02:00:00:00:00:02")?;
     std::thread::sleep(Duration::from_millis(500));
     if let Some(ovs) = bridge.ovs() {
@@ -74,13 +79,22 @@ fn paced_cost(bridge: &Bridge, pid: i32, burst: u32) -> Result<String, String> {
     let t0 = cpu_by_thread(pid);
     let offered = paced(bridge, burst)?;
     std::thread::sleep(Duration::from_millis(300));
-    let busy = delta(&t0, &cpu_by_thread(pid));
+    let busy = cpu_delta(&t0, &cpu_by_thread(pid));
     let pmd = match bridge.ovs() {
         Some(ovs) => Some(ovs.appctl(&["dpif-netdev/pmd-stats-show"])?),
         None => None,
     };
     let delivered = rx.stop().rx;
     bridge.wait_guest(false)?;
+    let testpmd = bridge.restart_testpmd()?.map_or(String::new(), |c| {
+        format!(
+            "; lcore busy {:.0} cycles/frame = {:.2} µs at {} MHz ({} frames)",
+            c.per_frame,
+            c.per_frame / c.mhz as f64,
+            c.mhz,
+            c.frames
+        )
+    });
     if delivered == 0 {
         return Err(format!(
             "{}: the guest received nothing of the paced load",
@@ -105,7 +119,7 @@ fn paced_cost(bridge: &Bridge, pid: i32, burst: u32) -> Result<String, String> {
         )
     });
     Ok(format!(
-        "paced, bursts of {burst}: guest got {delivered} of {offered}, CPU {:.2} µs/frame ({breakdown}){pmd}",
+        "paced, bursts of {burst}: guest got {delivered} of {offered}, CPU {:.2} µs/frame ({breakdown}){pmd}{testpmd}",
         per_frame(busy.values().sum()),
     ))
 }
@@ -197,40 +211,6 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let at = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len());
     v[at - 1]
-}
-
-/// CPU ticks by thread name (threads of one name added up).
-fn cpu_by_thread(pid: i32) -> BTreeMap<String, u64> {
-    let mut by_name = BTreeMap::new();
-    for (name, ticks) in thread_cpu_ticks(pid) {
-        *by_name.entry(name).or_insert(0) += ticks;
-    }
-    by_name
-}
-
-/// Ticks each thread name used between two readings (a thread that ended in between is
-/// lost; one that started counts from zero).
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(name, t)| {
-            (
-                name.clone(),
-                t.saturating_sub(before.get(name).copied().unwrap_or(0)),
-            )
-        })
-        .collect()
-}
-
-fn top_threads(ticks: &BTreeMap<String, u64>, n: usize) -> Vec<(String, u64)> {
-    let mut v: Vec<(String, u64)> = ticks
-        .iter()
-        .filter(|(_, t)| **t > 0)
-        .map(|(name, t)| (name.clone(), *t))
-        .collect();
-    v.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
-    v.truncate(n);
-    v
 }
 
 fn seconds(ticks: u64) -> f64 {

@@ -1,6 +1,9 @@
 //! `cargo xtask bench bridge`: the bridge between a NIC and a vhost-user guest, through xvio
-//! and, in the same run, through OVS-DPDK (an `afxdp` port on the same kind of veth and a
-//! `dpdkvhostuser` port), runs alternating, frames/s at 64 and 1500 B each way:
+//! and, in the same run, through two anchors on the same kind of veth: OVS-DPDK (an `afxdp`
+//! port and a `dpdkvhostuser` port) and DPDK testpmd (`net_af_xdp` ↔ `net_vhost`, io
+//! forwarding); beside them bare AF_XDP (one socket alone, the ceiling of each direction) and
+//! xvio with `--dma sw` (the copy offload at 1500 B). Runs alternate; frames/s at 64 and
+//! 1500 B each way:
 //!
 //! - **to_guest**: the live-frames generator (`xvio_tests::xdp::Generator`) in the peer
 //!   namespace sends frames to the guest's MAC out of the peer's veth end as fast as it can
@@ -9,38 +12,59 @@
 //! - **from_guest**: a txonly testpmd guest sends to the peer's MAC as fast as it can; a
 //!   counting XDP program on the peer's veth end (`DropCounter::attach_from`) counts what
 //!   arrives from the guest's MAC. Rate = frames counted in a fixed window after a warm-up.
+//! - **bare AF_XDP** ([`bare`]): the same generator into an AF_XDP socket that a loop on
+//!   CPU 1 drains and recycles (to_guest), and a loop on CPU 1 transmitting one frame over and
+//!   over through an AF_XDP socket, counted by the same peer program (from_guest): what `bench
+//!   xsk` measures as rx+recycle and tx, here in the same run. The table prints xvio's share of
+//!   it (the target: at least 0.90).
+//! - **`--dma sw`**: xvio with `--dma sw:0 --copy-threshold 1024` (a software DMA engine on
+//!   CPU 0 takes every copy of 1024 B or more) at 1500 B, against xvio with CPU copies in the
+//!   same run: the rate and CPU 1's busy share (/proc/stat) with xvio's busiest threads, to
+//!   show what the offload frees on the datapath's core. Only to_guest copies go through the
+//!   copy engine today; from_guest copies are the CPU's with or without `--dma`, and the
+//!   output says so.
 //!
 //! Placement, the same for every datapath: the generator and the sink (the generator and
 //! testpmd's forwarding lcore) on CPU 0, the datapath on CPU 1 (`xvio --datapath-cpus 1`;
-//! OVS `pmd-cpu-mask=0x2`, `dpdk-lcore-mask=0x1`). On veth the receiving end's XDP and the
-//! AF_XDP copy into the UMEM run on the sending CPU (CPU 0 to_guest); AF_XDP transmit in copy
-//! mode runs the peer's receive on the CPU that calls `sendto` (CPU 1 from_guest).
+//! OVS `pmd-cpu-mask=0x2`, `dpdk-lcore-mask=0x1`; testpmd `--main-lcore 0 -l 0,1`, its
+//! forwarding lcore 1; the bare AF_XDP loops pinned to CPU 1). On veth the receiving end's XDP
+//! and the AF_XDP copy into the UMEM run on the sending CPU (CPU 0 to_guest); AF_XDP transmit
+//! in copy mode runs the peer's receive on the CPU that calls `sendto` (CPU 1 from_guest).
+//!
+//! testpmd's `net_af_xdp` on veth works with the PMD's defaults but one: copy mode is the
+//! kernel's choice (veth has no zero-copy, no `force_copy=1` needed), and libxdp attaches the
+//! PMD's program without its dispatcher (which it cannot load here), natively. Its preferred
+//! busy polling (`busy_budget`, 64 by default) is turned off (`busy_budget=0`): with it, each
+//! receive burst is a `recvfrom` that runs the veth's NAPI (XDP and the copy into the UMEM)
+//! on the forwarding lcore's CPU 1 instead of the sender's CPU 0, a placement no other
+//! datapath gets. `--testpmd-busy-budget N` measures it with busy polling.
 //!
 //! Each datapath runs on a fresh topology (namespaces, veth) with one guest; every run
 //! prints the anchor's health (its ports up, frames through, where frames were dropped) and
-//! how busy each CPU was. OVS-DPDK that does not come up or forwards nothing fails the
-//! benchmark (non-zero exit, no ratio). After the rates, a cost phase per datapath
-//! ([`cost`]): idle CPU, CPU per frame at a paced load, ping round trips.
+//! how busy each CPU was. An anchor (OVS-DPDK, testpmd) or bare AF_XDP that does not come up
+//! or carries nothing fails the benchmark (non-zero exit, no ratio). After the rates, a cost
+//! phase per datapath ([`cost`]): idle CPU, CPU per frame at a paced load, ping round trips.
 //!
 //! Options (after `--`): `--reps N` (5; 0 runs the cost phase only), `--seconds S` (3, the
-//! measuring window), `--only xvio|ovs` (no table then), `--no-cost`. Needs root, Debian's
-//! dpdk-dev and openvswitch-switch-dpdk, and the release build of `xvio` (`cargo xtask bench
-//! bridge` builds it).
+//! measuring window), `--only LIST` (comma-separated of xvio, dma, ovs, testpmd, bare; all by
+//! default; a ratio is printed where both sides ran), `--no-cost`, `--testpmd-busy-budget N`
+//! (0). Needs root, Debian's dpdk-dev and openvswitch-switch-dpdk, and the release build of
+//! `xvio` (`cargo xtask bench bridge` builds it).
 
+mod bare;
 mod cost;
 mod rate;
 mod setup;
+mod table;
 
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use xvio_tests::bench::Summary;
-
 use crate::{
-    rate::{Direction, from_guest, to_guest},
-    setup::{Bridge, Datapath, SIZES},
+    rate::{Direction, Sample},
+    setup::{Bridge, Datapath},
 };
 
 struct Settings {
@@ -49,6 +73,8 @@ struct Settings {
     window: Duration,
     /// Whether the cost phase (idle CPU, CPU per frame, ping) runs after the rates.
     cost: bool,
+    /// testpmd's `net_af_xdp` `busy_budget`.
+    testpmd_busy_budget: u32,
     started: Instant,
 }
 
@@ -59,71 +85,95 @@ impl Settings {
     }
 }
 
-fn settings() -> Settings {
+fn settings() -> Result<Settings, String> {
     let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str| {
+    let arg = |name: &str| {
         args.iter()
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse::<u64>().ok())
     };
-    let datapaths = match args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-    {
-        Some("xvio") => vec![Datapath::Xvio],
-        Some("ovs") => vec![Datapath::Ovs],
-        _ => vec![Datapath::Xvio, Datapath::Ovs],
+    let value = |name: &str| arg(name).and_then(|v| v.parse::<u64>().ok());
+    let datapaths = match arg("--only") {
+        None => Datapath::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|name| {
+                Datapath::ALL
+                    .into_iter()
+                    .find(|dp| dp.option() == name)
+                    .ok_or_else(|| {
+                        format!("--only {name}: expected a comma-separated list of xvio, dma, ovs, testpmd, bare")
+                    })
+            })
+            .collect::<Result<_, _>>()?,
     };
-    Settings {
+    Ok(Settings {
         datapaths,
         // 0: the cost phase only.
         reps: value("--reps").map_or(5, |r| r as usize),
         window: Duration::from_secs(value("--seconds").unwrap_or(3).max(1)),
         cost: !args.iter().any(|a| a == "--no-cost"),
+        testpmd_busy_budget: value("--testpmd-busy-budget").map_or(0, |b| b as u32),
         started: Instant::now(),
-    }
+    })
 }
 
-type Results = BTreeMap<(Direction, usize, Datapath), Vec<f64>>;
+/// One measurement's figures kept for the table.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Point {
+    /// Frames/s.
+    pub(crate) rate: f64,
+    /// CPU 1's busy share, percent.
+    pub(crate) cpu1: f64,
+}
 
-/// Every run, alternating the datapaths; fails on the first error, or when the anchor
-/// forwards nothing.
+pub(crate) type Results = BTreeMap<(Direction, usize, Datapath), Vec<Point>>;
+
+/// Every run, alternating the datapaths; fails on the first error, or when a reference
+/// (an anchor, bare AF_XDP) carries nothing.
 fn run_all(s: &Settings, results: &mut Results) -> Result<(), String> {
     for rep in 1..=s.reps {
         for dp in s.datapaths.iter().copied() {
-            let bridge =
-                Bridge::start(dp).map_err(|e| format!("{} did not start: {e}", dp.name()))?;
-            println!(
-                "{} run {rep}/{} {}: {}",
-                s.clock(),
-                s.reps,
-                dp.name(),
-                bridge.health()?
-            );
+            let bridge = match dp {
+                Datapath::Bare => {
+                    println!("{} run {rep}/{} {}", s.clock(), s.reps, dp.name());
+                    None
+                }
+                _ => {
+                    let bridge = Bridge::start(dp, s.testpmd_busy_budget)
+                        .map_err(|e| format!("{} did not start: {e}", dp.name()))?;
+                    println!(
+                        "{} run {rep}/{} {}: {}",
+                        s.clock(),
+                        s.reps,
+                        dp.name(),
+                        bridge.health()?
+                    );
+                    Some(bridge)
+                }
+            };
             for dir in [Direction::ToGuest, Direction::FromGuest] {
-                for len in SIZES {
-                    let sample = match dir {
-                        Direction::ToGuest => to_guest(&bridge, len, s.window),
-                        Direction::FromGuest => from_guest(&bridge, len, s.window),
-                    }
-                    .map_err(|e| format!("{} {} {len} B: {e}", dp.name(), dir.name()))?;
+                for &len in dp.sizes() {
+                    let sample = measure(bridge.as_ref(), dir, len, s.window)
+                        .map_err(|e| format!("{} {} {len} B: {e}", dp.name(), dir.name()))?;
                     println!(
                         "  {:<10} {len:>4} B {:>7.3} Mpps | {}",
                         dir.name(),
                         sample.rate / 1e6,
                         sample.health
                     );
-                    if dp == Datapath::Ovs && sample.rate <= 0.0 {
+                    if dp.is_reference() && sample.rate <= 0.0 {
                         return Err(format!(
-                            "the anchor (OVS-DPDK) forwarded nothing {} at {len} B: {}",
+                            "the reference {} carried nothing {} at {len} B: {}",
+                            dp.name(),
                             dir.name(),
                             sample.health
                         ));
                     }
-                    results.entry((dir, len, dp)).or_default().push(sample.rate);
+                    results.entry((dir, len, dp)).or_default().push(Point {
+                        rate: sample.rate,
+                        cpu1: sample.datapath_cpu_busy(),
+                    });
                 }
             }
         }
@@ -131,53 +181,38 @@ fn run_all(s: &Settings, results: &mut Results) -> Result<(), String> {
     Ok(())
 }
 
-/// The cost phase, one run per datapath; a line of results for each.
+/// One measurement through `bridge`, or through bare AF_XDP without one.
+fn measure(
+    bridge: Option<&Bridge>,
+    dir: Direction,
+    len: usize,
+    window: Duration,
+) -> Result<Sample, String> {
+    match (bridge, dir) {
+        (Some(b), Direction::ToGuest) => rate::to_guest(b, len, window),
+        (Some(b), Direction::FromGuest) => rate::from_guest(b, len, window),
+        (None, Direction::ToGuest) => bare::to_guest(len, window),
+        (None, Direction::FromGuest) => bare::from_guest(len, window),
+    }
+}
+
+/// The cost phase, one run per bridging datapath (not the DMA variant: its paced load is
+/// 64 B, below the copy threshold); a line of results for each.
 fn run_cost(s: &Settings) -> Result<Vec<(Datapath, String)>, String> {
     let mut lines = Vec::new();
     for dp in s.datapaths.iter().copied() {
-        let mut bridge =
-            Bridge::start(dp).map_err(|e| format!("{} did not start: {e}", dp.name()))?;
+        if !matches!(dp, Datapath::Xvio | Datapath::Ovs | Datapath::Testpmd) {
+            continue;
+        }
+        let mut bridge = Bridge::start(dp, s.testpmd_busy_budget)
+            .map_err(|e| format!("{} did not start: {e}", dp.name()))?;
         bridge.detach_counter();
         println!("{} cost {}: {}", s.clock(), dp.name(), bridge.health()?);
-        let line = cost::measure(&bridge).map_err(|e| format!("{} cost: {e}", dp.name()))?;
+        let line = cost::measure(&mut bridge).map_err(|e| format!("{} cost: {e}", dp.name()))?;
         println!("  {line}");
         lines.push((dp, line));
     }
     Ok(lines)
-}
-
-fn print_table(s: &Settings, results: &Results) {
-    println!();
-    println!(
-        "bridge NIC <-> guest: frames/s (Mpps) and Gbit/s of frame bytes (no FCS), median [min-max] of {} runs of {} s, xvio and OVS-DPDK alternating",
-        s.reps,
-        s.window.as_secs()
-    );
-    println!(
-        "placement: generator and sink on CPU 0 (live-frames XDP generator / testpmd txonly; testpmd rxonly / peer XDP counter); datapath on CPU 1 (xvio --datapath-cpus 1 | OVS pmd-cpu-mask=0x2)"
-    );
-    for dir in [Direction::ToGuest, Direction::FromGuest] {
-        for len in SIZES {
-            let sum = |dp| results.get(&(dir, len, dp)).and_then(|v| Summary::of(v));
-            let (Some(x), Some(o)) = (sum(Datapath::Xvio), sum(Datapath::Ovs)) else {
-                continue;
-            };
-            let gbps = |pps: f64| pps * len as f64 * 8.0 / 1e9;
-            println!(
-                "{:<10} {len:>4} B | xvio {:>6.3} Mpps [{:.3}-{:.3}] {:>5.2} Gbit/s | OVS-DPDK {:>6.3} Mpps [{:.3}-{:.3}] {:>5.2} Gbit/s | xvio/OVS {:.2}",
-                dir.name(),
-                x.median / 1e6,
-                x.min / 1e6,
-                x.max / 1e6,
-                gbps(x.median),
-                o.median / 1e6,
-                o.min / 1e6,
-                o.max / 1e6,
-                gbps(o.median),
-                x.median / o.median,
-            );
-        }
-    }
 }
 
 fn main() {
@@ -188,7 +223,13 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let s = settings();
+    let s = match settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bench bridge: {e}");
+            std::process::exit(2);
+        }
+    };
     let mut results = Results::new();
     // Everything a run starts is dropped (stopped, removed) before these return.
     let costs =
@@ -200,19 +241,8 @@ fn main() {
             std::process::exit(1);
         }
     };
-    print_table(&s, &results);
-    if !costs.is_empty() {
-        println!(
-            "cost: idle = datapath process CPU over {} s, guest connected, no traffic; paced = 64 B to_guest at {} frames/s for {} s in bursts of {:?} frames, datapath process CPU per delivered frame (top threads); ping = {} pings every 10 ms from the peer (CPU 0) to an icmpecho guest",
-            cost::IDLE.as_secs(),
-            cost::PACED_PPS,
-            cost::PACED.as_secs(),
-            cost::PACED_BURSTS,
-            cost::PINGS
-        );
-        for (dp, line) in costs {
-            println!("{:<9} {line}", dp.name());
-        }
-    }
+    table::rates(&s, &results);
+    table::dma(&results);
+    table::costs(&costs);
     println!("{} done", s.clock());
 }

@@ -1,7 +1,8 @@
 //! One datapath bridging a fresh veth and one guest socket: xvio (`xvio run --iface IF
-//! --guest …`) or a private OVS-DPDK (an `afxdp` port on IF, a `dpdkvhostuser` port, flows
-//! equal to xvio's steering), the peer's counting XDP program, and the datapath's own
-//! counters and health.
+//! --guest …`, with CPU copies or with `--dma sw`), a private OVS-DPDK (an `afxdp` port on IF,
+//! a `dpdkvhostuser` port, flows equal to xvio's steering) or testpmd (`net_af_xdp` on IF,
+//! `net_vhost` on the guest's socket, io forwarding); the peer's counting XDP program; and the
+//! datapath's own counters and health.
 
 use std::{
     collections::BTreeMap,
@@ -14,6 +15,7 @@ use xvio_tests::{
     bench::{dpdk_runtime_dirs, guest_stats, port_stats, thread_sleeps},
     daemon::Daemon,
     dpdk::{Testpmd, TestpmdTotals},
+    dpdk_fwd::{AF_XDP_PORT, AfXdpVhostFwd, EthStats, FwdConfig, FwdCycles, VHOST_PORT},
     netns::mac_of,
     ovs::{OvsCpus, OvsDpdk, OvsPortCounters},
     topology::Topology,
@@ -31,23 +33,67 @@ pub(crate) const GENERATOR_CHUNK: u32 = 100_000;
 /// testpmd's lcores: the main lcore (idle) on CPU 1, the forwarding lcore on CPU 0.
 pub(crate) const GUEST_CPUS: &str = "1,0";
 pub(crate) const DATAPATH_CPU: &str = "1";
+/// xvio's `--dma` channel and threshold in the offload runs: a software DMA engine on CPU 0
+/// (the other core), taking every copy of 1024 bytes or more (1500 B frames, not 64 B ones).
+pub(crate) const DMA_ARGS: [&str; 4] = ["--dma", "sw:0", "--copy-threshold", "1024"];
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
 /// testpmd writes its log through a block buffer that it flushes with each statistics
 /// print: without a period, "Start automatic packet forwarding" may not reach the log
 /// until testpmd exits.
 pub(crate) const STATS_PERIOD: &[&str] = &["--stats-period", "1"];
 
+/// What carries the frames. `Bare` is no bridge: an AF_XDP socket alone, receiving and
+/// recycling or transmitting (see `bare`), the ceiling of each direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Datapath {
     Xvio,
+    XvioDma,
     Ovs,
+    Testpmd,
+    Bare,
 }
 
 impl Datapath {
+    pub(crate) const ALL: [Datapath; 5] = [
+        Datapath::Xvio,
+        Datapath::XvioDma,
+        Datapath::Ovs,
+        Datapath::Testpmd,
+        Datapath::Bare,
+    ];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Datapath::Xvio => "xvio",
+            Datapath::XvioDma => "xvio --dma sw",
             Datapath::Ovs => "OVS-DPDK",
+            Datapath::Testpmd => "testpmd",
+            Datapath::Bare => "bare AF_XDP",
+        }
+    }
+
+    /// Its name for `--only`.
+    pub(crate) fn option(self) -> &'static str {
+        match self {
+            Datapath::Xvio => "xvio",
+            Datapath::XvioDma => "dma",
+            Datapath::Ovs => "ovs",
+            Datapath::Testpmd => "testpmd",
+            Datapath::Bare => "bare",
+        }
+    }
+
+    /// Whether a rate of 0 means the comparison is void (an anchor or the ceiling), not a
+    /// result.
+    pub(crate) fn is_reference(self) -> bool {
+        matches!(self, Datapath::Ovs | Datapath::Testpmd | Datapath::Bare)
+    }
+
+    /// The frame sizes it is measured at: the DMA runs only where the channel takes the copies.
+    pub(crate) fn sizes(self) -> &'static [usize] {
+        match self {
+            Datapath::XvioDma => &SIZES[1..],
+            _ => &SIZES,
         }
     }
 }
@@ -67,16 +113,23 @@ pub(crate) enum Snapshot {
         event_wakeups: u64,
     },
     Ovs(BTreeMap<String, OvsPortCounters>),
+    Testpmd {
+        af_xdp: EthStats,
+        vhost: EthStats,
+    },
 }
 
 enum Engine {
     Xvio(Daemon),
     Ovs(OvsDpdk),
+    /// `None` only while it is restarted.
+    Testpmd(Option<AfXdpVhostFwd>),
 }
 
 /// One datapath bridging a fresh veth and one guest socket. Drops the counter, then the
 /// datapath, then the namespaces.
 pub(crate) struct Bridge {
+    dp: Datapath,
     counter: Option<DropCounter>,
     engine: Engine,
     pub(crate) socket: PathBuf,
@@ -85,7 +138,8 @@ pub(crate) struct Bridge {
 }
 
 impl Bridge {
-    pub(crate) fn start(dp: Datapath) -> Result<Bridge, String> {
+    /// `testpmd_busy_budget`: the `busy_budget` of testpmd's `net_af_xdp` port.
+    pub(crate) fn start(dp: Datapath, testpmd_busy_budget: u32) -> Result<Bridge, String> {
         let topo = Topology::new(1);
         let peer_mac = mac_of(&topo.peer, &topo.peer_if);
         let counter = Some(
@@ -93,10 +147,10 @@ impl Bridge {
                 .run(|| DropCounter::attach_from(&topo.peer_if, GUEST_MAC)),
         );
         let (engine, socket) = match dp {
-            Datapath::Xvio => {
-                let socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-br-")));
+            Datapath::Xvio | Datapath::XvioDma => {
+                let socket = temp_socket();
                 let guest = format!("socket={},mac={GUEST}", socket.display());
-                let args = [
+                let mut args = vec![
                     "--iface",
                     &topo.ifname,
                     "--guest",
@@ -104,6 +158,9 @@ impl Bridge {
                     "--datapath-cpus",
                     DATAPATH_CPU,
                 ];
+                if dp == Datapath::XvioDma {
+                    args.extend(DMA_ARGS);
+                }
                 let ready = topo.pin_dir().join(maps::EVENT_STATE);
                 let daemon = Daemon::start(Some(&topo.host), &args, &ready)?;
                 (Engine::Xvio(daemon), socket)
@@ -127,8 +184,24 @@ impl Bridge {
                 ])?;
                 (Engine::Ovs(ovs), socket)
             }
+            Datapath::Testpmd => {
+                let config = FwdConfig {
+                    iface: topo.ifname.clone(),
+                    socket: temp_socket(),
+                    main_cpu: 0,
+                    forward_cpu: 1,
+                    busy_budget: testpmd_busy_budget,
+                };
+                let fwd = AfXdpVhostFwd::start(&topo.host, config)?;
+                let socket = fwd.config().socket.clone();
+                (Engine::Testpmd(Some(fwd)), socket)
+            }
+            Datapath::Bare => {
+                return Err("bare AF_XDP is measured without a bridge (bare.rs)".to_owned());
+            }
         };
         Ok(Bridge {
+            dp,
             counter,
             engine,
             socket,
@@ -138,15 +211,44 @@ impl Bridge {
     }
 
     pub(crate) fn datapath(&self) -> Datapath {
-        match self.engine {
-            Engine::Xvio(_) => Datapath::Xvio,
-            Engine::Ovs(_) => Datapath::Ovs,
+        self.dp
+    }
+
+    /// testpmd, when that is the datapath.
+    fn testpmd(&self) -> Result<Option<&AfXdpVhostFwd>, String> {
+        match &self.engine {
+            Engine::Testpmd(Some(fwd)) => Ok(Some(fwd)),
+            Engine::Testpmd(None) => Err("testpmd did not come back after a restart".to_owned()),
+            _ => Ok(None),
         }
+    }
+
+    /// Stops testpmd, reads the cycles per frame it printed, and starts it again (on the
+    /// same interface and socket): `--record-core-cycles` prints only at stop. `None` for
+    /// another datapath.
+    pub(crate) fn restart_testpmd(&mut self) -> Result<Option<FwdCycles>, String> {
+        let Engine::Testpmd(slot) = &mut self.engine else {
+            return Ok(None);
+        };
+        let fwd = slot
+            .take()
+            .ok_or("testpmd did not come back after a restart")?;
+        let config = fwd.config().clone();
+        let (cycles, out) = fwd.stop();
+        *slot = Some(AfXdpVhostFwd::start(&self.topo.host, config)?);
+        cycles.map(Some).ok_or_else(|| {
+            let tail: Vec<&str> = out.lines().rev().take(30).collect();
+            format!(
+                "testpmd printed no cycles per frame at stop:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
     }
 
     /// How the datapath came up: its ports, their modes, the threads that poll them.
     pub(crate) fn health(&self) -> Result<String, String> {
         match &self.engine {
+            Engine::Testpmd(_) => self.testpmd_health(),
             Engine::Xvio(daemon) => {
                 let deadline = Instant::now() + WAIT;
                 loop {
@@ -155,8 +257,15 @@ impl Bridge {
                         && g.active == 1
                         && p.active == 1
                     {
+                        let dma = dma_channel(&daemon.log());
+                        if self.dp == Datapath::XvioDma && dma.is_none() {
+                            return Err(format!(
+                                "xvio logged no started DMA channel:\n{}",
+                                daemon.log()
+                            ));
+                        }
                         return Ok(format!(
-                            "AF_XDP socket on {} queue 0 ({}{}), guest port active",
+                            "AF_XDP socket on {} queue 0 ({}{}), guest port active{}",
                             self.topo.ifname,
                             if p.zero_copy == 1 {
                                 "zero-copy"
@@ -168,6 +277,7 @@ impl Bridge {
                             } else {
                                 ""
                             },
+                            dma.map_or(String::new(), |l| format!("; {l}")),
                         ));
                     }
                     if Instant::now() > deadline {
@@ -212,7 +322,38 @@ impl Bridge {
         }
     }
 
+    /// testpmd's health: its forwarding lcore on CPU 1 polling both ports, the af_xdp port's
+    /// link up, its XDP program attached natively.
+    fn testpmd_health(&self) -> Result<String, String> {
+        let fwd = self.testpmd()?.ok_or("not testpmd")?;
+        let iface = &self.topo.ifname;
+        let forwarding = fwd.forwarding().unwrap_or_default();
+        let xdp = xdp_attached(&self.topo, iface);
+        if !forwarding.contains("Logical Core 1 ")
+            || !forwarding.contains("on 2 streams")
+            || !fwd.link_up(AF_XDP_PORT)?
+            || xdp.is_none()
+        {
+            return Err(format!(
+                "testpmd is not forwarding both ports on lcore 1 with its af_xdp port up: {forwarding:?}, af_xdp link up {}, XDP on {iface}: {}",
+                fwd.link_up(AF_XDP_PORT)?,
+                xdp.as_deref().unwrap_or("none")
+            ));
+        }
+        Ok(format!(
+            "net_af_xdp on {iface} queue 0 (link up, {}, busy_budget {}), net_vhost on the guest's socket; {forwarding}",
+            xdp.unwrap_or_default(),
+            fwd.config().busy_budget
+        ))
+    }
+
     pub(crate) fn snapshot(&self) -> Result<Snapshot, String> {
+        if let Some(fwd) = self.testpmd()? {
+            return Ok(Snapshot::Testpmd {
+                af_xdp: fwd.stats(AF_XDP_PORT)?,
+                vhost: fwd.stats(VHOST_PORT)?,
+            });
+        }
         match &self.engine {
             Engine::Xvio(daemon) => Ok(Snapshot::Xvio {
                 guest: guest_stats(0).ok_or("xvio's guest_stats is not pinned")?,
@@ -227,6 +368,7 @@ impl Bridge {
                 }),
             }),
             Engine::Ovs(ovs) => ovs.port_counters().map(Snapshot::Ovs),
+            Engine::Testpmd(_) => Err("testpmd's counters went with it".to_owned()),
         }
     }
 
@@ -246,6 +388,10 @@ impl Bridge {
                 Engine::Ovs(ovs) => {
                     let link = ovs.interface(OVS_GUEST_PORT, "link_state")?;
                     (link == "up") == up
+                }
+                Engine::Testpmd(_) => {
+                    let fwd = self.testpmd()?.ok_or("not testpmd")?;
+                    fwd.link_up(VHOST_PORT)? == up
                 }
             };
             if now {
@@ -269,11 +415,12 @@ impl Bridge {
         self.snapshot()
     }
 
-    /// The datapath's process: xvio, or ovs-vswitchd.
+    /// The datapath's process: xvio, ovs-vswitchd or testpmd.
     pub(crate) fn pid(&self) -> Option<i32> {
         match &self.engine {
             Engine::Xvio(daemon) => daemon.pid(),
             Engine::Ovs(ovs) => ovs.vswitchd_pid(),
+            Engine::Testpmd(fwd) => fwd.as_ref().and_then(AfXdpVhostFwd::pid),
         }
     }
 
@@ -281,7 +428,7 @@ impl Bridge {
     pub(crate) fn ovs(&self) -> Option<&OvsDpdk> {
         match &self.engine {
             Engine::Ovs(ovs) => Some(ovs),
-            Engine::Xvio(_) => None,
+            Engine::Xvio(_) | Engine::Testpmd(_) => None,
         }
     }
 
@@ -337,6 +484,43 @@ impl Drop for Bridge {
         // The engine and the namespaces go with the fields; xvio's socket file may stay.
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+fn temp_socket() -> PathBuf {
+    std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-br-")))
+}
+
+/// "native XDP prog id 42" (or generic) when a program is attached to `iface` in the host
+/// namespace, from `ip -d link show`.
+fn xdp_attached(topo: &Topology, iface: &str) -> Option<String> {
+    let out = topo
+        .host
+        .command("ip")
+        .args(["-d", "link", "show", "dev", iface])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words.windows(3).find_map(|w| match w {
+        ["prog/xdp", "id", id] => Some(format!("native XDP prog id {id}")),
+        ["prog/xdpgeneric", "id", id] => Some(format!("generic XDP prog id {id}")),
+        _ => None,
+    })
+}
+
+/// xvio's "DMA channel started" log line, shortened: "DMA channel sw0@cpu0, threshold 1024".
+fn dma_channel(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("DMA channel started"))?;
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(|v| v.trim_matches('"').to_owned())
+    };
+    Some(format!(
+        "DMA channel {}, threshold {}",
+        field("channel=").unwrap_or_else(|| "?".to_owned()),
+        field("threshold=").unwrap_or_else(|| "?".to_owned())
+    ))
 }
 
 /// A testpmd guest, and the DPDK runtime folders it made, removed once it stopped.
