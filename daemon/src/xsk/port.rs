@@ -331,8 +331,8 @@ impl XskPort {
             stats.fill_ring_empty = k.rx_fill_ring_empty_descs;
             // The kernel counts a frame it drops for an empty fill ring both in
             // `rx_dropped` and in the fill ring's empty count: only its other drops are added.
-            stats.rx_ring_full = k.rx_ring_full
-                + k.rx_dropped.saturating_sub(k.rx_fill_ring_empty_descs);
+            stats.rx_ring_full =
+                k.rx_ring_full + k.rx_dropped.saturating_sub(k.rx_fill_ring_empty_descs);
         }
         stats.tx_in_flight = u64::from(self.counts.tx_in_flight);
         stats

@@ -17,12 +17,11 @@
 //!   over through an AF_XDP socket, counted by the same peer program (from_guest): what `bench
 //!   xsk` measures as rx+recycle and tx, here in the same run. The table prints xvio's share of
 //!   it (the target: at least 0.90).
-//! - **`--dma sw`**: xvio with `--dma sw:0 --copy-threshold 1024` (a software DMA engine on
-//!   CPU 0 takes every copy of 1024 B or more) at 1500 B, against xvio with CPU copies in the
-//!   same run: the rate and CPU 1's busy share (/proc/stat) with xvio's busiest threads, to
-//!   show what the offload frees on the datapath's core. Only to_guest copies go through the
-//!   copy engine today; from_guest copies are the CPU's with or without `--dma`, and the
-//!   output says so.
+//! - **`--dma sw`**: xvio with `--dma sw:0 --dma sw:0 --copy-threshold 1024` (two software
+//!   DMA engines on CPU 0, the first for the guest's RX queue, the second for its TX queue,
+//!   take every copy of 1024 B or more) at 1500 B, against xvio with CPU copies in the same
+//!   run: the rate and CPU 1's busy share (/proc/stat) with xvio's busiest threads, to show
+//!   what the offload frees on the datapath's core.
 //!
 //! Placement, the same for every datapath: the generator and the sink (the generator and
 //! testpmd's forwarding lcore) on CPU 0, the datapath on CPU 1 (`xvio --datapath-cpus 1`;
@@ -43,10 +42,12 @@
 //! prints the anchor's health (its ports up, frames through, where frames were dropped) and
 //! how busy each CPU was. An anchor (OVS-DPDK, testpmd) or bare AF_XDP that does not come up
 //! or carries nothing fails the benchmark (non-zero exit, no ratio). After the rates, a cost
-//! phase per datapath ([`cost`]): idle CPU, CPU per frame at a paced load, ping round trips.
+//! phase per datapath ([`cost`]): idle CPU, CPU per frame at a paced load, ping round trips;
+//! xvio also with `--busy-poll 20000` (cost phase only: it forwards as xvio does), for what
+//! a worker that sleeps between sparse frames costs in latency.
 //!
 //! Options (after `--`): `--reps N` (5; 0 runs the cost phase only), `--seconds S` (3, the
-//! measuring window), `--only LIST` (comma-separated of xvio, dma, ovs, testpmd, bare; all by
+//! measuring window), `--only LIST` (comma-separated of xvio, dma, poll, ovs, testpmd, bare; all by
 //! default; a ratio is printed where both sides ran), `--no-cost`, `--testpmd-busy-budget N`
 //! (0). Needs root, Debian's dpdk-dev and openvswitch-switch-dpdk, and the release build of
 //! `xvio` (`cargo xtask bench bridge` builds it).
@@ -102,7 +103,7 @@ fn settings() -> Result<Settings, String> {
                     .into_iter()
                     .find(|dp| dp.option() == name)
                     .ok_or_else(|| {
-                        format!("--only {name}: expected a comma-separated list of xvio, dma, ovs, testpmd, bare")
+                        format!("--only {name}: expected a comma-separated list of xvio, dma, poll, ovs, testpmd, bare")
                     })
             })
             .collect::<Result<_, _>>()?,
@@ -133,7 +134,13 @@ pub(crate) type Results = BTreeMap<(Direction, usize, Datapath), Vec<Point>>;
 /// (an anchor, bare AF_XDP) carries nothing.
 fn run_all(s: &Settings, results: &mut Results) -> Result<(), String> {
     for rep in 1..=s.reps {
-        for dp in s.datapaths.iter().copied() {
+        // `--busy-poll 20000` forwards as xvio does: only its cost is measured.
+        for dp in s
+            .datapaths
+            .iter()
+            .copied()
+            .filter(|&d| d != Datapath::XvioPoll)
+        {
             let bridge = match dp {
                 Datapath::Bare => {
                     println!("{} run {rep}/{} {}", s.clock(), s.reps, dp.name());
@@ -201,7 +208,10 @@ fn measure(
 fn run_cost(s: &Settings) -> Result<Vec<(Datapath, String)>, String> {
     let mut lines = Vec::new();
     for dp in s.datapaths.iter().copied() {
-        if !matches!(dp, Datapath::Xvio | Datapath::Ovs | Datapath::Testpmd) {
+        if !matches!(
+            dp,
+            Datapath::Xvio | Datapath::XvioPoll | Datapath::Ovs | Datapath::Testpmd
+        ) {
             continue;
         }
         let mut bridge = Bridge::start(dp, s.testpmd_busy_budget)

@@ -159,7 +159,10 @@ fn threads_text(
     let (Some(before), Some(pid)) = (before, bridge.pid()) else {
         return String::new();
     };
-    if !matches!(bridge.datapath(), Datapath::Xvio | Datapath::XvioDma) {
+    if !matches!(
+        bridge.datapath(),
+        Datapath::Xvio | Datapath::XvioDma | Datapath::XvioPoll
+    ) {
         return String::new();
     }
     let used = cpu_delta(&before, &cpu_by_thread(pid));

@@ -35,7 +35,8 @@ pub(crate) const GUEST_CPUS: &str = "1,0";
 pub(crate) const DATAPATH_CPU: &str = "1";
 /// xvio's `--dma` channel and threshold in the offload runs: a software DMA engine on CPU 0
 /// (the other core), taking every copy of 1024 bytes or more (1500 B frames, not 64 B ones).
-pub(crate) const DMA_ARGS: [&str; 4] = ["--dma", "sw:0", "--copy-threshold", "1024"];
+pub(crate) const DMA_ARGS: [&str; 6] =
+    ["--dma", "sw:0", "--dma", "sw:0", "--copy-threshold", "1024"];
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
 /// testpmd writes its log through a block buffer that it flushes with each statistics
 /// print: without a period, "Start automatic packet forwarding" may not reach the log
@@ -48,15 +49,19 @@ pub(crate) const STATS_PERIOD: &[&str] = &["--stats-period", "1"];
 pub(crate) enum Datapath {
     Xvio,
     XvioDma,
+    /// xvio polling 20 ms after its last frame before it sleeps (`--busy-poll 20000`): the
+    /// cost phase only, for what the sleeping worker costs in latency.
+    XvioPoll,
     Ovs,
     Testpmd,
     Bare,
 }
 
 impl Datapath {
-    pub(crate) const ALL: [Datapath; 5] = [
+    pub(crate) const ALL: [Datapath; 6] = [
         Datapath::Xvio,
         Datapath::XvioDma,
+        Datapath::XvioPoll,
         Datapath::Ovs,
         Datapath::Testpmd,
         Datapath::Bare,
@@ -66,6 +71,7 @@ impl Datapath {
         match self {
             Datapath::Xvio => "xvio",
             Datapath::XvioDma => "xvio --dma sw",
+            Datapath::XvioPoll => "xvio --busy-poll 20000",
             Datapath::Ovs => "OVS-DPDK",
             Datapath::Testpmd => "testpmd",
             Datapath::Bare => "bare AF_XDP",
@@ -77,6 +83,7 @@ impl Datapath {
         match self {
             Datapath::Xvio => "xvio",
             Datapath::XvioDma => "dma",
+            Datapath::XvioPoll => "poll",
             Datapath::Ovs => "ovs",
             Datapath::Testpmd => "testpmd",
             Datapath::Bare => "bare",
@@ -147,7 +154,7 @@ impl Bridge {
                 .run(|| DropCounter::attach_from(&topo.peer_if, GUEST_MAC)),
         );
         let (engine, socket) = match dp {
-            Datapath::Xvio | Datapath::XvioDma => {
+            Datapath::Xvio | Datapath::XvioDma | Datapath::XvioPoll => {
                 let socket = temp_socket();
                 let guest = format!("socket={},mac={GUEST}", socket.display());
                 let mut args = vec![
@@ -160,6 +167,9 @@ impl Bridge {
                 ];
                 if dp == Datapath::XvioDma {
                     args.extend(DMA_ARGS);
+                }
+                if dp == Datapath::XvioPoll {
+                    args.extend(["--busy-poll", "20000"]);
                 }
                 let ready = topo.pin_dir().join(maps::EVENT_STATE);
                 let daemon = Daemon::start(Some(&topo.host), &args, &ready)?;

@@ -90,7 +90,7 @@ pub(crate) fn dma(results: &Results) {
     );
     for (dir, (cpu_rate, cpu_busy), (dma_rate, dma_busy)) in rows {
         println!(
-            "{:<10} {len:>4} B  CPU copies {} CPU1 {} | --dma sw {} CPU1 {} | rate x{:.2}, CPU1 {:+.0} points{}",
+            "{:<10} {len:>4} B  CPU copies {} CPU1 {} | --dma sw {} CPU1 {} | rate x{:.2}, CPU1 {:+.0} points",
             dir.name(),
             mpps(&cpu_rate),
             percent(&cpu_busy),
@@ -98,11 +98,6 @@ pub(crate) fn dma(results: &Results) {
             percent(&dma_busy),
             dma_rate.median / cpu_rate.median,
             dma_busy.median - cpu_busy.median,
-            match dir {
-                Direction::ToGuest => "",
-                Direction::FromGuest =>
-                    "  (from_guest copies are the CPU's in xvio today, with or without --dma: this row shows the same work twice)",
-            }
         );
     }
 }
