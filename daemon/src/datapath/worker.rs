@@ -325,10 +325,10 @@ impl Worker {
             }
             match idle_since {
                 None => idle_since = Some(Instant::now()),
-                Some(t) if t.elapsed() >= self.busy_poll => {
-                    self.park();
-                    idle_since = None;
-                }
+                // Still idle after a park (it timed out, or a wake-up brought nothing): the
+                // idle time goes on, so the worker parks again at once rather than polling
+                // for another `busy_poll`.
+                Some(t) if t.elapsed() >= self.busy_poll => self.park(),
                 Some(_) => std::hint::spin_loop(),
             }
         }

@@ -85,7 +85,7 @@ pub(crate) fn dma(results: &Results) {
     }
     println!();
     println!(
-        "--dma sw against CPU copies at {len} B (xvio {}: a software DMA engine on CPU 0 takes copies of 1024 B or more), same runs; CPU1 = the datapath's CPU, busy share",
+        "--dma sw against CPU copies at {len} B (xvio {}: software DMA engines on CPU 0, one per queue, take copies of 1024 B or more), same runs; CPU1 = the datapath's CPU, busy share",
         DMA_ARGS.join(" ")
     );
     for (dir, (cpu_rate, cpu_busy), (dma_rate, dma_busy)) in rows {
