@@ -6,12 +6,15 @@
 //!
 //! Per iteration: commands; frames from the wire (a burst per uplink, each frame copied once,
 //! from its UMEM frame into the guest); frames from the guests (a burst per TX queue: to the
-//! wire copied once into a UMEM frame, to guests through a bounce buffer); completions of
-//! copies in flight; the uplinks' transmit rings flushed. Busy, it polls; idle for
-//! [`IDLE_BEFORE_PARK`] (`--busy-poll`), it parks in `poll(2)` on its uplinks' sockets, its wake eventfd and
-//! its DMA channels' completion fds, after asking every guest to kick (so an idle xvio uses
-//! no CPU). Wakers set nothing but the eventfd, and only while the worker says it sleeps:
-//! the worker says so *before* its last look at the queues, so no kick is lost.
+//! wire copied once into a UMEM frame, now or through the queue's copy engine; to guests
+//! through a bounce buffer); completions of copies in flight; the uplinks' transmit rings
+//! flushed. Busy, it polls, and guests are asked not to kick (`VRING_USED_F_NO_NOTIFY` for
+//! drivers without EVENT_IDX; with it, `avail_event` stays behind). Idle for
+//! [`IDLE_BEFORE_PARK`] (`--busy-poll`), it asks every guest's TX queues to kick and parks in
+//! `poll(2)` on its uplinks' sockets, its wake eventfd and its DMA channels' completion fds
+//! (so an idle xvio uses no CPU); still idle when it wakes, it parks again at once. Wakers
+//! set nothing but the eventfd, and only while the worker says it sleeps: the worker says so
+//! *before* its last look at the queues, so no kick is lost.
 
 use std::{
     os::fd::{AsFd, BorrowedFd},
