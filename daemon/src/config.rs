@@ -42,9 +42,12 @@ pub struct RunConfig {
     /// Interface to attach to (repeatable).
     #[arg(long = "iface", value_name = "IF", required_unless_present = "guests")]
     pub ifaces: Vec<String>,
-    /// A guest's vhost-user-net socket (repeatable): `socket=PATH,mac=MAC[,queues=N][,mode=server|client]`.
-    /// Server mode (default) creates the socket; client mode connects to the VMM's.
-    #[arg(long = "guest", value_name = "socket=PATH,mac=MAC,…")]
+    /// A guest's vhost-user-net socket (repeatable):
+    /// `socket=PATH,mac=MAC[@VLAN][,queues=N][,mode=server|client]`. Server mode (default)
+    /// creates the socket; client mode connects to the VMM's. `@VLAN` (1 to 4094) puts the
+    /// guest on an 802.1Q VLAN as an access port: it sends and receives untagged frames, the
+    /// wire carries them tagged.
+    #[arg(long = "guest", value_name = "socket=PATH,mac=MAC[@VLAN],…")]
     pub guests: Vec<GuestSpec>,
     /// How to attach the XDP program: `auto` tries native, then generic.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
@@ -144,13 +147,17 @@ pub enum SocketMode {
     Client,
 }
 
-/// `--guest socket=PATH,mac=MAC[,queues=N][,mode=server|client]`.
+/// `--guest socket=PATH,mac=MAC[@VLAN][,queues=N][,mode=server|client]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestSpec {
     /// The vhost-user socket.
     pub socket: std::path::PathBuf,
     /// The guest's MAC (frames to it, from the wire or other guests, go to this guest).
     pub mac: MacAddr,
+    /// Its 802.1Q VLAN (1 to 4094), 0 when untagged. A guest on a VLAN is an access port:
+    /// its frames are untagged in the guest and tagged on the wire, and it exchanges frames
+    /// only with the guests and the wire of its VLAN.
+    pub vlan: u16,
     /// Queue pairs (1 to 16).
     pub queues: u16,
     /// Who listens.
@@ -165,10 +172,10 @@ impl FromStr for GuestSpec {
         for field in s.split(',') {
             let (key, value) = field
                 .split_once('=')
-                .ok_or_else(|| format!("'{field}' is not KEY=VALUE; expected socket=PATH,mac=MAC[,queues=N][,mode=server|client]"))?;
+                .ok_or_else(|| format!("'{field}' is not KEY=VALUE; expected socket=PATH,mac=MAC[@VLAN][,queues=N][,mode=server|client]"))?;
             match key {
                 "socket" if !value.is_empty() => socket = Some(std::path::PathBuf::from(value)),
-                "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| e.to_string())?),
+                "mac" => mac = Some(parse_guest_mac(value)?),
                 "queues" => {
                     queues = value
                         .parse()
@@ -191,17 +198,42 @@ impl FromStr for GuestSpec {
             }
         }
         let socket = socket.ok_or("socket=PATH is missing")?;
-        let mac = mac.ok_or("mac=MAC is missing")?;
+        let (mac, vlan) = mac.ok_or("mac=MAC is missing")?;
         if mac.0[0] & 1 != 0 {
             return Err(ParseError::GroupMac(mac.to_string()).to_string());
         }
         Ok(GuestSpec {
             socket,
             mac,
+            vlan,
             queues,
             mode,
         })
     }
+}
+
+/// The value of a guest's `mac=MAC[@VLAN]` field: the MAC and the VLAN (0 without `@`).
+fn parse_guest_mac(value: &str) -> Result<(MacAddr, u16), String> {
+    let (mac_text, vlan) = match value.split_once('@') {
+        None => (value, 0),
+        Some((mac_text, vlan_text)) => {
+            let vlan = vlan_text
+                .parse::<u16>()
+                .ok()
+                .filter(|v| (1..4095).contains(v))
+                .ok_or_else(|| {
+                    format!(
+                        "mac={value}: '{vlan_text}' is not a VLAN id; expected MAC@VLAN with a \
+                         VLAN from 1 to 4094, or the MAC alone for an untagged guest"
+                    )
+                })?;
+            (mac_text, vlan)
+        }
+    };
+    let mac = mac_text
+        .parse::<MacAddr>()
+        .map_err(|e| format!("mac={value}: {e}"))?;
+    Ok((mac, vlan))
 }
 
 /// `--copy-threshold`.
@@ -439,7 +471,18 @@ mod tests {
         assert_eq!(g.socket, std::path::PathBuf::from("/run/vm1.sock"));
         assert_eq!((g.queues, g.mode), (2, SocketMode::Client));
         let g: GuestSpec = "socket=/tmp/a,mac=52:54:00:00:00:01".parse().unwrap();
-        assert_eq!((g.queues, g.mode), (1, SocketMode::Server));
+        assert_eq!((g.queues, g.mode, g.vlan), (1, SocketMode::Server, 0));
+        let g: GuestSpec = "socket=/tmp/a,mac=52:54:00:00:00:01@100,queues=2"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (g.mac, g.vlan, g.queues),
+            (MacAddr([0x52, 0x54, 0, 0, 0, 1]), 100, 2)
+        );
+        for vlan in [1, 4094] {
+            let text = format!("socket=/tmp/a,mac=52:54:00:00:00:01@{vlan}");
+            assert_eq!(text.parse::<GuestSpec>().unwrap().vlan, vlan);
+        }
         for (bad, why) in [
             ("mac=52:54:00:00:00:01", "socket=PATH is missing"),
             ("socket=/tmp/a", "mac=MAC is missing"),
@@ -457,7 +500,36 @@ mod tests {
                 "unknown field 'color'",
             ),
             ("socket=/tmp/a,mac=ff:ff:ff:ff:ff:ff", "must be unicast"),
+            ("socket=/tmp/a,mac=ff:ff:ff:ff:ff:ff@5", "must be unicast"),
             ("socket", "is not KEY=VALUE"),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01@0",
+                "mac=52:54:00:00:00:01@0: '0' is not a VLAN id; expected MAC@VLAN with a VLAN from 1 to 4094, or the MAC alone",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01@4095",
+                "'4095' is not a VLAN id",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01@",
+                "'' is not a VLAN id",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01@x1",
+                "'x1' is not a VLAN id",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01@-1",
+                "'-1' is not a VLAN id",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01@1@2",
+                "'1@2' is not a VLAN id",
+            ),
+            (
+                "socket=/tmp/a,mac=52:54:00:00@7",
+                "mac=52:54:00:00@7: '52:54:00:00' is not a MAC address",
+            ),
         ] {
             let err = bad.parse::<GuestSpec>().unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

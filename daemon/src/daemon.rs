@@ -153,18 +153,15 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         .iter()
         .map(|spec| {
             let guest = crate::vhost::guest::Guest::start_with_dma(spec, &datapath, Some(&dma))?;
-            info!(socket = %spec.socket.display(), mac = %spec.mac, queues = spec.queues, mode = ?spec.mode, "guest port ready");
+            info!(socket = %spec.socket.display(), mac = %spec.mac, vlan = spec.vlan, queues = spec.queues, mode = ?spec.mode, "guest port ready");
             Ok(guest)
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
-    // Frames to a guest's MAC go to the AF_XDP sockets of every interface, the rest to the
-    // kernel.
+    // Frames to a guest's MAC on its VLAN (0: untagged) go to the AF_XDP sockets of every
+    // interface, the rest to the kernel.
     for iface in &mut ifaces {
         for guest in &guests {
-            let key = xvio_common::SteerKey {
-                mac: guest.device().mac().0,
-                vlan: 0,
-            };
+            let key = xvio_common::SteerKey::new(guest.device().mac().0, guest.device().vlan());
             iface.attached.steer(key, guest.device().id())?;
         }
     }

@@ -119,6 +119,7 @@ fn start(switch: &Arc<Datapath>, queues: u16) -> Guest {
     let spec = GuestSpec {
         socket,
         mac: MacAddr(MAC_A),
+        vlan: 0,
         queues,
         mode: SocketMode::Server,
     };

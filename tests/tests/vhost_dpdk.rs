@@ -28,6 +28,7 @@ fn spec(mac: [u8; 6], mode: SocketMode) -> GuestSpec {
     GuestSpec {
         socket,
         mac: MacAddr(mac),
+        vlan: 0,
         queues: 1,
         mode,
     }

@@ -34,6 +34,7 @@ fn spec(mac: [u8; 6]) -> GuestSpec {
     GuestSpec {
         socket,
         mac: MacAddr(mac),
+        vlan: 0,
         queues: 1,
         mode: SocketMode::Server,
     }

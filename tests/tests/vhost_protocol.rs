@@ -41,6 +41,7 @@ fn start(switch: &Arc<Datapath>, mac: [u8; 6]) -> Guest {
     let spec = GuestSpec {
         socket: socket(),
         mac: MacAddr(mac),
+        vlan: 0,
         queues: 1,
         mode: SocketMode::Server,
     };
@@ -69,6 +70,7 @@ fn start_with_sw_dma(switch: &Arc<Datapath>, mac: [u8; 6]) -> Guest {
     let spec = GuestSpec {
         socket: socket(),
         mac: MacAddr(mac),
+        vlan: 0,
         queues: 1,
         mode: SocketMode::Server,
     };
@@ -464,6 +466,7 @@ fn spec_at(socket: PathBuf) -> GuestSpec {
     GuestSpec {
         socket,
         mac: MacAddr(MAC_A),
+        vlan: 0,
         queues: 1,
         mode: SocketMode::Server,
     }

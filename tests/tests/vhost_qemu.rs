@@ -20,6 +20,7 @@ fn guest(switch: &std::sync::Arc<Datapath>, mac: &str) -> Guest {
     let spec = GuestSpec {
         socket,
         mac: mac.parse::<MacAddr>().unwrap(),
+        vlan: 0,
         queues: 1,
         mode: SocketMode::Server,
     };

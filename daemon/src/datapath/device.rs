@@ -64,6 +64,7 @@ pub struct GuestDevice {
     id: GuestId,
     name: String,
     mac: MacAddr,
+    vlan: u16,
     queue_pairs: u16,
     counters: Arc<GuestCounters>,
     dirty: Arc<DirtyPages>,
@@ -86,16 +87,18 @@ impl std::fmt::Debug for GuestDevice {
             .field("id", &self.id)
             .field("name", &self.name)
             .field("mac", &self.mac)
+            .field("vlan", &self.vlan)
             .finish()
     }
 }
 
 impl GuestDevice {
-    /// A device for guest `id`, served by the worker behind `link`.
+    /// A device for guest `id` with `mac` on `vlan` (0: untagged), served by the worker
+    /// behind `link`.
     pub(crate) fn new(
         id: GuestId,
         name: &str,
-        mac: MacAddr,
+        (mac, vlan): (MacAddr, u16),
         queue_pairs: u16,
         link: WorkerLink,
     ) -> io::Result<GuestDevice> {
@@ -103,6 +106,7 @@ impl GuestDevice {
             id,
             name: name.to_owned(),
             mac,
+            vlan,
             queue_pairs: queue_pairs.max(1),
             counters: Arc::default(),
             dirty: Arc::default(),
@@ -131,6 +135,11 @@ impl GuestDevice {
     /// Its MAC.
     pub fn mac(&self) -> MacAddr {
         self.mac
+    }
+
+    /// Its 802.1Q VLAN, 0 when untagged (see `datapath::vlan`).
+    pub fn vlan(&self) -> u16 {
+        self.vlan
     }
 
     /// Its queue pairs.

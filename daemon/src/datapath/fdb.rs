@@ -1,7 +1,8 @@
-//! The worker's forwarding table: which of its guests owns a destination MAC. Owned by the
-//! worker and changed only between bursts (guests come and go through its command queue), so
-//! a lookup takes no lock. Group addresses (multicast, broadcast) are not in it: they go to
-//! every guest but the sender, and to the wire.
+//! The worker's forwarding table: which of its guests owns a destination MAC on a VLAN (0:
+//! untagged), as the XDP program's `steer` map is keyed. Owned by the worker and changed only
+//! between bursts (guests come and go through its command queue), so a lookup takes no lock.
+//! Group addresses (multicast, broadcast) are not in it: they go to every guest of the VLAN
+//! but the sender, and to the wire.
 
 use std::{
     collections::HashMap,
@@ -41,36 +42,37 @@ impl Hasher for MacHasher {
     }
 }
 
-/// MAC → slot of a local guest.
+/// (MAC, VLAN) → slot of a local guest.
 #[derive(Debug, Default)]
 pub struct Fdb {
     by_mac: HashMap<u64, usize, BuildHasherDefault<MacHasher>>,
 }
 
-/// The MAC at the start of `bytes` as a key.
-fn key(mac: &[u8; 6]) -> u64 {
+/// `mac` on `vlan` as a key: the MAC in the low 48 bits, the VLAN id (12 bits) above.
+fn key(mac: &[u8; 6], vlan: u16) -> u64 {
     let mut k = [0u8; 8];
     k[..6].copy_from_slice(mac);
+    k[6..].copy_from_slice(&(vlan & 0x0fff).to_le_bytes());
     u64::from_le_bytes(k)
 }
 
 impl Fdb {
-    /// Where a frame to `dst` goes.
-    pub fn lookup(&self, dst: &[u8; 6]) -> Dest {
+    /// Where a frame to `dst` on `vlan` (0: untagged) goes.
+    pub fn lookup(&self, dst: &[u8; 6], vlan: u16) -> Dest {
         if dst[0] & 1 != 0 {
             return Dest::Flood;
         }
-        match self.by_mac.get(&key(dst)) {
+        match self.by_mac.get(&key(dst, vlan)) {
             Some(&slot) => Dest::Guest(slot),
             None => Dest::Wire,
         }
     }
 
-    /// Rebuilds the table from the worker's guests (slot order).
-    pub fn rebuild(&mut self, macs: impl Iterator<Item = MacAddr>) {
+    /// Rebuilds the table from the worker's guests' MACs and VLANs (slot order).
+    pub fn rebuild(&mut self, guests: impl Iterator<Item = (MacAddr, u16)>) {
         self.by_mac.clear();
-        for (slot, mac) in macs.enumerate() {
-            self.by_mac.insert(key(&mac.0), slot);
+        for (slot, (mac, vlan)) in guests.enumerate() {
+            self.by_mac.insert(key(&mac.0, vlan), slot);
         }
     }
 }
@@ -87,11 +89,37 @@ mod tests {
     #[test]
     fn unicast_to_its_guest_group_to_all_unknown_to_the_wire() {
         let mut fdb = Fdb::default();
-        fdb.rebuild([MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2])].into_iter());
-        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 2]), Dest::Guest(1));
-        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 3]), Dest::Wire);
-        assert_eq!(fdb.lookup(&[0xff; 6]), Dest::Flood);
-        assert_eq!(fdb.lookup(&[0x33, 0x33, 0, 0, 0, 1]), Dest::Flood);
+        fdb.rebuild(
+            [
+                (MacAddr([2, 0, 0, 0, 0, 1]), 0),
+                (MacAddr([2, 0, 0, 0, 0, 2]), 0),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 2], 0), Dest::Guest(1));
+        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 3], 0), Dest::Wire);
+        assert_eq!(fdb.lookup(&[0xff; 6], 0), Dest::Flood);
+        assert_eq!(fdb.lookup(&[0x33, 0x33, 0, 0, 0, 1], 0), Dest::Flood);
         assert_eq!(dst_of(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn a_guest_is_found_on_its_vlan_only() {
+        let a = MacAddr([2, 0, 0, 0, 0, 1]);
+        let mut fdb = Fdb::default();
+        fdb.rebuild([(a, 100), (MacAddr([2, 0, 0, 0, 0, 2]), 0), (a, 200)].into_iter());
+        assert_eq!(fdb.lookup(&a.0, 100), Dest::Guest(0));
+        assert_eq!(
+            fdb.lookup(&a.0, 200),
+            Dest::Guest(2),
+            "one MAC on two VLANs"
+        );
+        assert_eq!(fdb.lookup(&a.0, 0), Dest::Wire, "untagged is not VLAN 100");
+        assert_eq!(fdb.lookup(&a.0, 101), Dest::Wire);
+        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 2], 100), Dest::Wire);
+        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 2], 0), Dest::Guest(1));
+        assert_eq!(fdb.lookup(&[0xff; 6], 100), Dest::Flood);
+        // Only the VLAN id's 12 bits are the key: 4096 + 100 is VLAN 100.
+        assert_eq!(fdb.lookup(&a.0, 4096 + 100), Dest::Guest(0));
     }
 }

@@ -5,7 +5,8 @@
 //! - `device`: a guest's vhost-user device; it tells the worker what the frontend set up.
 //! - `slot`: a guest as its worker holds it; `to_guest`: frames into one RX queue through
 //!   the copy engine; `bounce`: buffers between the two copies of a guest-to-guest frame;
-//!   `fdb`: where a destination MAC is; `counters`: a guest's counters.
+//!   `fdb`: where a destination MAC is (on a VLAN); `vlan`: guests on 802.1Q VLANs, tags
+//!   taken out and put in; `counters`: a guest's counters.
 //!
 //! The buffer model: a frame from the wire stays in its UMEM frame until its one copy into
 //! the guest completed; a frame from a guest to the wire is copied once, from its TX chain
@@ -24,6 +25,7 @@ pub mod from_guest;
 pub mod inbox;
 pub mod slot;
 pub mod to_guest;
+pub mod vlan;
 pub mod worker;
 
 use std::{
@@ -46,9 +48,17 @@ use worker::{Command, Uplink, Worker, WorkerLink};
 /// Errors of the datapath's control side; each names what failed.
 #[derive(Debug, Error)]
 pub enum DatapathError {
-    /// Two guests with one MAC.
-    #[error("MAC {0} is already used by another guest")]
-    DuplicateMac(MacAddr),
+    /// Two guests with one MAC on one VLAN.
+    #[error(
+        "MAC {mac} is already used by another guest{}; give each guest its own MAC",
+        on_vlan(*.vlan)
+    )]
+    DuplicateMac {
+        /// The MAC.
+        mac: MacAddr,
+        /// Its VLAN (0: untagged).
+        vlan: u16,
+    },
     /// The worker thread could not be started or pinned.
     #[error("starting the datapath worker")]
     Worker(#[source] std::io::Error),
@@ -63,12 +73,21 @@ pub enum DatapathError {
     },
 }
 
+/// " on VLAN N" for a VLAN, nothing for untagged.
+fn on_vlan(vlan: u16) -> String {
+    match vlan {
+        0 => String::new(),
+        v => format!(" on VLAN {v}"),
+    }
+}
+
 /// The running datapath.
 #[derive(Debug)]
 pub struct Datapath {
     link: WorkerLink,
     thread: Mutex<Option<JoinHandle<()>>>,
-    macs: Mutex<HashMap<[u8; 6], GuestId>>,
+    /// The guests' (MAC, VLAN).
+    macs: Mutex<HashMap<([u8; 6], u16), GuestId>>,
     next_id: AtomicU32,
 }
 
@@ -113,31 +132,29 @@ impl Datapath {
         }))
     }
 
-    /// Adds a guest with `mac` and `queue_pairs` queue pairs, its RX queues' copies on
-    /// `channels` (one per queue pair at most; the others copy on the CPU).
+    /// Adds a guest with `mac` on `vlan` (0: untagged) and `queue_pairs` queue pairs, its RX
+    /// queues' copies on `channels` (one per queue pair at most; the others copy on the CPU).
     pub fn add_guest(
         &self,
         name: &str,
-        mac: MacAddr,
+        (mac, vlan): (MacAddr, u16),
         queue_pairs: u16,
         channels: Vec<BoundChannel>,
     ) -> Result<Arc<GuestDevice>, DatapathError> {
         let mut macs = self.macs.lock().unwrap_or_else(|e| e.into_inner());
-        if macs.contains_key(&mac.0) {
-            return Err(DatapathError::DuplicateMac(mac));
+        if macs.contains_key(&(mac.0, vlan)) {
+            return Err(DatapathError::DuplicateMac { mac, vlan });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let device =
-            GuestDevice::new(id, name, mac, queue_pairs, self.link.clone()).map_err(|source| {
-                DatapathError::Device {
-                    name: name.to_owned(),
-                    source,
-                }
+        let device = GuestDevice::new(id, name, (mac, vlan), queue_pairs, self.link.clone())
+            .map_err(|source| DatapathError::Device {
+                name: name.to_owned(),
+                source,
             })?;
         let device = Arc::new(device);
         let slot = slot::GuestSlot::new(Arc::clone(&device), channels);
         self.link.send(Command::AddGuest(Box::new(slot)));
-        macs.insert(mac.0, id);
+        macs.insert((mac.0, vlan), id);
         Ok(device)
     }
 
@@ -153,11 +170,12 @@ impl Datapath {
         self.macs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&device.mac().0);
+            .remove(&(device.mac().0, device.vlan()));
     }
 
     /// Floods the broadcast and multicast frames `ifname` receives (in this thread's network
-    /// namespace) to every guest, while the host still gets them; the tap runs until dropped.
+    /// namespace) to every guest of the frame's VLAN, while the host still gets them; the tap
+    /// runs until dropped.
     pub fn add_group_tap(&self, ifname: &str) -> std::io::Result<crate::xsk::tap::GroupTap> {
         let inbox = Arc::new(inbox::Inbox::default());
         let (to_worker, link) = (Arc::clone(&inbox), self.link.clone());

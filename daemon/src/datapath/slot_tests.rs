@@ -40,7 +40,7 @@ fn memory() -> GuestMem {
 /// A slot for a one-pair guest (its worker is never run: nothing here talks to it).
 fn slot(mem: &GuestMem) -> (GuestSlot, Arc<GuestDevice>, Memory) {
     let (_worker, link) = Worker::new("test").unwrap();
-    let device = Arc::new(GuestDevice::new(0, "t", MAC, 1, link).unwrap());
+    let device = Arc::new(GuestDevice::new(0, "t", (MAC, 0), 1, link).unwrap());
     let atomic = GuestMemoryAtomic::new(mem.clone());
     let mut slot = GuestSlot::new(Arc::clone(&device), Vec::new());
     slot.set_memory(atomic.clone());

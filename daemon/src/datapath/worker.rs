@@ -41,6 +41,7 @@ use super::{
     inbox::Inbox,
     slot::GuestSlot,
     to_guest::Source,
+    vlan,
 };
 use crate::{
     vhost::{
@@ -238,6 +239,8 @@ struct Bounced {
     to_wire: bool,
     /// Its flow hash (picks the receiver's RX queue).
     hash: u32,
+    /// Its VLAN (0: untagged); the buffer holds it untagged.
+    vlan: u16,
 }
 
 /// The worker's own state.
@@ -424,8 +427,11 @@ impl Worker {
     }
 
     fn rebuild_fdb(&mut self) {
-        self.fdb
-            .rebuild(self.guests.iter().map(|g| g.device().mac()));
+        self.fdb.rebuild(
+            self.guests
+                .iter()
+                .map(|g| (g.device().mac(), g.device().vlan())),
+        );
     }
 
     /// A burst from each uplink into the guests; returns the frames received.
@@ -455,16 +461,26 @@ impl Worker {
                 let (addr, len) = rx_descs[i];
                 let frame = uplink.port.frame(addr, len);
                 rx_dest[i] = None;
-                match fdb::dst_of(frame).map(|d| fdb.lookup(d)) {
-                    Some(Dest::Guest(s)) => match guests[s].rx_pair_for(flow_hash(frame)) {
-                        Some(p) => rx_dest[i] = Some((s, p)),
-                        None => {
-                            // The guest's RX queues are not started (or broken).
-                            GuestCounters::add(&guests[s].counters().to_guest_dropped_reset, 1);
-                            uplink.to_refill.push(addr);
+                let to = fdb::dst_of(frame).zip(vlan::vlan_of(frame));
+                match to.map(|(dst, vlan)| fdb.lookup(dst, vlan)) {
+                    Some(Dest::Guest(s)) => {
+                        // A guest on a VLAN gets its frames untagged.
+                        if guests[s].device().vlan() != 0 {
+                            rx_descs[i] = untag_received(&mut uplink.port, addr, len);
                         }
-                    },
-                    // XDP steers only guests' unicast MACs here: a guest that just left.
+                        let (addr, len) = rx_descs[i];
+                        match guests[s].rx_pair_for(flow_hash(uplink.port.frame(addr, len))) {
+                            Some(p) => rx_dest[i] = Some((s, p)),
+                            None => {
+                                // The guest's RX queues are not started (or broken).
+                                let counters = guests[s].counters();
+                                GuestCounters::add(&counters.to_guest_dropped_reset, 1);
+                                uplink.to_refill.push(addr);
+                            }
+                        }
+                    }
+                    // XDP steers only guests' unicast MACs (on their VLANs) here: a guest that
+                    // just left.
                     _ => {
                         uplink.no_guest += 1;
                         uplink.to_refill.push(addr);
@@ -507,8 +523,8 @@ impl Worker {
         total
     }
 
-    /// Floods the group frames from the wire to every guest (through bounce buffers: these
-    /// are rare); returns how many.
+    /// Floods the group frames from the wire to every guest of their VLAN, untagged (through
+    /// bounce buffers: these are rare); returns how many.
     fn poll_group_inboxes(&mut self) -> usize {
         let mut total = 0;
         for i in 0..self.group_inboxes.len() {
@@ -517,12 +533,21 @@ impl Worker {
             }
             let inbox = Arc::clone(&self.group_inboxes[i]);
             total += inbox.drain(|frame| {
+                let Some(vlan) = vlan::vlan_of(frame) else {
+                    return;
+                };
                 let Some(buf) = self.bounce.take() else {
                     return;
                 };
-                let len = frame.len().min(self.bounce.buf_mut(buf).len());
-                self.bounce.buf_mut(buf)[..len].copy_from_slice(&frame[..len]);
-                let hash = flow_hash(&frame[..len]);
+                let len = match vlan {
+                    0 => {
+                        let len = frame.len().min(self.bounce.buf_mut(buf).len());
+                        self.bounce.buf_mut(buf)[..len].copy_from_slice(&frame[..len]);
+                        len
+                    }
+                    _ => vlan::copy_untagged(frame, &mut self.bounce.buf_mut(buf)[..]),
+                };
+                let hash = flow_hash(self.bounce.frame(buf, 0, len));
                 self.bounced.push(Bounced {
                     buf,
                     len,
@@ -530,6 +555,7 @@ impl Worker {
                     dest: Dest::Flood,
                     to_wire: false,
                     hash,
+                    vlan,
                 });
             });
         }
@@ -569,6 +595,7 @@ impl Worker {
         }
         self.guests[s].quiet_kicks(queue_index, state.get_queue_mut(), mem);
         let counters = self.guests[s].counters_arc();
+        let vlan = self.guests[s].device().vlan();
         let mut taken = 0;
         let mut used = 0;
         let mut broken = false;
@@ -589,7 +616,7 @@ impl Worker {
             let Some(chain) = chain.take() else { break };
             taken += 1;
             let head = chain.head_index();
-            let dest = queue::peek_dst(&chain, &**mem).map(|dst| self.fdb.lookup(&dst));
+            let dest = queue::peek_dst(&chain, &**mem).map(|dst| self.fdb.lookup(&dst, vlan));
             let outcome = match dest {
                 None => TxChain::Malformed,
                 Some(Dest::Guest(d)) if d == s => {
@@ -600,20 +627,29 @@ impl Worker {
                     }
                     outcome
                 }
-                Some(Dest::Wire) => match self.send_to_wire(s, pair, &counters, chain, mem) {
-                    Some(outcome) => outcome,
-                    // In flight: its chain is marked used when the copy completed.
-                    None => continue,
-                },
+                Some(Dest::Wire) => {
+                    match self.send_to_wire(s, pair, &counters, chain, mem, vlan) {
+                        Some(outcome) => outcome,
+                        // In flight: its chain is marked used when the copy completed.
+                        None => continue,
+                    }
+                }
                 Some(dest) => match self.bounce.take() {
                     None => {
                         GuestCounters::add(&counters.from_guest_dropped_full, 1);
                         TxChain::Frame(0)
                     }
                     Some(buf) => {
-                        let outcome =
+                        let mut outcome =
                             queue::read_tx_into(chain, &**mem, &mut self.bounce.buf_mut(buf)[..]);
-                        if let TxChain::Frame(len) = outcome {
+                        if let TxChain::Frame(len) = outcome
+                            && vlan::refuses(self.bounce.frame(buf, 0, len), vlan)
+                        {
+                            // Tagged, from an access port: goes nowhere.
+                            GuestCounters::add(&counters.from_guest_no_route, 1);
+                            outcome = TxChain::Frame(0);
+                            self.bounce.release(buf);
+                        } else if let TxChain::Frame(len) = outcome {
                             GuestCounters::add(&counters.from_guest_packets, 1);
                             GuestCounters::add(&counters.from_guest_bytes, len as u64);
                             let hash = flow_hash(self.bounce.frame(buf, 0, len));
@@ -624,6 +660,7 @@ impl Worker {
                                 dest,
                                 to_wire: true,
                                 hash,
+                                vlan,
                             });
                         } else {
                             self.bounce.release(buf);
@@ -668,9 +705,10 @@ impl Worker {
         taken
     }
 
-    /// Copies a guest's chain into a frame of the first uplink and queues it (one copy): now
-    /// on the CPU, or through TX queue `pair`'s copy engine when it has a DMA channel (then
-    /// `None`: the chain is marked used, and the frame queued, when the copy completed).
+    /// Copies a guest's chain into a frame of the first uplink and queues it (one copy),
+    /// tagged for `vlan` unless 0: now on the CPU, or (an untagged guest's) through TX queue
+    /// `pair`'s copy engine when it has a DMA channel (then `None`: the chain is marked used,
+    /// and the frame queued, when the copy completed).
     fn send_to_wire<M>(
         &mut self,
         s: usize,
@@ -678,6 +716,7 @@ impl Worker {
         counters: &GuestCounters,
         chain: virtio_queue::DescriptorChain<M>,
         mem: &Arc<GuestMem>,
+        vlan: u16,
     ) -> Option<TxChain>
     where
         M: std::ops::Deref<Target = GuestMem>,
@@ -694,7 +733,10 @@ impl Worker {
             GuestCounters::add(&counters.from_guest_dropped_full, 1);
             return Some(TxChain::Frame(0));
         };
-        if let Some(from_guest) = self.guests[s].from_guest_mut(pair) {
+        // A VLAN guest's frame is tagged in its UMEM frame after the copy: the CPU's.
+        if vlan == 0
+            && let Some(from_guest) = self.guests[s].from_guest_mut(pair)
+        {
             return match from_guest.send(chain, mem, (0, base, uplink.port.frame_mut(base))) {
                 Taken::InFlight => None,
                 Taken::Done(outcome) => {
@@ -707,7 +749,13 @@ impl Worker {
                 }
             };
         }
-        let outcome = queue::read_tx_into(chain, &**mem, uplink.port.frame_mut(base));
+        let Ok(outcome) = vlan::read_tx_for_wire(chain, &**mem, uplink.port.frame_mut(base), vlan)
+        else {
+            // Tagged, from an access port: goes nowhere.
+            uplink.port.from_guest_free(base);
+            GuestCounters::add(&counters.from_guest_no_route, 1);
+            return Some(TxChain::Frame(0));
+        };
         match outcome {
             TxChain::Frame(len) => {
                 if uplink.port.from_guest_push(base, len as u32) {
@@ -739,19 +787,23 @@ impl Worker {
             released,
             ..
         } = self;
-        // Each receiver of a flooded frame holds a share of its buffer; the wire gets a copy.
+        // Each receiver of a flooded frame (the guests of its VLAN) holds a share of its
+        // buffer; the wire gets a copy.
         for b in bounced.iter().filter(|b| b.dest == Dest::Flood) {
-            for _ in (0..guests.len()).filter(|&d| d != b.from) {
+            for _ in
+                (0..guests.len()).filter(|&d| d != b.from && guests[d].device().vlan() == b.vlan)
+            {
                 bounce.share(b.buf);
             }
             if b.to_wire {
-                flood_to_wire(uplinks.first_mut(), bounce.frame(b.buf, 0, b.len));
+                flood_to_wire(uplinks.first_mut(), bounce.frame(b.buf, 0, b.len), b.vlan);
             }
         }
         for (d, slot) in guests.iter_mut().enumerate() {
+            let vlan_d = slot.device().vlan();
             let goes_to_d = |b: &Bounced| match b.dest {
                 Dest::Guest(g) => g == d,
-                Dest::Flood => b.from != d,
+                Dest::Flood => b.from != d && b.vlan == vlan_d,
                 Dest::Wire => false,
             };
             if !bounced.iter().any(goes_to_d) {
@@ -910,21 +962,31 @@ fn transmit(uplinks: &mut [Uplink], o: &Outgoing, stale: bool) -> bool {
     false
 }
 
-/// Copies a flooded frame into a frame of `uplink` and queues it for transmit (best effort:
-/// without a free frame or ring room the wire misses it; the guests got it).
-fn flood_to_wire(uplink: Option<&mut Uplink>, frame: &[u8]) {
+/// Copies a flooded frame into a frame of `uplink` (tagged for `vlan` unless 0) and queues it
+/// for transmit (best effort: without a free frame or ring room the wire misses it; the
+/// guests got it).
+fn flood_to_wire(uplink: Option<&mut Uplink>, frame: &[u8], vlan: u16) {
     let Some(uplink) = uplink else { return };
     let Some(base) = uplink.port.from_guest_alloc() else {
         return;
     };
-    let dst = uplink.port.frame_mut(base);
-    if frame.len() > dst.len() {
+    let Some(len) = vlan::copy_for_wire(frame, uplink.port.frame_mut(base), vlan) else {
         uplink.port.from_guest_free(base);
         return;
-    }
-    dst[..frame.len()].copy_from_slice(frame);
-    if !uplink.port.from_guest_push(base, frame.len() as u32) {
+    };
+    if !uplink.port.from_guest_push(base, len as u32) {
         uplink.port.from_guest_free(base);
+    }
+}
+
+/// Takes the 802.1Q tag out of received frame (`addr`, `len`) of `port` where it lies, for a
+/// guest on a VLAN; returns where the untagged frame is (the same frame when it has no tag).
+fn untag_received(port: &mut XskPort, addr: u64, len: u32) -> (u64, u32) {
+    let frame = port.frame_received_mut(addr, len);
+    let len = frame.len() as u32;
+    match vlan::strip_in_place(frame) {
+        Some(off) => (addr + off as u64, len - off as u32),
+        None => (addr, len),
     }
 }
 

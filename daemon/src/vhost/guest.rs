@@ -147,7 +147,7 @@ impl Guest {
             info!(guest = %name, queue = c.queue().queue, channel = c.name(), threshold = c.threshold(), "{what}");
         }
         let device = datapath
-            .add_guest(&name, spec.mac, spec.queues, channels)
+            .add_guest(&name, (spec.mac, spec.vlan), spec.queues, channels)
             .map_err(|source| GuestError::Datapath {
                 path: path.clone(),
                 source,

@@ -390,6 +390,12 @@ impl XskPort {
         self.socket.area.bytes(addr, len)
     }
 
+    /// The bytes of a received frame (from [`Self::to_guest_take`]), to change in place
+    /// before its copy (a VLAN tag taken out).
+    pub fn frame_received_mut(&mut self, addr: u64, len: u32) -> &mut [u8] {
+        self.socket.area.bytes_mut(addr, len)
+    }
+
     /// Hands frames taken with [`Self::to_guest_take`] back to the fill ring.
     pub fn to_guest_release(&mut self, addrs: &[u64]) {
         let XskSocket { device, area, .. } = &mut self.socket;

@@ -90,6 +90,16 @@ impl UmemArea {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), end - start) }
     }
 
+    /// `len` bytes at `addr` (a received frame the port holds), clamped to the frame that
+    /// holds `addr`, to change in place before they are copied on.
+    pub fn bytes_mut(&mut self, addr: u64, len: u32) -> &mut [u8] {
+        let (start, end) = self.clamp(addr, len);
+        // SAFETY: [start, end) lies inside the mapping (clamped to one frame), exclusively
+        // borrowed through &mut self. The frame is the port's: the kernel published it on the
+        // rx ring and gets it back only when the port puts it on the fill ring.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), end - start) }
+    }
+
     /// The whole frame at base offset `base`, to fill for transmit.
     pub fn frame_mut(&mut self, base: u64) -> &mut [u8] {
         let (start, end) = self.clamp(base, self.frame_size);
