@@ -107,6 +107,8 @@ struct xvio_daemon_stats {
 	__u64 copy_dma;          /* guest RX copies done by DMA channels */
 	__u64 copy_fallbacks;    /* meant for a channel, done by the CPU (all four reasons) */
 	__u64 copy_inflight;     /* frames whose RX copies are in flight */
+	__u64 group_frames;      /* broadcast/multicast frames this interface's tap read */
+	__u64 group_dropped;     /* lost before the guests: the tap socket's kernel drops (not in group_frames), a full inbox, no free bounce buffer */
 };
 
 /* Value of port_stats[rx queue]: one AF_XDP port, written by the daemon about once a second. */

@@ -228,6 +228,13 @@ pub struct DaemonStats {
     pub copy_fallbacks: u64,
     /// Frames whose RX copies are in flight.
     pub copy_inflight: u64,
+    /// Broadcast and multicast frames this interface's tap read (each flooded to the guests
+    /// of its VLAN, counted per guest, unless lost as `group_dropped` says).
+    pub group_frames: u64,
+    /// Broadcast and multicast frames lost before they reached the guests: dropped by the
+    /// kernel at the tap's socket (these are not in `group_frames`), refused by a full inbox,
+    /// or with no free bounce buffer.
+    pub group_dropped: u64,
 }
 
 /// Value of `port_stats[rx queue]` (`struct xvio_port_stats`): one AF_XDP port.

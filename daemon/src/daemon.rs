@@ -143,11 +143,20 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         };
         ifaces.push(Iface {
             ports,
-            _group_tap: group_tap,
+            group_feed: group_tap,
             attached,
         });
     }
-    // The guests.
+    // The guests. Channels go to every guest's RX queues before any TX queue gets one.
+    if let Ok(mut pool) = dma.lock() {
+        pool.reserve_for_rx(
+            config
+                .guests
+                .iter()
+                .map(|g| usize::from(g.queues.max(1)))
+                .sum(),
+        );
+    }
     let guests = config
         .guests
         .iter()
@@ -195,7 +204,7 @@ struct Iface {
         u32,
         std::sync::Arc<std::sync::Mutex<xvio_common::PortStats>>,
     )>,
-    _group_tap: Option<crate::xsk::tap::GroupTap>,
+    group_feed: Option<crate::datapath::GroupFeed>,
     attached: AttachedIface,
 }
 
@@ -337,6 +346,13 @@ async fn control_loop(
                     ..crate::vhost::stats::totals(&guest_stats)
                 };
                 for iface in ifaces.iter_mut() {
+                    let (group_frames, group_dropped) =
+                        iface.group_feed.as_ref().map_or((0, 0), |g| g.counters());
+                    let daemon = xvio_common::DaemonStats {
+                        group_frames,
+                        group_dropped,
+                        ..daemon
+                    };
                     let ports: Vec<(u32, xvio_common::PortStats)> = iface
                         .ports
                         .iter()

@@ -138,5 +138,12 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
             ds.copy_inflight
         );
     }
+    if ds.group_frames + ds.group_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "broadcast/multicast from the wire: {} to the guests, {} lost on the way",
+            ds.group_frames, ds.group_dropped
+        );
+    }
     Ok(out)
 }

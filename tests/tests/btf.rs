@@ -184,6 +184,8 @@ fn common_matches_btf() {
             ("copy_dma", offset_of!(DaemonStats, copy_dma)),
             ("copy_fallbacks", offset_of!(DaemonStats, copy_fallbacks)),
             ("copy_inflight", offset_of!(DaemonStats, copy_inflight)),
+            ("group_frames", offset_of!(DaemonStats, group_frames)),
+            ("group_dropped", offset_of!(DaemonStats, group_dropped)),
         ],
     );
     check_struct(

@@ -365,6 +365,18 @@ fn a_peer_pings_a_guest_it_resolves_by_arp() {
         daemon.log()
     );
     assert!(neigh.contains(GUEST), "learned by ARP, not static: {neigh}");
+    // The ARP requests came through the interface's tap, counted, none lost.
+    let g = guest_stats();
+    let map = Map::Array(MapData::from_pin(topo.pin_dir().join(maps::DAEMON_STATS)).unwrap());
+    let ds: xvio_common::DaemonStats = Array::try_from(map).unwrap().get(&0, 0).unwrap();
+    assert!(
+        ds.group_frames >= 1 && ds.group_dropped == 0,
+        "group frames from the wire counted: {ds:?}"
+    );
+    assert!(
+        g.to_guest_packets >= ds.group_frames,
+        "each reached the guest: {g:?} {ds:?}"
+    );
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }

@@ -92,6 +92,9 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct ChannelPool {
     entries: Vec<Entry>,
+    /// Free channels kept for RX queues (even indexes) still to be bound: a TX queue gets a
+    /// channel only beyond them (see [`ChannelPool::reserve_for_rx`]).
+    rx_reserved: usize,
 }
 
 impl ChannelPool {
@@ -146,14 +149,46 @@ impl ChannelPool {
         }
     }
 
-    /// Takes the first free channel for `queue`, if any.
+    /// Keeps `queues` free channels for RX queues to be bound later: until they are, TX
+    /// queues (odd indexes) get only the channels beyond them. The daemon, which knows every
+    /// guest at start, reserves one per RX queue of all of them, so that copies into guests
+    /// (the larger) get channels before any copies out of them do.
+    pub fn reserve_for_rx(&mut self, queues: usize) {
+        self.rx_reserved = queues;
+    }
+
+    /// Takes the first free channel for `queue`, if any (for a TX queue, only beyond the
+    /// channels reserved for RX queues).
     pub fn bind_any(&mut self, queue: QueueRef) -> Option<BoundChannel> {
-        let name = self
+        let is_rx = queue.queue.is_multiple_of(2);
+        let free = self
             .entries
             .iter()
-            .find(|e| matches!(e.slot, Slot::Free(_)))
-            .map(|e| e.name.clone())?;
-        self.bind(&name, queue).ok()
+            .filter(|e| matches!(e.slot, Slot::Free(_)))
+            .count();
+        if !is_rx && free <= self.rx_reserved {
+            return None;
+        }
+        // By position, not name: two `--dma cpu` channels have the same name.
+        let slot = self
+            .entries
+            .iter()
+            .position(|e| matches!(e.slot, Slot::Free(_)))?;
+        let entry = &mut self.entries[slot];
+        let Slot::Free(channel) = std::mem::replace(&mut entry.slot, Slot::Bound(queue.clone()))
+        else {
+            return None;
+        };
+        let bound = BoundChannel {
+            slot,
+            queue,
+            threshold: entry.threshold,
+            channel,
+        };
+        if is_rx {
+            self.rx_reserved = self.rx_reserved.saturating_sub(1);
+        }
+        Some(bound)
     }
 
     /// Gives a channel back (after its engine drained it).
@@ -241,6 +276,30 @@ impl ChannelPool {
 mod tests {
     use super::*;
     use crate::copy::cpu::CpuChannel;
+
+    #[test]
+    fn rx_queues_get_channels_before_tx_queues_and_same_named_channels_all_serve() {
+        let mut pool = ChannelPool::new();
+        pool.add(Box::new(CpuChannel::new()), 0);
+        pool.add(Box::new(CpuChannel::new()), 0);
+        pool.add(Box::new(CpuChannel::new()), 0);
+        // Two guests of one queue pair each: both RX queues come first.
+        pool.reserve_for_rx(2);
+        let a_rx = pool.bind_any(q(0)).expect("A's RX queue");
+        let a_tx = pool.bind_any(q(1)).expect("one channel beyond the reserve");
+        assert!(
+            pool.bind_any(q(1)).is_none(),
+            "the last one is B's RX queue's"
+        );
+        let b_rx = pool
+            .bind_any(q(0))
+            .expect("B's RX queue, a channel named as the others");
+        assert_eq!(pool.list().filter(|(_, _, b)| b.is_some()).count(), 3);
+        for bound in [a_rx, a_tx, b_rx] {
+            pool.release(bound);
+        }
+        assert!(pool.list().all(|(_, _, b)| b.is_none()));
+    }
 
     fn q(n: u16) -> QueueRef {
         QueueRef {

@@ -25,7 +25,9 @@ struct Slots {
 pub struct Inbox {
     slots: Mutex<Slots>,
     len: AtomicUsize,
+    received: AtomicU64,
     dropped: AtomicU64,
+    unusable: AtomicU64,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -46,7 +48,9 @@ impl Default for Inbox {
                     .collect(),
             }),
             len: AtomicUsize::new(0),
+            received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            unusable: AtomicU64::new(0),
         }
     }
 }
@@ -54,6 +58,7 @@ impl Default for Inbox {
 impl Inbox {
     /// Queues a copy of `frame`; false (counted) when full or the frame too long.
     pub fn push(&self, frame: &[u8]) -> bool {
+        self.received.fetch_add(1, Ordering::Relaxed);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let buf = (frame.len() <= MAX_FRAME)
             .then(|| slots.free.pop())
@@ -87,9 +92,25 @@ impl Inbox {
         n
     }
 
-    /// Frames refused because the inbox was full.
+    /// Frames refused because the inbox was full (or the frame too long).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Frames offered to the inbox, taken or not.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Counts a frame the worker took out and dropped: no free bounce buffer, or shorter
+    /// than an Ethernet header.
+    pub fn count_unusable(&self) {
+        self.unusable.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frames the worker took out and dropped (see [`Self::count_unusable`]).
+    pub fn unusable(&self) -> u64 {
+        self.unusable.load(Ordering::Relaxed)
     }
 }
 
@@ -107,6 +128,7 @@ mod tests {
         assert!(!inbox.push(&[0; 60]));
         assert!(!Inbox::default().push(&vec![0; MAX_FRAME + 1]));
         assert_eq!(inbox.dropped(), 1);
+        assert_eq!(inbox.received(), INBOX_FRAMES as u64 + 1);
         let mut seen = Vec::new();
         assert_eq!(inbox.drain(|f| seen.push(f[0])), INBOX_FRAMES);
         assert_eq!(seen[..3], [0, 1, 2]);

@@ -176,7 +176,7 @@ impl Datapath {
     /// Floods the broadcast and multicast frames `ifname` receives (in this thread's network
     /// namespace) to every guest of the frame's VLAN, while the host still gets them; the tap
     /// runs until dropped.
-    pub fn add_group_tap(&self, ifname: &str) -> std::io::Result<crate::xsk::tap::GroupTap> {
+    pub fn add_group_tap(&self, ifname: &str) -> std::io::Result<GroupFeed> {
         let inbox = Arc::new(inbox::Inbox::default());
         let (to_worker, link) = (Arc::clone(&inbox), self.link.clone());
         let tap = crate::xsk::tap::GroupTap::start(ifname, move |frame| {
@@ -184,8 +184,8 @@ impl Datapath {
                 link.kick();
             }
         })?;
-        self.link.send(Command::AddGroupInbox(inbox));
-        Ok(tap)
+        self.link.send(Command::AddGroupInbox(Arc::clone(&inbox)));
+        Ok(GroupFeed { tap, inbox })
     }
 
     /// Serves an AF_XDP socket; returns where its counters are published.
@@ -193,6 +193,22 @@ impl Datapath {
         let (uplink, published) = Uplink::new(port);
         self.link.send(Command::AddUplink(Box::new(uplink)));
         published
+    }
+}
+
+/// An interface's broadcast and multicast feed: its tap and the inbox it fills.
+#[derive(Debug)]
+pub struct GroupFeed {
+    tap: crate::xsk::tap::GroupTap,
+    inbox: Arc<inbox::Inbox>,
+}
+
+impl GroupFeed {
+    /// Frames the tap read, and frames lost before the guests (the socket's kernel drops, a
+    /// full inbox, no free bounce buffer): `daemon_stats.group_frames` and `group_dropped`.
+    pub fn counters(&self) -> (u64, u64) {
+        let lost = self.tap.kernel_drops() + self.inbox.dropped() + self.inbox.unusable();
+        (self.inbox.received(), lost)
     }
 }
 

@@ -533,10 +533,10 @@ impl Worker {
             }
             let inbox = Arc::clone(&self.group_inboxes[i]);
             total += inbox.drain(|frame| {
-                let Some(vlan) = vlan::vlan_of(frame) else {
-                    return;
-                };
-                let Some(buf) = self.bounce.take() else {
+                let Some((vlan, buf)) =
+                    vlan::vlan_of(frame).and_then(|vlan| Some((vlan, self.bounce.take()?)))
+                else {
+                    inbox.count_unusable();
                     return;
                 };
                 let len = match vlan {

@@ -17,7 +17,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
 };
@@ -36,6 +36,8 @@ const READ_TIMEOUT_MS: i64 = 200;
 pub struct GroupTap {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Frames the kernel dropped at the socket (its receive queue was full), summed.
+    kernel_drops: Arc<AtomicU64>,
 }
 
 impl GroupTap {
@@ -47,14 +49,21 @@ impl GroupTap {
     ) -> io::Result<GroupTap> {
         let socket = open(ifname)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let kernel_drops = Arc::new(AtomicU64::new(0));
+        let (flag, drops) = (Arc::clone(&stop), Arc::clone(&kernel_drops));
         let thread = std::thread::Builder::new()
             .name(format!("xvio-tap-{ifname}"))
-            .spawn(move || run(&socket, &flag, deliver))?;
+            .spawn(move || run(&socket, &flag, &drops, deliver))?;
         Ok(GroupTap {
             stop,
             thread: Some(thread),
+            kernel_drops,
         })
+    }
+
+    /// Frames the kernel dropped at the tap's socket so far (read about once a second).
+    pub fn kernel_drops(&self) -> u64 {
+        self.kernel_drops.load(Ordering::Relaxed)
     }
 }
 
@@ -67,14 +76,44 @@ impl Drop for GroupTap {
     }
 }
 
-fn run(socket: &OwnedFd, stop: &AtomicBool, mut deliver: impl FnMut(&[u8])) {
+fn run(socket: &OwnedFd, stop: &AtomicBool, drops: &AtomicU64, mut deliver: impl FnMut(&[u8])) {
     // The frame is read 4 bytes in: room for its tag, if the kernel took one out.
     let mut buf = vec![0u8; MAX_FRAME];
+    let mut last_stats = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
         if let Some((n, tag)) = receive(socket, &mut buf[TAG_LEN..]) {
             deliver(with_tag(&mut buf, n, tag));
         }
+        if last_stats.elapsed() >= STATS_EVERY {
+            last_stats = std::time::Instant::now();
+            drops.fetch_add(take_drops(socket), Ordering::Relaxed);
+        }
     }
+}
+
+/// How often the socket's drop count is read.
+const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The frames the kernel dropped at `socket` since the last call (`PACKET_STATISTICS`
+/// resets the counts it reports); 0 if it cannot be read.
+fn take_drops(socket: &OwnedFd) -> u64 {
+    // SAFETY: tpacket_stats is plain old data; all-zero is a valid value.
+    let mut stats: libc::tpacket_stats = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `stats`, a live value of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&raw mut stats).cast(),
+            &raw mut len,
+        )
+    };
+    if rc < 0 {
+        return 0;
+    }
+    u64::from(stats.tp_drops)
 }
 
 /// An 802.1Q tag as `PACKET_AUXDATA` reports it: (TPID, TCI).
