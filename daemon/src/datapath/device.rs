@@ -76,9 +76,12 @@ pub struct GuestDevice {
     ready: AtomicBool,
     /// The current connection's exit event (see the module doc).
     exit: Mutex<EventFd>,
-    link: WorkerLink,
-    /// The copy engines' counters, as the worker last published them.
-    copy_stats: Mutex<CopyStats>,
+    /// Every worker (each has a slot for the guest).
+    links: Vec<WorkerLink>,
+    /// The worker that polls each TX queue pair.
+    tx_owner: Vec<usize>,
+    /// The copy engines' counters, as each worker last published them.
+    copy_stats: Mutex<Vec<CopyStats>>,
 }
 
 impl std::fmt::Debug for GuestDevice {
@@ -93,7 +96,7 @@ impl std::fmt::Debug for GuestDevice {
 }
 
 impl GuestDevice {
-    /// A device for guest `id` with `mac` on `vlan` (0: untagged), served by the worker
+    /// A device for guest `id` with `mac` on `vlan` (0: untagged), served by the one worker
     /// behind `link`.
     pub(crate) fn new(
         id: GuestId,
@@ -102,6 +105,21 @@ impl GuestDevice {
         queue_pairs: u16,
         link: WorkerLink,
     ) -> io::Result<GuestDevice> {
+        let pairs = usize::from(queue_pairs.max(1));
+        GuestDevice::on_workers(id, name, (mac, vlan), queue_pairs, vec![link], vec![0; pairs])
+    }
+
+    /// As [`GuestDevice::new`], served by the workers behind `links`, TX queue pair `p` by
+    /// worker `tx_owner[p]`.
+    pub(crate) fn on_workers(
+        id: GuestId,
+        name: &str,
+        (mac, vlan): (MacAddr, u16),
+        queue_pairs: u16,
+        links: Vec<WorkerLink>,
+        tx_owner: Vec<usize>,
+    ) -> io::Result<GuestDevice> {
+        let workers = links.len();
         let device = GuestDevice {
             id,
             name: name.to_owned(),
@@ -115,8 +133,9 @@ impl GuestDevice {
             announce: EventFd::new(EFD_NONBLOCK)?,
             ready: AtomicBool::new(false),
             exit: Mutex::new(EventFd::new(EFD_NONBLOCK)?),
-            link,
-            copy_stats: Mutex::default(),
+            links,
+            tx_owner,
+            copy_stats: Mutex::new(vec![CopyStats::default(); workers]),
         };
         device.new_connection()?;
         Ok(device)
@@ -162,15 +181,44 @@ impl GuestDevice {
         Arc::clone(&self.dirty)
     }
 
-    /// The copy engines' counters (as of the worker's last publication).
+    /// The copy engines' counters (as of the workers' last publications), summed.
     pub fn copy_stats(&self) -> CopyStats {
-        self.copy_stats.lock().map(|s| *s).unwrap_or_default()
+        let Ok(all) = self.copy_stats.lock() else {
+            return CopyStats::default();
+        };
+        all.iter().fold(CopyStats::default(), |mut sum, s| {
+            sum.packets += s.packets;
+            sum.cpu_copies += s.cpu_copies;
+            sum.cpu_bytes += s.cpu_bytes;
+            sum.dma_copies += s.dma_copies;
+            sum.dma_bytes += s.dma_bytes;
+            sum.fallback_full += s.fallback_full;
+            sum.fallback_enqueue += s.fallback_enqueue;
+            sum.fallback_error += s.fallback_error;
+            sum.fallback_submit += s.fallback_submit;
+            sum.inflight += s.inflight;
+            sum.inflight_max = sum.inflight_max.max(s.inflight_max);
+            sum
+        })
     }
 
-    pub(crate) fn publish_copy_stats(&self, stats: CopyStats) {
-        if let Ok(mut slot) = self.copy_stats.lock() {
+    /// Worker `worker`'s copy counters for this guest.
+    pub(crate) fn publish_copy_stats(&self, worker: usize, stats: CopyStats) {
+        if let Ok(mut all) = self.copy_stats.lock()
+            && let Some(slot) = all.get_mut(worker)
+        {
             *slot = stats;
         }
+    }
+
+    /// Sends `command` to every worker, and waits for each to confirm; false if one did not
+    /// in time.
+    fn call_all(&self, make: impl Fn(std::sync::mpsc::SyncSender<()>) -> Command) -> bool {
+        // Every worker is asked, even after one did not answer.
+        self.links
+            .iter()
+            .map(|link| link.call(&make))
+            .fold(true, |all, ok| all && ok)
     }
 
     /// Whether the datapath delivers frames to the guest now: it has the guest's memory and
@@ -227,7 +275,7 @@ impl GuestDevice {
     /// frontend sets its table), after completing or dropping what it had in flight.
     pub fn end_connection(&self) {
         let id = self.id;
-        if !self.link.call(|ack| Command::Disconnect { id, ack }) {
+        if !self.call_all(|ack| Command::Disconnect { id, ack }) {
             tracing::warn!(guest = %self.name, "the datapath did not confirm the disconnect in time");
         }
         self.forget_features();
@@ -293,7 +341,7 @@ impl VhostUserBackend for GuestDevice {
 
     fn reset_device(&self) {
         let id = self.id;
-        if !self.link.call(|ack| Command::Reset { id, ack }) {
+        if !self.call_all(|ack| Command::Reset { id, ack }) {
             tracing::warn!(guest = %self.name, "the datapath did not confirm the reset in time");
         }
         self.forget_features();
@@ -316,13 +364,18 @@ impl VhostUserBackend for GuestDevice {
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
         // In-flight copies hold the snapshot they write into, so nothing waits here.
-        self.link.send(Command::Memory { id: self.id, mem });
+        for link in &self.links {
+            link.send(Command::Memory {
+                id: self.id,
+                mem: mem.clone(),
+            });
+        }
         Ok(())
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let (id, queue) = (self.id, queue_index as u16);
-        if !self.link.call(|ack| Command::StopVring { id, queue, ack }) {
+        if !self.call_all(|ack| Command::StopVring { id, queue, ack }) {
             tracing::warn!(guest = %self.name, queue, "the datapath did not confirm the queue stop in time");
         }
         Ok(())
@@ -355,13 +408,22 @@ impl VhostUserBackend for GuestDevice {
         }
         if device_event == self.announce_event() {
             let _ = self.announce.read();
-            self.link.send(Command::Vrings {
-                id: self.id,
-                vrings: vrings.to_vec(),
-            });
+            for link in &self.links {
+                link.send(Command::Vrings {
+                    id: self.id,
+                    vrings: vrings.to_vec(),
+                });
+            }
         } else if usize::from(device_event) < self.num_queues() {
-            // A kick (or the library's "queue started"): the worker polls while it runs.
-            self.link.kick();
+            // A kick (or the library's "queue started"): the worker that polls the TX queue
+            // (any, for an RX queue), if it sleeps; a running worker polls.
+            let owner = (device_event % 2 == 1)
+                .then(|| self.tx_owner.get(usize::from(device_event / 2)))
+                .flatten();
+            match owner.and_then(|&w| self.links.get(w)) {
+                Some(link) => link.kick(),
+                None => self.links.iter().for_each(WorkerLink::kick),
+            }
         }
         Ok(())
     }

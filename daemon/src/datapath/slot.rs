@@ -1,8 +1,12 @@
-//! A guest as its worker holds it: the vrings the device handed over, the guest memory, the
-//! copy side of each RX queue, and which queues are broken. Only the worker touches a slot.
+//! A guest as a worker holds it: the vrings the device handed over, the guest memory, the
+//! RX queues (shared by every worker: any of them may deliver into any RX queue, one burst
+//! at a time under the queue's lock, as OVS-DPDK's PMD threads share a port's transmit
+//! queues), and the TX queues this worker polls (each TX queue has one worker, with its copy
+//! side). Each worker has a slot of its own for every guest.
 
 use std::{
-    sync::Arc,
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -17,13 +21,41 @@ use super::{
 use crate::{
     copy::{BoundChannel, CopyStats},
     vhost::{
-        dirty::{GuestMem, Memory},
+        dirty::{DirtyPages, GuestMem, Memory},
         queue,
     },
 };
 
 /// How often a malformed chain is logged at most, per guest.
 const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// One RX queue of a guest, shared by the workers: its copy side, whether it is broken, and
+/// whether its driver was asked not to kick.
+#[derive(Debug)]
+pub struct RxQueue {
+    to_guest: ToGuest,
+    broken: bool,
+    /// `VRING_USED_F_NO_NOTIFY` set (for good: a frame never waits for RX buffers).
+    quiet: bool,
+}
+
+/// An RX queue as the workers share it.
+pub type SharedRx = Arc<Mutex<RxQueue>>;
+
+impl RxQueue {
+    /// An RX queue whose copies go to `channel` (the CPU without one).
+    pub fn shared(channel: Option<BoundChannel>, dirty: Arc<DirtyPages>) -> SharedRx {
+        Arc::new(Mutex::new(RxQueue {
+            to_guest: ToGuest::new(channel, dirty),
+            broken: false,
+            quiet: false,
+        }))
+    }
+}
+
+fn lock(rx: &SharedRx) -> MutexGuard<'_, RxQueue> {
+    rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// One guest, on its worker.
 pub struct GuestSlot {
@@ -32,14 +64,21 @@ pub struct GuestSlot {
     mem: Option<Memory>,
     /// By queue index: RX queues are even, TX queues odd.
     vrings: Vec<Option<Vring>>,
-    /// By RX queue pair.
-    to_guest: Vec<ToGuest>,
-    /// By TX queue pair: the copy side of a TX queue with a DMA channel (without one, the
-    /// worker copies its frames on the CPU at once).
+    /// By RX queue pair, shared by the workers.
+    rx: Vec<SharedRx>,
+    /// Dups of the RX queues' channels' completion fds (to wait on without their locks).
+    rx_fds: Vec<OwnedFd>,
+    /// Whether this worker's slot publishes the RX queues' copy counters (one of them does).
+    rx_stats: bool,
+    /// TX queue pairs this worker polls.
+    tx_mine: u64,
+    /// By TX queue pair: the copy side of a TX queue of this worker's with a DMA channel
+    /// (without one, the worker copies its frames on the CPU at once).
     from_guest: Vec<Option<FromGuest>>,
+    /// Broken TX queues (by queue index; an RX queue's flag is in its `RxQueue`).
     broken: u64,
-    /// Queues whose driver was asked not to kick (see `queue::quiet_kicks`): RX queues for
-    /// good (a frame never waits for buffers), TX queues until the worker next sleeps.
+    /// TX queues whose driver was asked not to kick (see `queue::quiet_kicks`), until the
+    /// worker next sleeps.
     quiet: u64,
     /// RX queue pairs ready and enabled, as of the worker's last look (once per iteration).
     rx_ready: u64,
@@ -61,40 +100,62 @@ impl std::fmt::Debug for GuestSlot {
 }
 
 impl GuestSlot {
-    /// A slot for `device`, the copies of each queue on the channel of `channels` bound to
-    /// it (queues without one copy on the CPU).
+    /// A slot for `device` on a datapath of one worker: the copies of each queue on the
+    /// channel of `channels` bound to it (queues without one copy on the CPU).
     pub fn new(device: Arc<GuestDevice>, channels: Vec<BoundChannel>) -> GuestSlot {
         let pairs = usize::from(device.queue_pairs());
-        let mut rx: Vec<Option<BoundChannel>> = (0..pairs).map(|_| None).collect();
-        let mut tx: Vec<Option<BoundChannel>> = (0..pairs).map(|_| None).collect();
-        for channel in channels {
-            let queue = usize::from(channel.queue().queue);
-            let side = if queue.is_multiple_of(2) {
-                &mut rx
-            } else {
-                &mut tx
-            };
-            if let Some(spot) = side.get_mut(queue / 2) {
-                *spot = Some(channel);
-            }
-        }
-        let to_guest = rx
+        let (rx, tx) = split_channels(pairs, channels);
+        let rx = rx
             .into_iter()
-            .map(|c| ToGuest::new(c, device.dirty()))
+            .map(|c| RxQueue::shared(c, device.dirty()))
             .collect();
-        let from_guest = tx.into_iter().map(|c| c.map(FromGuest::new)).collect();
+        let from_guest = tx.into_iter().map(|c| Some(c.map(FromGuest::new))).collect();
+        GuestSlot::with_queues(device, rx, true, from_guest)
+    }
+
+    /// A worker's slot for `device`: the shared RX queues `rx` (this slot publishes their
+    /// copy counters when `rx_stats`), and its TX queues: `Some` in `tx` for each TX queue
+    /// pair this worker polls (with the queue's copy side when it has a channel).
+    pub fn with_queues(
+        device: Arc<GuestDevice>,
+        rx: Vec<SharedRx>,
+        rx_stats: bool,
+        tx: Vec<Option<Option<FromGuest>>>,
+    ) -> GuestSlot {
+        let pairs = usize::from(device.queue_pairs());
+        let tx_mine = tx
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.is_some())
+            .fold(0u64, |m, (p, _)| m | 1 << p);
+        let from_guest = tx.into_iter().map(Option::flatten).collect();
+        let rx_fds = rx
+            .iter()
+            .filter_map(|q| {
+                let q = lock(q);
+                q.to_guest.completion_fd()?.try_clone_to_owned().ok()
+            })
+            .collect();
         GuestSlot {
             counters: device.counters_arc(),
             device,
             mem: None,
             vrings: vec![None; 2 * pairs],
-            to_guest,
+            rx,
+            rx_fds,
+            rx_stats,
+            tx_mine,
             from_guest,
             broken: 0,
             quiet: 0,
             rx_ready: 0,
             last_log: None,
         }
+    }
+
+    /// Whether this worker polls TX queue pair `pair`.
+    pub fn polls_tx(&self, pair: usize) -> bool {
+        self.tx_mine & (1 << pair) != 0
     }
 
     /// The device.
@@ -114,7 +175,7 @@ impl GuestSlot {
 
     /// Whether copies into or out of the guest are in flight.
     pub fn has_inflight(&self) -> bool {
-        self.to_guest.iter().any(|t| t.inflight() > 0)
+        self.rx.iter().any(|q| lock(q).to_guest.inflight() > 0)
             || self.from_guest.iter().flatten().any(|f| f.inflight() > 0)
     }
 
@@ -220,12 +281,12 @@ impl GuestSlot {
     }
 
     /// Looks which RX queues are ready and enabled (the frontend may start or stop one at
-    /// any time; a stop also waits for the worker, see [`Self::stop_vring`]).
+    /// any time; a stop also waits for the workers, see [`Self::stop_vring`]).
     pub fn refresh_ready(&mut self) {
         let mut ready = 0u64;
         for pair in 0..self.pairs() {
             if let Some(vring) = self.vrings[2 * pair].as_ref()
-                && !self.is_broken(2 * pair)
+                && !lock(&self.rx[pair]).broken
             {
                 let state = vring.get_ref();
                 if queue::serving(state.get_queue(), state.is_enabled()) {
@@ -244,11 +305,14 @@ impl GuestSlot {
 
     /// Queue pairs.
     pub fn pairs(&self) -> usize {
-        self.to_guest.len()
+        self.rx.len()
     }
 
     /// Whether queue `queue` is broken.
     pub fn is_broken(&self, queue: usize) -> bool {
+        if queue.is_multiple_of(2) {
+            return self.rx.get(queue / 2).is_some_and(|q| lock(q).broken);
+        }
         self.broken & (1u64 << queue) != 0
     }
 
@@ -268,7 +332,8 @@ impl GuestSlot {
             return false;
         };
         let mut more = false;
-        for pair in 0..self.pairs() {
+        let mine = self.tx_mine;
+        for pair in (0..self.pairs()).filter(|&p| mine & (1 << p) != 0) {
             let index = 2 * pair + 1;
             let Some(vring) = self.vrings[index].as_ref() else {
                 continue;
@@ -287,8 +352,16 @@ impl GuestSlot {
 
     /// Marks queue `queue` broken (counted, logged once).
     pub fn break_queue(&mut self, queue: usize) {
-        if !self.is_broken(queue) {
+        let newly = if queue.is_multiple_of(2) {
+            self.rx
+                .get(queue / 2)
+                .is_some_and(|q| !std::mem::replace(&mut lock(q).broken, true))
+        } else {
+            let was = self.broken & (1u64 << queue) != 0;
             self.broken |= 1u64 << queue;
+            !was
+        };
+        if newly {
             GuestCounters::add(&self.counters.broken_queues, 1);
             tracing::warn!(guest = %self.device.name(), queue, "the guest's avail index is inconsistent: queue stopped until the driver restarts it");
         }
@@ -335,16 +408,14 @@ impl GuestSlot {
             }
             return;
         };
+        // The queue's lock, then its vring's (every worker takes them in this order).
+        let mut rxq = lock(&self.rx[pair]);
         let mut state = vring.get_mut();
-        let serving = queue::serving(state.get_queue(), state.is_enabled());
-        let bit = 1u64 << queue_index;
-        if serving
-            && self.quiet & bit == 0
-            && queue::quiet_kicks(state.get_queue_mut(), &**mem).is_ok()
-        {
-            self.quiet |= bit;
+        let serving = queue::serving(state.get_queue(), state.is_enabled()) && !rxq.broken;
+        if serving && !rxq.quiet && queue::quiet_kicks(state.get_queue_mut(), &**mem).is_ok() {
+            rxq.quiet = true;
         }
-        let to_guest = &mut self.to_guest[pair];
+        let to_guest = &mut rxq.to_guest;
         let mut used = to_guest.complete(state.get_queue_mut(), mem, &counters, release);
         let mut broken = false;
         let mut looked_again = false;
@@ -393,6 +464,7 @@ impl GuestSlot {
             }
         }
         drop(state);
+        drop(rxq);
         if broken {
             self.break_queue(queue_index);
         }
@@ -406,15 +478,16 @@ impl GuestSlot {
         };
         let mut inflight = 0;
         for pair in 0..self.pairs() {
-            if self.to_guest[pair].inflight() == 0 {
+            let mut rxq = lock(&self.rx[pair]);
+            if rxq.to_guest.inflight() == 0 {
                 continue;
             }
-            self.to_guest[pair].clear_notification();
+            rxq.to_guest.clear_notification();
             let Some(vring) = self.vrings[2 * pair].as_ref() else {
                 continue;
             };
             let mut state = vring.get_mut();
-            let to_guest = &mut self.to_guest[pair];
+            let to_guest = &mut rxq.to_guest;
             if to_guest.complete(state.get_queue_mut(), &mem, &self.counters, release) {
                 self.device.dirty().mark_used_ring(state.get_queue());
                 if queue::needs_call(state.get_queue_mut(), &*mem) {
@@ -441,6 +514,11 @@ impl GuestSlot {
         if queue.is_multiple_of(2) {
             self.drain(queue / 2, true, release);
             self.rx_ready &= !(1 << (queue / 2));
+            if let Some(q) = self.rx.get(queue / 2) {
+                let mut q = lock(q);
+                q.broken = false;
+                q.quiet = false;
+            }
         } else {
             self.drain_from_guest(queue / 2, true, sent);
         }
@@ -459,6 +537,9 @@ impl GuestSlot {
         for pair in 0..self.pairs() {
             self.drain(pair, false, release);
             self.drain_from_guest(pair, false, sent);
+            let mut q = lock(&self.rx[pair]);
+            q.broken = false;
+            q.quiet = false;
         }
         self.broken = 0;
         self.quiet = 0;
@@ -481,7 +562,8 @@ impl GuestSlot {
     fn drain(&mut self, pair: usize, complete: bool, release: &mut impl FnMut(Source)) {
         let mem = self.memory();
         let vring = self.vrings[2 * pair].clone();
-        let to_guest = &mut self.to_guest[pair];
+        let mut rxq = lock(&self.rx[pair]);
+        let to_guest = &mut rxq.to_guest;
         match (complete, vring, mem) {
             (true, Some(vring), Some(mem)) => {
                 let mut state = vring.get_mut();
@@ -493,11 +575,15 @@ impl GuestSlot {
         }
     }
 
-    /// Copy counters summed over the queues.
+    /// Copy counters summed over the queues this slot publishes: the RX queues' (when it is
+    /// the one that does) and its TX queues'.
     pub fn copy_stats(&self) -> CopyStats {
-        self.to_guest
-            .iter()
-            .map(ToGuest::stats)
+        let rx: Vec<CopyStats> = if self.rx_stats {
+            self.rx.iter().map(|q| lock(q).to_guest.stats()).collect()
+        } else {
+            Vec::new()
+        };
+        rx.into_iter()
             .chain(self.from_guest.iter().flatten().map(FromGuest::stats))
             .fold(CopyStats::default(), |mut sum, s| {
                 sum.packets += s.packets;
@@ -517,9 +603,9 @@ impl GuestSlot {
 
     /// The completion fds of the queues' channels.
     pub fn completion_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
-        self.to_guest
+        self.rx_fds
             .iter()
-            .filter_map(ToGuest::completion_fd)
+            .map(AsFd::as_fd)
             .chain(
                 self.from_guest
                     .iter()
@@ -527,6 +613,27 @@ impl GuestSlot {
                     .filter_map(FromGuest::completion_fd),
             )
     }
+}
+
+/// The channels bound to RX queues and to TX queues, by queue pair.
+pub fn split_channels(
+    pairs: usize,
+    channels: Vec<BoundChannel>,
+) -> (Vec<Option<BoundChannel>>, Vec<Option<BoundChannel>>) {
+    let mut rx: Vec<Option<BoundChannel>> = (0..pairs).map(|_| None).collect();
+    let mut tx: Vec<Option<BoundChannel>> = (0..pairs).map(|_| None).collect();
+    for channel in channels {
+        let queue = usize::from(channel.queue().queue);
+        let side = if queue.is_multiple_of(2) {
+            &mut rx
+        } else {
+            &mut tx
+        };
+        if let Some(spot) = side.get_mut(queue / 2) {
+            *spot = Some(channel);
+        }
+    }
+    (rx, tx)
 }
 
 #[cfg(test)]
