@@ -76,7 +76,7 @@ struct xvio_guest_stats {
 	__u64 copy_fallback_error;   /* … the channel reported the copy failed */
 	__u64 copy_fallback_submit;  /* … the doorbell failed */
 	__u64 copy_inflight;     /* frames whose RX copies are in flight */
-	__u64 from_guest_dropped_reset; /* frames the guest sent, dropped: its TX queue stopped or reset while their copies were in flight */
+	__u64 from_guest_dropped_reset; /* frames the guest sent, dropped: copies in flight at a TX queue stop or reset that the channel did not finish in time */
 };
 
 /* How the program is attached (daemon_stats.xdp_mode). */

@@ -330,8 +330,8 @@ pub struct GuestStats {
     pub copy_fallback_submit: u64,
     /// Frames whose copies (both directions) are in flight.
     pub copy_inflight: u64,
-    /// Frames the guest sent, dropped: its TX queue was stopped or reset while their copies
-    /// to the wire were in flight.
+    /// Frames the guest sent, dropped: their copies to the wire were in flight when the TX
+    /// queue stopped or was reset, and the DMA channel did not finish them in time.
     pub from_guest_dropped_reset: u64,
 }
 

@@ -30,8 +30,9 @@ pub struct GuestCounters {
     /// Frames the guest sent that could not go out: the interface's transmit ring or frames
     /// were exhausted.
     pub from_guest_dropped_full: AtomicU64,
-    /// Frames the guest sent that were dropped: their TX queue was stopped or reset while
-    /// their copies to the wire were in flight.
+    /// Frames the guest sent that were dropped: their copies to the wire were in flight when
+    /// their TX queue stopped or was reset, and the DMA channel did not finish them in time
+    /// (copies it does finish then are sent).
     pub from_guest_dropped_reset: AtomicU64,
     /// Descriptor chains that point outside guest memory, loop, are too long or too short.
     pub malformed_chains: AtomicU64,

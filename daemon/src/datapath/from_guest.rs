@@ -146,7 +146,8 @@ impl FromGuest {
             epoch: self.epoch,
         };
         // SAFETY: each source is guest memory checked by tx_pieces and get_slices, inside the
-        // mapping `mem` holds, whose Arc moves into the token; each destination lies in
+        // mapping `mem` holds, whose Arc moves into the token (a plain mmap: the pointer
+        // stays valid after its `ptr_guard` is dropped, vm-memory being built without `xen`); each destination lies in
         // `frame`, the UMEM frame at `addr` that the worker neither sends nor hands out again
         // until this token comes back. The engine gives a token back only once its copies
         // completed, so both outlive them. A UMEM frame is never guest memory, so they do

@@ -521,6 +521,13 @@ impl GuestSlot {
             }
         } else {
             self.drain_from_guest(queue / 2, true, sent);
+            // Served since the worker last asked for kicks: ask now, or a restart on the same
+            // ring (a reconnect) finds NO_NOTIFY or a stale `avail_event` and does not kick.
+            if self.quiet & (1u64 << queue) != 0
+                && let (Some(vring), Some(mem)) = (self.vrings[queue].as_ref(), self.memory())
+            {
+                let _ = queue::want_kicks(vring.get_mut().get_queue_mut(), &*mem);
+            }
         }
         self.broken &= !(1u64 << queue);
         self.quiet &= !(1u64 << queue);

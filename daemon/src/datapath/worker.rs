@@ -612,7 +612,7 @@ impl Worker {
                 0
             }
         };
-        for chain in chains.iter_mut().take(n) {
+        for (i, chain) in chains.iter_mut().enumerate().take(n) {
             let Some(chain) = chain.take() else { break };
             taken += 1;
             let head = chain.head_index();
@@ -678,6 +678,9 @@ impl Worker {
                 }
             }
             if state.add_used(head, 0).is_err() {
+                // The queue stops (broken) until the driver restarts it: the chains taken
+                // but not looked at go back, as if never taken.
+                queue::untake(state.get_queue_mut(), n - i - 1);
                 broken = true;
                 break;
             }
@@ -907,6 +910,9 @@ impl Worker {
     fn park(&mut self) {
         self.publish();
         self.shared.sleeping.store(true, Ordering::SeqCst);
+        // The flag before the stores that ask for kicks (a weakly ordered CPU could show a
+        // guest those first, and its kick then find the worker awake).
+        std::sync::atomic::fence(Ordering::SeqCst);
         // The last look, after saying we sleep: a kick from here on writes the eventfd.
         let mut more = false;
         for slot in &mut self.guests {

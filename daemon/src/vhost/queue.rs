@@ -91,14 +91,13 @@ pub fn quiet_kicks<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<(), Bro
     queue.disable_notification(mem).map_err(|_| Broken)
 }
 
-/// Asks the driver to kick `queue` when it adds a chain (the worker is about to sleep), and
-/// says whether there is one to take already, in which case the caller looks again rather
-/// than sleeps. With EVENT_IDX see [`notify_on_more`]; without, the flags of the used ring
-/// are cleared and the avail index compared with the backend's position.
+/// Asks the driver to kick TX `queue` when it adds a chain (the worker is about to sleep),
+/// and says whether there is one to take already, in which case the caller looks again
+/// rather than sleeps: with EVENT_IDX `avail_event` is set to the backend's position, without
+/// it the used ring's flags are cleared; then the avail index is compared with the backend's
+/// position (a chain the guest added since the worker's last look, without kicking, is
+/// found here). Not for an RX queue short of buffers: see [`notify_on_more`].
 pub fn want_kicks<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result<bool, Broken> {
-    if queue.event_idx_enabled() {
-        return notify_on_more(queue, mem);
-    }
     queue.enable_notification(mem).map_err(|_| Broken)
 }
 
@@ -133,6 +132,13 @@ where
         // Not set up yet (or reset): nothing to take, nothing wrong.
         Err(virtio_queue::Error::QueueNotReady) => Ok(None),
         Err(_) => Err(Broken),
+    }
+}
+
+/// Gives back the last `n` chains taken (they are taken again next time).
+pub fn untake(queue: &mut Queue, n: usize) {
+    for _ in 0..n {
+        queue.go_to_previous_position();
     }
 }
 

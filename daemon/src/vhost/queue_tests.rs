@@ -264,3 +264,25 @@ fn a_driver_without_event_idx_that_polls_is_not_called() {
     mem.write_obj(1u16, vq.avail_addr()).unwrap();
     assert!(!needs_call(&mut q, &mem));
 }
+
+#[test]
+fn with_event_idx_a_chain_added_before_the_worker_sleeps_is_found() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.add_desc_chains(&[desc(0x1_0000, 64, 0, 0)], 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    q.set_event_idx(true);
+    assert!(pop(&mut q, &mem).unwrap().is_some());
+    assert!(!want_kicks(&mut q, &mem).unwrap(), "all taken: sleep");
+    // The guest adds a chain after the worker's last look, without kicking (its avail
+    // index passes no `avail_event` the worker set before): the worker must not sleep.
+    vq.add_desc_chains(&[desc(0x2_0000, 64, 0, 0)], 1).unwrap();
+    assert!(want_kicks(&mut q, &mem).unwrap(), "look again, not sleep");
+    let avail_event: u16 = mem
+        .read_obj(vq.used_addr().checked_add(4 + 8 * 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        avail_event, 1,
+        "kick when the avail index passes the backend's position"
+    );
+}
