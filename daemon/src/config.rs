@@ -79,10 +79,11 @@ pub struct RunConfig {
     /// at start-up and picks where it starts to pay off.
     #[arg(long, value_name = "auto|BYTES", default_value = "auto")]
     pub copy_threshold: ThresholdArg,
-    /// The CPU the datapath worker is pinned to (unpinned when not given). The worker
-    /// busy-polls under load and sleeps when idle.
-    #[arg(long = "datapath-cpus", value_name = "CPU")]
-    pub datapath_cpu: Option<usize>,
+    /// The CPUs of the datapath workers, one worker pinned to each: `1`, `1,3`, `2-5`
+    /// (one unpinned worker when not given). The workers receive from the AF_XDP sockets
+    /// and the guests' TX queues in turn; each busy-polls under load and sleeps when idle.
+    #[arg(long = "datapath-cpus", value_name = "LIST", default_value = "")]
+    pub datapath_cpus: CpuList,
     /// How long the datapath worker keeps polling after its last frame before it sleeps, in
     /// microseconds (as the kernel's `busy_poll`): longer answers sparse traffic sooner (a
     /// sleeping worker takes tens to hundreds of microseconds to wake) at the price of a busy
@@ -90,6 +91,56 @@ pub struct RunConfig {
     #[arg(long = "busy-poll", value_name = "USECS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub busy_poll_us: u64,
+}
+
+/// `--datapath-cpus`: CPU numbers, each at most once, as `1,3` and ranges `2-5`; empty for
+/// none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// CPUs a datapath may have at most (one worker each).
+pub const MAX_WORKERS: usize = 64;
+
+impl FromStr for CpuList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let expected = "expected CPU numbers and ranges, as 1 or 1,3 or 2-5";
+        let mut cpus = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let number = |t: &str| {
+                t.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("'{t}' is not a CPU number; {expected}"))
+            };
+            let (first, last) = match part.split_once('-') {
+                Some((a, b)) => (number(a)?, number(b)?),
+                None => (number(part)?, number(part)?),
+            };
+            if first > last {
+                return Err(format!("'{part}' is an empty range; {expected}"));
+            }
+            for cpu in first..=last {
+                if cpus.contains(&cpu) {
+                    return Err(format!("CPU {cpu} is given twice; one worker per CPU"));
+                }
+                if cpus.len() == MAX_WORKERS {
+                    return Err(format!(
+                        "more than {MAX_WORKERS} CPUs; at most {MAX_WORKERS} workers"
+                    ));
+                }
+                cpus.push(cpu);
+            }
+        }
+        Ok(CpuList(cpus))
+    }
+}
+
+impl fmt::Display for CpuList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cpus: Vec<String> = self.0.iter().map(usize::to_string).collect();
+        f.write_str(&cpus.join(","))
+    }
 }
 
 /// `--dma`: one DMA channel.
@@ -373,6 +424,22 @@ impl fmt::Display for SteerSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datapath_cpus_are_lists_and_ranges_each_cpu_once() {
+        let cpus = |s: &str| s.parse::<CpuList>().map(|c| c.0);
+        assert_eq!(cpus(""), Ok(vec![]));
+        assert_eq!(cpus("1"), Ok(vec![1]));
+        assert_eq!(cpus("1,3"), Ok(vec![1, 3]));
+        assert_eq!(cpus("2-4,0"), Ok(vec![2, 3, 4, 0]));
+        assert_eq!(cpus(" 1 , 2 "), Ok(vec![1, 2]));
+        for bad in ["x", "1,,y", "3-1", "1-", "-2", "1,1", "0-2,2"] {
+            assert!(cpus(bad).is_err(), "{bad}");
+        }
+        assert!(cpus("1,1").unwrap_err().contains("CPU 1 is given twice"));
+        assert!(cpus("0-100").unwrap_err().contains("at most 64"));
+        assert_eq!("2-3".parse::<CpuList>().unwrap().to_string(), "2,3");
+    }
 
     #[test]
     fn parses_macs_in_any_case() {

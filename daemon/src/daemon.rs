@@ -114,7 +114,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         config.copy_threshold,
     )?);
     let datapath = Datapath::start(
-        config.datapath_cpu,
+        &config.datapath_cpus.0,
         std::time::Duration::from_micros(config.busy_poll_us),
     )?;
     // On an error, the interfaces attached so far are dropped: ports closed, program
@@ -250,7 +250,7 @@ fn open_ports(
                 "AF_XDP socket bound in copy mode: the driver has no zero-copy support, frames are copied"
             );
         }
-        ports.push((queue, datapath.add_uplink(port)));
+        ports.push((queue, datapath.add_uplink(port)?));
     }
     if wanted < queues {
         info!(

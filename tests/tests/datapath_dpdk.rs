@@ -67,9 +67,21 @@ fn link_stat(ns: &xvio_tests::netns::Netns, ifname: &str, name: &str) -> u64 {
 /// xvio on the host end with one guest served at a fresh socket. A `guest_stats` pin left
 /// by an earlier daemon that was killed is removed first: its `ready` is not this guest's.
 fn daemon_with_guest(topo: &Topology, socket: &Path, extra: &[&str]) -> xvio_tests::daemon::Daemon {
+    daemon_with_guest_spec(
+        topo,
+        &format!("socket={},mac={GUEST}", socket.display()),
+        extra,
+    )
+}
+
+/// As [`daemon_with_guest`], the guest given as `--guest` takes it.
+fn daemon_with_guest_spec(
+    topo: &Topology,
+    guest: &str,
+    extra: &[&str],
+) -> xvio_tests::daemon::Daemon {
     let _ = std::fs::remove_file(guest_map());
-    let guest = format!("socket={},mac={GUEST}", socket.display());
-    let mut args = vec!["--guest", guest.as_str()];
+    let mut args = vec!["--guest", guest];
     args.extend_from_slice(extra);
     topo.start(&args)
 }
@@ -124,6 +136,113 @@ fn frames_a_guest_sends_through_a_dma_channel_are_each_counted_at_the_peer_or_dr
         g.copy_dma >= g.from_guest_packets,
         "every frame to the wire was copied by the TX queue's channel: {g:?}"
     );
+}
+
+#[test]
+fn a_two_queue_guest_on_two_workers_sends_on_both_queues_each_frame_counted() {
+    if !privileged("a_two_queue_guest_on_two_workers_sends_on_both_queues_each_frame_counted") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new(1);
+    let counter = topo
+        .peer
+        .run(|| DropCounter::attach_from(&topo.peer_if, GUEST_MAC));
+    let peer = mac_of(&topo.peer, &topo.peer_if)
+        .map(|b| format!("{b:02x}"))
+        .join(":");
+    let socket = socket();
+    // Each TX queue has its worker; both send on the interface's one AF_XDP socket.
+    let daemon = daemon_with_guest_spec(
+        &topo,
+        &format!("socket={},mac={GUEST},queues=2", socket.display()),
+        &["--datapath-cpus", "0,1"],
+    );
+    let tx = Testpmd::start_with(
+        &socket,
+        "txonly",
+        64,
+        &peer,
+        &format!(",mac={GUEST},queues=2"),
+        "1,0",
+        &["--rxq=2", "--txq=2"],
+    );
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let cpu0 = worker_cpu_ticks(&daemon);
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu1 = worker_cpu_ticks(&daemon);
+    let (sent, out) = tx.stop_keep_output();
+    let by_queue = packets_by_queue(&out, "TX");
+    let g = guest_stats();
+    let p = port_stats(&topo);
+    let counted = counter.count();
+    let veth_dropped = link_stat(&topo.host, &topo.ifname, "tx_dropped");
+    let report = format!(
+        "testpmd sent {} by queue {by_queue:?}, workers' CPU ticks {cpu0:?} -> {cpu1:?}, xvio {g:?}, port {p:?}, peer counted {counted}, veth tx_dropped {veth_dropped}",
+        sent.tx
+    );
+    eprintln!("{report}");
+    for q in 0..2 {
+        let n: u64 = by_queue
+            .iter()
+            .filter(|(queue, _)| *queue == q)
+            .map(|(_, n)| n)
+            .sum();
+        assert!(n > 10_000, "testpmd sent on queue {q}: {report}\n{out}");
+    }
+    for w in ["xvio-dp0", "xvio-dp1"] {
+        let busy = cpu1.get(w).copied().unwrap_or(0) - cpu0.get(w).copied().unwrap_or(0);
+        assert!(busy > 10, "worker {w} polled its TX queue: {report}");
+    }
+    let took = g.from_guest_packets
+        + g.from_guest_no_route
+        + g.from_guest_oversize
+        + g.from_guest_dropped_full
+        + g.from_guest_dropped_reset
+        + g.malformed_chains;
+    assert!(
+        took <= sent.tx && sent.tx - took <= 2048,
+        "xvio took what testpmd sent (but two rings): {report}"
+    );
+    assert_eq!(g.from_guest_packets, p.tx_packets, "{report}");
+    assert_eq!(p.tx_packets, counted + veth_dropped, "{report}");
+    topo.peer.run(move || drop(counter));
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// CPU ticks (user + system) of each of the daemon's datapath worker threads, by name.
+fn worker_cpu_ticks(
+    daemon: &xvio_tests::daemon::Daemon,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut ticks = std::collections::BTreeMap::new();
+    let Some(pid) = daemon.pid() else {
+        return ticks;
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return ticks;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("xvio-dp") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" of the command: utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let n = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks.insert(comm.to_owned(), n(11) + n(12));
+    }
+    ticks
 }
 
 /// A txonly guest sending `len`-byte frames through xvio (with `extra` options) to a counting

@@ -141,7 +141,7 @@ fn cycle(guest: &Guest) {
 fn connect_disconnect_cycles_leave_no_descriptor_or_thread_behind() {
     let _serial = one_at_a_time();
     for queues in [1, 4] {
-        let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+        let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
         let guest = start(&switch, queues);
         let baseline = quiet();
         for _ in 0..20 {
@@ -197,7 +197,7 @@ impl XorShift {
 #[test]
 fn hostile_sessions_leave_no_descriptor_or_thread_behind() {
     let _serial = one_at_a_time();
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let guest = start(&switch, 1);
     let baseline = quiet();
     let event = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -236,7 +236,7 @@ fn hostile_sessions_leave_no_descriptor_or_thread_behind() {
 #[test]
 fn a_flood_of_early_vring_enables_is_cut_off_and_released() {
     let _serial = one_at_a_time();
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let guest = start(&switch, 1);
     let baseline = quiet();
     let event = EventFd::new(EFD_NONBLOCK).unwrap();

@@ -77,7 +77,7 @@ struct Run {
 /// testpmd txonly on a guest with `queue_pairs` queue pairs sends for 3 s to a guest whose
 /// testpmd rxonly counts; then both stop.
 fn txonly_to_rxonly(queue_pairs: u16) -> Run {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let tx_spec = GuestSpec {
         queues: queue_pairs,
         ..spec(MAC_TX, SocketMode::Server)
@@ -192,7 +192,7 @@ fn a_client_mode_socket_reconnects_when_the_vmm_restarts() {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let client = spec(MAC_TX, SocketMode::Client);
     // testpmd serves the socket (server=1) as QEMU does with server=on.
     let first = Testpmd::start(

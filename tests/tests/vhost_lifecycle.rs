@@ -42,7 +42,7 @@ fn spec(mac: [u8; 6]) -> GuestSpec {
 
 #[test]
 fn queues_broken_by_a_hostile_driver_work_again_after_it_restarts_them() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = Guest::start(&spec(MAC_A), &switch).unwrap();
     let b = Guest::start(&spec(MAC_B), &switch).unwrap();
     let mut ga = TestGuest::attach(&a, REFUSE);
@@ -81,7 +81,7 @@ fn queues_broken_by_a_hostile_driver_work_again_after_it_restarts_them() {
 
 #[test]
 fn a_memory_table_sent_again_while_dma_copies_are_in_flight() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     // A's RX copies all go to a software DMA channel (threshold 0).
     let pool = Mutex::new(
         ChannelPool::start(&[DmaSpec::Sw { core: None }], ThresholdArg::Bytes(0)).unwrap(),

@@ -79,7 +79,7 @@ fn start_with_sw_dma(switch: &Arc<Datapath>, mac: [u8; 6]) -> Guest {
 
 #[test]
 fn negotiation_offers_the_features_and_the_config_space_has_the_mac() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = start(&switch, MAC_A);
     let mut g = TestGuest::attach(&a, 0);
     for bit in [
@@ -110,8 +110,51 @@ fn negotiation_offers_the_features_and_the_config_space_has_the_mac() {
 
 #[test]
 fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
-    let ([a, b, _c], [mut ga, mut gb, mut gc]) = connected(&switch, [MAC_A, MAC_B, MAC_C]);
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    a_to_b_and_broadcast(&switch);
+}
+
+/// Two workers (on CPUs 0 and 1, or both on 0 with one CPU): A's TX queue is the first
+/// worker's, B's the second's; each delivers into the other's RX queue.
+#[test]
+fn on_two_workers_frames_cross_between_guests_polled_by_different_workers() {
+    let cpus = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        [0, 1]
+    } else {
+        [0, 0]
+    };
+    let switch = Datapath::start(&cpus, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    assert_eq!(switch.workers(), 2);
+    let ([a, b, _c], [mut ga, mut gb, _gc]) = a_to_b_and_broadcast(&switch);
+    let back: Vec<Vec<u8>> = (0..20)
+        .map(|i| {
+            frame(
+                MAC_A,
+                MAC_B,
+                None,
+                ETH_P_EXPERIMENTAL,
+                1500 - i * 50,
+                100 + i as u32,
+            )
+        })
+        .collect();
+    ga.post_rx(32, 2048);
+    for f in &back {
+        gb.send(f);
+    }
+    assert_eq!(
+        ga.receive(back.len(), WAIT),
+        back,
+        "A receives B's frames, in order"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.counters().from_guest_packets.load(Relaxed), 20);
+    assert_eq!(a.counters().to_guest_packets.load(Relaxed), 20);
+}
+
+/// A sends 20 frames to B and a broadcast (B and C get it), and one to a MAC nobody has.
+fn a_to_b_and_broadcast(switch: &Arc<Datapath>) -> ([Guest; 3], [TestGuest; 3]) {
+    let ([a, b, c], [mut ga, mut gb, mut gc]) = connected(switch, [MAC_A, MAC_B, MAC_C]);
     gb.post_rx(32, 2048);
     gc.post_rx(32, 2048);
     ga.post_rx(32, 2048);
@@ -170,11 +213,12 @@ fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
         b.counters().to_guest_bytes.load(Relaxed),
         sent.iter().map(|f| f.len() as u64).sum::<u64>() + 100
     );
+    ([a, b, c], [ga, gb, gc])
 }
 
 #[test]
 fn frames_without_rx_buffers_are_dropped_and_frames_spread_over_merged_buffers() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let ([_a, b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     let big = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 1514, 7);
     ga.send(&big);
@@ -203,7 +247,7 @@ fn frames_without_rx_buffers_are_dropped_and_frames_spread_over_merged_buffers()
 
 #[test]
 fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let ([a, _b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     gb.post_rx(8, 2048);
     // Outside guest memory; a loop; a device-writable TX descriptor; too short; too long.
@@ -254,7 +298,7 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
 
 #[test]
 fn an_avail_index_jump_stops_only_that_queue_until_reset() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let ([a, _b, _c], [mut ga, mut gb, mut gc]) = connected(&switch, [MAC_A, MAC_B, MAC_C]);
     gb.post_rx(4, 2048);
     gc.post_rx(4, 2048);
@@ -273,7 +317,7 @@ fn an_avail_index_jump_stops_only_that_queue_until_reset() {
 
 #[test]
 fn a_guest_that_disconnects_and_reconnects_is_served_again() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let (a, b) = (start(&switch, MAC_A), start(&switch, MAC_B));
     let mut gb = TestGuest::attach(&b, REFUSE);
     gb.post_rx(16, 2048);
@@ -297,7 +341,7 @@ fn a_guest_that_disconnects_and_reconnects_is_served_again() {
 
 #[test]
 fn frames_reach_b_through_the_software_dma_channel_in_order() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = start(&switch, MAC_A);
     let b = start_with_sw_dma(&switch, MAC_B);
     let mut ga = TestGuest::attach(&a, REFUSE);
@@ -346,7 +390,7 @@ fn frames_reach_b_through_the_software_dma_channel_in_order() {
 /// pages it did not write stay clean.
 #[test]
 fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = start(&switch, MAC_A);
     let cpu = start(&switch, MAC_B);
     let dma = start_with_sw_dma(&switch, MAC_C);
@@ -410,7 +454,7 @@ fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
 /// SIGBUS and kill the daemon); it drops that connection and serves the next one.
 #[test]
 fn a_dirty_log_shorter_than_announced_is_refused() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let ([_a, b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     gb.post_rx(4, 2048);
     let refused = gb.share_log(0, 4096);
@@ -437,7 +481,7 @@ fn a_dirty_log_shorter_than_announced_is_refused() {
 /// next one.
 #[test]
 fn a_memory_region_past_the_end_of_its_file_is_refused() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = start(&switch, MAC_A);
     let b = start(&switch, MAC_B);
     let mut ga = TestGuest::attach(&a, REFUSE);
@@ -479,7 +523,7 @@ fn a_stale_socket_is_replaced_and_served() {
     let path = socket();
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists(), "the stale socket file stays behind");
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = Guest::start(&spec_at(path.clone()), &switch).expect("a stale socket is replaced");
     let mut g = TestGuest::connect(a.socket(), REFUSE);
     assert_eq!(&g.config()[..6], &MAC_A, "the new socket is served");
@@ -494,7 +538,7 @@ fn a_stale_socket_is_replaced_and_served() {
 fn a_socket_someone_listens_on_is_not_taken_over() {
     let path = socket();
     let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let err = Guest::start(&spec_at(path.clone()), &switch)
         .expect_err("a socket in use must not be taken over")
         .to_string();
@@ -512,7 +556,7 @@ fn a_socket_someone_listens_on_is_not_taken_over() {
 /// symlink (not followed), each refused with an error that names it.
 #[test]
 fn a_file_that_is_not_a_socket_is_left_alone() {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let file = socket();
     std::fs::write(&file, b"precious").unwrap();
     let dir = socket();
@@ -547,7 +591,7 @@ fn a_socket_in_a_missing_directory_is_reported() {
     let path = std::env::temp_dir()
         .join(unique_name("xvio-nodir-"))
         .join("vm.sock");
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let err = Guest::start(&spec_at(path.clone()), &switch)
         .expect_err("no directory, no socket")
         .to_string();
@@ -559,7 +603,7 @@ fn a_socket_in_a_missing_directory_is_reported() {
 #[test]
 fn a_guest_removes_only_its_own_socket() {
     let path = socket();
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = Guest::start(&spec_at(path.clone()), &switch).unwrap();
     std::fs::remove_file(&path).unwrap();
     std::fs::write(&path, b"someone else's").unwrap();

@@ -29,7 +29,7 @@ fn guest(switch: &std::sync::Arc<Datapath>, mac: &str) -> Guest {
 
 /// A switch with the VM's port and a port served by a testpmd that answers ARP and ICMP.
 fn guest_and_echo() -> (std::sync::Arc<Datapath>, Guest, Guest, Testpmd) {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let vm = guest(&switch, "52:54:00:99:00:02");
     let echo = guest(&switch, "02:00:00:00:00:01");
     let pmd = Testpmd::start(
@@ -87,7 +87,7 @@ fn a_guest_that_resets_its_device_is_served_again() {
 }
 
 fn iperf_between_two_guests(mrg_rxbuf: bool) {
-    let switch = Datapath::start(None, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let (a, b) = (
         guest(&switch, "52:54:00:99:00:02"),
         guest(&switch, "52:54:00:99:00:03"),

@@ -98,6 +98,7 @@ impl std::fmt::Debug for GuestDevice {
 impl GuestDevice {
     /// A device for guest `id` with `mac` on `vlan` (0: untagged), served by the one worker
     /// behind `link`.
+    #[cfg(test)]
     pub(crate) fn new(
         id: GuestId,
         name: &str,
@@ -106,7 +107,14 @@ impl GuestDevice {
         link: WorkerLink,
     ) -> io::Result<GuestDevice> {
         let pairs = usize::from(queue_pairs.max(1));
-        GuestDevice::on_workers(id, name, (mac, vlan), queue_pairs, vec![link], vec![0; pairs])
+        GuestDevice::on_workers(
+            id,
+            name,
+            (mac, vlan),
+            queue_pairs,
+            vec![link],
+            vec![0; pairs],
+        )
     }
 
     /// As [`GuestDevice::new`], served by the workers behind `links`, TX queue pair `p` by
@@ -218,7 +226,9 @@ impl GuestDevice {
         self.links
             .iter()
             .map(|link| link.call(&make))
-            .fold(true, |all, ok| all && ok)
+            .filter(|confirmed| !confirmed)
+            .count()
+            == 0
     }
 
     /// Whether the datapath delivers frames to the guest now: it has the guest's memory and

@@ -14,8 +14,10 @@
 //! through a bounce buffer. Every copy in flight owns its source and the guest memory it
 //! writes.
 //!
-//! Today the datapath runs one worker (pinned with `--datapath-cpus`); the command queue, the
-//! per-worker table and the slot model are what more workers will be built from.
+//! The datapath runs one worker per CPU of `--datapath-cpus` (one unpinned without it): each
+//! AF_XDP socket is received from by one worker and each guest TX queue polled by one, in
+//! turn; any worker delivers into any RX queue and sends on any socket, a burst at a time
+//! under its lock (see `worker` and `slot`).
 
 pub mod bounce;
 pub mod counters;
@@ -32,7 +34,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
 };
@@ -59,9 +61,20 @@ pub enum DatapathError {
         /// Its VLAN (0: untagged).
         vlan: u16,
     },
-    /// The worker thread could not be started or pinned.
-    #[error("starting the datapath worker")]
-    Worker(#[source] std::io::Error),
+    /// A worker thread could not be started or pinned.
+    #[error("starting datapath worker {index}{}", cpu.map(|c| format!(" on CPU {c}")).unwrap_or_default())]
+    Worker {
+        /// The worker.
+        index: usize,
+        /// Its CPU (`--datapath-cpus`).
+        cpu: Option<usize>,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An AF_XDP socket's fd could not be duplicated for the worker that waits on it.
+    #[error("handing an AF_XDP socket to the datapath")]
+    Uplink(#[source] std::io::Error),
     /// A guest's device could not be made.
     #[error("setting up guest {name}")]
     Device {
@@ -84,56 +97,74 @@ fn on_vlan(vlan: u16) -> String {
 /// The running datapath.
 #[derive(Debug)]
 pub struct Datapath {
-    link: WorkerLink,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// One per worker.
+    links: Vec<WorkerLink>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     /// The guests' (MAC, VLAN).
     macs: Mutex<HashMap<([u8; 6], u16), GuestId>>,
     next_id: AtomicU32,
+    /// Uplinks added so far (each is received from by one worker, in turn).
+    uplinks: AtomicUsize,
+    /// TX queue pairs given out so far (each is polled by one worker, in turn).
+    tx_pairs: AtomicUsize,
 }
 
 impl Datapath {
-    /// Starts the worker, pinned to `cpu` when given, polling for `busy_poll` after its last
-    /// frame before it sleeps.
+    /// Starts one worker per CPU of `cpus`, each pinned to its CPU (one unpinned worker
+    /// when `cpus` is empty), polling for `busy_poll` after its last frame before it sleeps.
     pub fn start(
-        cpu: Option<usize>,
+        cpus: &[usize],
         busy_poll: std::time::Duration,
     ) -> Result<Arc<Datapath>, DatapathError> {
-        let (mut worker, link) = Worker::new("xvio-dp0").map_err(DatapathError::Worker)?;
-        worker.set_busy_poll(busy_poll);
-        let (started, ready) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("xvio-dp0".to_owned())
-            .spawn(move || {
-                let pinned = cpu.map_or(Ok(()), pin_to);
-                let ok = pinned.is_ok();
-                let _ = started.send(pinned);
-                if ok {
-                    worker.run();
+        let placement: Vec<Option<usize>> = if cpus.is_empty() {
+            vec![None]
+        } else {
+            cpus.iter().copied().map(Some).collect()
+        };
+        let mut links = Vec::with_capacity(placement.len());
+        let mut threads = Vec::with_capacity(placement.len());
+        let mut returns = Vec::with_capacity(placement.len());
+        for (index, cpu) in placement.into_iter().enumerate() {
+            let started = spawn_worker(index, cpu, busy_poll);
+            let (link, thread, back) = match started {
+                Ok(started) => started,
+                Err(e) => {
+                    // The workers started so far stop with the links dropped.
+                    for link in &links {
+                        WorkerLink::send(link, Command::Stop);
+                    }
+                    for thread in threads {
+                        let _ = JoinHandle::join(thread);
+                    }
+                    return Err(e);
                 }
-            })
-            .map_err(DatapathError::Worker)?;
-        match ready.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(DatapathError::Worker(e));
-            }
-            Err(_) => {
-                return Err(DatapathError::Worker(std::io::Error::other(
-                    "the worker thread died at start",
-                )));
-            }
+            };
+            links.push(link);
+            threads.push(thread);
+            returns.push(back);
+        }
+        for link in &links {
+            link.send(Command::Peers(returns.clone()));
         }
         Ok(Arc::new(Datapath {
-            link,
-            thread: Mutex::new(Some(thread)),
+            links,
+            threads: Mutex::new(threads),
             macs: Mutex::default(),
             next_id: AtomicU32::new(0),
+            uplinks: AtomicUsize::new(0),
+            tx_pairs: AtomicUsize::new(0),
         }))
     }
 
-    /// Adds a guest with `mac` on `vlan` (0: untagged) and `queue_pairs` queue pairs, its RX
-    /// queues' copies on `channels` (one per queue pair at most; the others copy on the CPU).
+    /// Workers.
+    pub fn workers(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Adds a guest with `mac` on `vlan` (0: untagged) and `queue_pairs` queue pairs, the
+    /// copies of its queues on `channels` (each bound to one of its queues; the others copy
+    /// on the CPU). Its TX queues go to the workers in turn; every worker delivers into its
+    /// RX queues.
     pub fn add_guest(
         &self,
         name: &str,
@@ -146,22 +177,54 @@ impl Datapath {
             return Err(DatapathError::DuplicateMac { mac, vlan });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let device = GuestDevice::new(id, name, (mac, vlan), queue_pairs, self.link.clone())
-            .map_err(|source| DatapathError::Device {
-                name: name.to_owned(),
-                source,
-            })?;
+        let pairs = usize::from(queue_pairs.max(1));
+        let workers = self.links.len();
+        let first = self.tx_pairs.fetch_add(pairs, Ordering::Relaxed);
+        let tx_owner: Vec<usize> = (0..pairs).map(|p| (first + p) % workers).collect();
+        let device = GuestDevice::on_workers(
+            id,
+            name,
+            (mac, vlan),
+            queue_pairs,
+            self.links.clone(),
+            tx_owner.clone(),
+        )
+        .map_err(|source| DatapathError::Device {
+            name: name.to_owned(),
+            source,
+        })?;
         let device = Arc::new(device);
-        let slot = slot::GuestSlot::new(Arc::clone(&device), channels);
-        self.link.send(Command::AddGuest(Box::new(slot)));
+        let (rx_channels, mut tx_channels) = slot::split_channels(pairs, channels);
+        let rx: Vec<slot::SharedRx> = rx_channels
+            .into_iter()
+            .map(|c| slot::RxQueue::shared(c, device.dirty()))
+            .collect();
+        for (w, link) in self.links.iter().enumerate() {
+            let tx = (0..pairs)
+                .map(|p| {
+                    (tx_owner[p] == w)
+                        .then(|| tx_channels[p].take().map(from_guest::FromGuest::new))
+                })
+                .collect();
+            // The first worker's slot publishes the shared RX queues' copy counters.
+            let slot = slot::GuestSlot::with_queues(Arc::clone(&device), rx.clone(), w == 0, tx);
+            link.send(Command::AddGuest(Box::new(slot)));
+        }
         macs.insert((mac.0, vlan), id);
         Ok(device)
     }
 
-    /// Removes a guest: the worker drains its copies and forgets it.
+    /// Removes a guest: the workers drain its copies and forget it.
     pub fn remove_guest(&self, device: &GuestDevice) {
         let id = device.id();
-        if !self.link.call(|ack| Command::RemoveGuest { id, ack }) {
+        let confirmed = self
+            .links
+            .iter()
+            .map(|link| link.call(|ack| Command::RemoveGuest { id, ack }))
+            .filter(|confirmed| !confirmed)
+            .count()
+            == 0;
+        if !confirmed {
             tracing::warn!(
                 guest = device.name(),
                 "the datapath did not confirm the guest's removal in time"
@@ -175,24 +238,76 @@ impl Datapath {
 
     /// Floods the broadcast and multicast frames `ifname` receives (in this thread's network
     /// namespace) to every guest of the frame's VLAN, while the host still gets them; the tap
-    /// runs until dropped.
+    /// runs until dropped. The first worker floods them.
     pub fn add_group_tap(&self, ifname: &str) -> std::io::Result<GroupFeed> {
         let inbox = Arc::new(inbox::Inbox::default());
-        let (to_worker, link) = (Arc::clone(&inbox), self.link.clone());
+        let (to_worker, link) = (Arc::clone(&inbox), self.links[0].clone());
         let tap = crate::xsk::tap::GroupTap::start(ifname, move |frame| {
             if to_worker.push(frame) {
                 link.kick();
             }
         })?;
-        self.link.send(Command::AddGroupInbox(Arc::clone(&inbox)));
+        self.links[0].send(Command::AddGroupInbox(Arc::clone(&inbox)));
         Ok(GroupFeed { tap, inbox })
     }
 
-    /// Serves an AF_XDP socket; returns where its counters are published.
-    pub fn add_uplink(&self, port: XskPort) -> Arc<Mutex<xvio_common::PortStats>> {
+    /// Serves an AF_XDP socket: the workers receive from their uplinks in turn, and every
+    /// worker may transmit on any; returns where its counters are published.
+    pub fn add_uplink(
+        &self,
+        port: XskPort,
+    ) -> Result<Arc<Mutex<xvio_common::PortStats>>, DatapathError> {
+        // The poller sleeps on a dup of the socket's fd (the port is behind a lock).
+        let fd = port
+            .fd()
+            .try_clone_to_owned()
+            .map_err(DatapathError::Uplink)?;
+        let poller = self.uplinks.fetch_add(1, Ordering::Relaxed) % self.links.len();
         let (uplink, published) = Uplink::new(port);
-        self.link.send(Command::AddUplink(Box::new(uplink)));
-        published
+        let uplink = Arc::new(Mutex::new(uplink));
+        let mut fd = Some(fd);
+        for (w, link) in self.links.iter().enumerate() {
+            link.send(Command::AddUplink {
+                uplink: Arc::clone(&uplink),
+                poll: if w == poller { fd.take() } else { None },
+            });
+        }
+        Ok(published)
+    }
+}
+
+/// Starts worker `index`, pinned to `cpu` when given.
+fn spawn_worker(
+    index: usize,
+    cpu: Option<usize>,
+    busy_poll: std::time::Duration,
+) -> Result<(WorkerLink, JoinHandle<()>, Arc<worker::Returns>), DatapathError> {
+    let name = format!("xvio-dp{index}");
+    let failed = |source| DatapathError::Worker { index, cpu, source };
+    let (mut worker, link) = Worker::numbered(&name, index).map_err(failed)?;
+    worker.set_busy_poll(busy_poll);
+    let returns = worker.returns();
+    let (started, ready) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let pinned = cpu.map_or(Ok(()), pin_to);
+            let ok = pinned.is_ok();
+            let _ = started.send(pinned);
+            if ok {
+                worker.run();
+            }
+        })
+        .map_err(failed)?;
+    match ready.recv() {
+        Ok(Ok(())) => Ok((link, thread, returns)),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(failed(e))
+        }
+        Err(_) => Err(failed(std::io::Error::other(
+            "the worker thread died at start",
+        ))),
     }
 }
 
@@ -214,8 +329,11 @@ impl GroupFeed {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        self.link.send(Command::Stop);
-        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+        for link in &self.links {
+            link.send(Command::Stop);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
             let _ = thread.join();
         }
     }

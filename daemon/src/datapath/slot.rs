@@ -109,7 +109,10 @@ impl GuestSlot {
             .into_iter()
             .map(|c| RxQueue::shared(c, device.dirty()))
             .collect();
-        let from_guest = tx.into_iter().map(|c| Some(c.map(FromGuest::new))).collect();
+        let from_guest = tx
+            .into_iter()
+            .map(|c| Some(c.map(FromGuest::new)))
+            .collect();
         GuestSlot::with_queues(device, rx, true, from_guest)
     }
 
@@ -610,15 +613,12 @@ impl GuestSlot {
 
     /// The completion fds of the queues' channels.
     pub fn completion_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
-        self.rx_fds
-            .iter()
-            .map(AsFd::as_fd)
-            .chain(
-                self.from_guest
-                    .iter()
-                    .flatten()
-                    .filter_map(FromGuest::completion_fd),
-            )
+        self.rx_fds.iter().map(AsFd::as_fd).chain(
+            self.from_guest
+                .iter()
+                .flatten()
+                .filter_map(FromGuest::completion_fd),
+        )
     }
 }
 

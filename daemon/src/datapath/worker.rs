@@ -17,9 +17,9 @@
 //! *before* its last look at the queues, so no kick is lost.
 
 use std::{
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, Ordering},
         mpsc::{Receiver, Sender, SyncSender},
     },
@@ -33,7 +33,7 @@ use nix::{
 use vhost_user_backend::VringT;
 
 use super::{
-    bounce::Bounce,
+    bounce::{BOUNCE_BUFFERS, Bounce},
     counters::GuestCounters,
     device::{GuestId, Vring},
     fdb::{self, Dest, Fdb},
@@ -112,8 +112,16 @@ pub enum Command {
         /// Confirmed once done.
         ack: SyncSender<()>,
     },
-    /// Serve this uplink (an AF_XDP socket on one NIC queue).
-    AddUplink(Box<Uplink>),
+    /// An uplink (an AF_XDP socket on one NIC queue): every worker may transmit on it; the
+    /// one given `poll` (a dup of its socket fd, to sleep on) also receives from it.
+    AddUplink {
+        /// The uplink.
+        uplink: SharedUplink,
+        /// For the worker that polls it.
+        poll: Option<OwnedFd>,
+    },
+    /// Every worker's returns, by worker index (this one's included).
+    Peers(Vec<Arc<Returns>>),
     /// Flood the group frames from the wire that arrive here to every guest.
     AddGroupInbox(Arc<Inbox>),
     /// Leave.
@@ -130,7 +138,8 @@ impl std::fmt::Debug for Command {
             Command::StopVring { .. } => "StopVring",
             Command::Reset { .. } => "Reset",
             Command::Disconnect { .. } => "Disconnect",
-            Command::AddUplink(_) => "AddUplink",
+            Command::AddUplink { .. } => "AddUplink",
+            Command::Peers(_) => "Peers",
             Command::AddGroupInbox(_) => "AddGroupInbox",
             Command::Stop => "Stop",
         };
@@ -190,6 +199,79 @@ impl WorkerLink {
     }
 }
 
+/// An uplink as the workers share it: one receives from it, any transmits on it, a burst at a
+/// time under its lock (as OVS-DPDK's PMD threads share a port's transmit queue).
+pub type SharedUplink = Arc<Mutex<Uplink>>;
+
+fn lock_uplink(uplink: &SharedUplink) -> MutexGuard<'_, Uplink> {
+    uplink.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What other workers finished with that is this worker's (its bounce buffers, after a
+/// copy another worker completed): handed back in batches, taken each iteration.
+#[derive(Debug, Default)]
+pub struct Returns {
+    pending: AtomicBool,
+    sources: Mutex<Vec<Source>>,
+}
+
+impl Returns {
+    fn give(&self, sources: impl Iterator<Item = Source>) {
+        let mut list = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        list.extend(sources);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    fn take_into(&self, into: &mut Vec<Source>) {
+        if self.pending.swap(false, Ordering::Acquire) {
+            let mut list = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+            into.append(&mut list);
+        }
+    }
+}
+
+/// The uplinks a worker transmits on, each locked once for a run of frames.
+struct Wire<'a> {
+    uplinks: &'a [SharedUplink],
+    held: Option<(usize, MutexGuard<'a, Uplink>)>,
+    /// Uplinks sent on (bit by index): flushed at the end of the iteration.
+    used: &'a mut u64,
+}
+
+impl<'a> Wire<'a> {
+    fn new(uplinks: &'a [SharedUplink], used: &'a mut u64) -> Wire<'a> {
+        Wire {
+            uplinks,
+            held: None,
+            used,
+        }
+    }
+
+    /// Uplink `u`, locked (the one held before is let go of).
+    fn get(&mut self, u: usize) -> Option<&mut Uplink> {
+        if self.held.as_ref().is_none_or(|(h, _)| *h != u) {
+            self.held = None;
+            self.held = Some((u, lock_uplink(self.uplinks.get(u)?)));
+        }
+        *self.used |= 1u64 << (u % 64);
+        self.held.as_mut().map(|(_, g)| &mut **g)
+    }
+
+    /// Queues a frame whose copy out of a guest completed on its uplink's transmit ring (or
+    /// frees it: `stale`, or the ring and stage are full even after a flush); whether it
+    /// went out.
+    fn transmit(&mut self, o: &Outgoing, stale: bool) -> bool {
+        let Some(uplink) = self.get(usize::from(o.uplink)) else {
+            return false;
+        };
+        if !stale && uplink.port.from_guest_push(o.addr, o.len) {
+            return true;
+        }
+        uplink.port.from_guest_free(o.addr);
+        false
+    }
+}
+
 /// An AF_XDP socket a worker serves, with the counters it publishes.
 pub struct Uplink {
     port: XskPort,
@@ -246,11 +328,26 @@ struct Bounced {
 /// The worker's own state.
 pub struct Worker {
     name: String,
+    /// Its index among the workers.
+    index: usize,
     commands: Receiver<Command>,
     shared: Arc<Shared>,
     fdb: Fdb,
     guests: Vec<GuestSlot>,
-    uplinks: Vec<Uplink>,
+    /// Every uplink, by index (the same on every worker).
+    uplinks: Vec<SharedUplink>,
+    /// The uplinks it receives from, and dups of their socket fds (to sleep on).
+    polled: Vec<usize>,
+    poll_fds: Vec<OwnedFd>,
+    /// Uplinks it transmitted on since they were last flushed (bit by index).
+    tx_used: u64,
+    /// Frames done with, by uplink, for its fill ring.
+    refill: Vec<Vec<u64>>,
+    /// Its returns, and every worker's.
+    returns: Arc<Returns>,
+    peers: Vec<Arc<Returns>>,
+    /// Sources of other workers' done with here, by worker.
+    foreign: Vec<Vec<Source>>,
     bounce: Bounce,
     /// Broadcast and multicast frames from the wire (see `xsk::tap`).
     group_inboxes: Vec<Arc<Inbox>>,
@@ -277,22 +374,36 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// A worker and the link to it.
+    /// A worker (the only one) and the link to it.
     pub fn new(name: &str) -> std::io::Result<(Worker, WorkerLink)> {
+        Worker::numbered(name, 0)
+    }
+
+    /// Worker number `index` of a datapath, and the link to it.
+    pub fn numbered(name: &str, index: usize) -> std::io::Result<(Worker, WorkerLink)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared::new()?);
         let link = WorkerLink {
             commands: tx,
             shared: Arc::clone(&shared),
         };
+        let returns = Arc::new(Returns::default());
         let worker = Worker {
             name: name.to_owned(),
+            index,
             commands: rx,
             shared,
             fdb: Fdb::default(),
             guests: Vec::new(),
             uplinks: Vec::new(),
-            bounce: Bounce::default(),
+            polled: Vec::new(),
+            poll_fds: Vec::new(),
+            tx_used: 0,
+            refill: Vec::new(),
+            peers: vec![Arc::clone(&returns)],
+            returns,
+            foreign: Vec::new(),
+            bounce: Bounce::with_base(BOUNCE_BUFFERS, (index * BOUNCE_BUFFERS) as u32),
             group_inboxes: Vec::new(),
             rx_descs: [(0, 0); BURST],
             rx_dest: [None; BURST],
@@ -303,6 +414,11 @@ impl Worker {
             busy_poll: IDLE_BEFORE_PARK,
         };
         Ok((worker, link))
+    }
+
+    /// Its returns, for the other workers (see [`Command::Peers`]).
+    pub fn returns(&self) -> Arc<Returns> {
+        Arc::clone(&self.returns)
     }
 
     /// How long to keep polling after the last frame before parking.
@@ -317,6 +433,7 @@ impl Worker {
             if !self.commands() {
                 break;
             }
+            self.returns.take_into(&mut self.released);
             let mut work = self.poll_wire();
             work += self.poll_group_inboxes();
             work += self.poll_guests();
@@ -339,9 +456,12 @@ impl Worker {
             }
         }
         for slot in &mut self.guests {
-            let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+            let (released, mut wire) = (
+                &mut self.released,
+                Wire::new(&self.uplinks, &mut self.tx_used),
+            );
             slot.disconnect(&mut |s| released.push(s), &mut |o, stale| {
-                transmit(uplinks, o, stale)
+                wire.transmit(o, stale)
             });
         }
         self.release_sources();
@@ -364,10 +484,12 @@ impl Worker {
                 Command::RemoveGuest { id, ack } => {
                     if let Some(i) = self.slot_of(id) {
                         let mut slot = self.guests.remove(i);
-                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        let released = &mut self.released;
+                        let mut wire = Wire::new(&self.uplinks, &mut self.tx_used);
                         slot.disconnect(&mut |s| released.push(s), &mut |o, stale| {
-                            transmit(uplinks, o, stale)
+                            wire.transmit(o, stale)
                         });
+                        drop(wire);
                         self.release_sources();
                         self.rebuild_fdb();
                     }
@@ -385,37 +507,54 @@ impl Worker {
                 }
                 Command::StopVring { id, queue, ack } => {
                     if let Some(i) = self.slot_of(id) {
-                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        let released = &mut self.released;
+                        let mut wire = Wire::new(&self.uplinks, &mut self.tx_used);
                         self.guests[i].stop_vring(
                             usize::from(queue),
                             &mut |s| released.push(s),
-                            &mut |o, stale| transmit(uplinks, o, stale),
+                            &mut |o, stale| wire.transmit(o, stale),
                         );
+                        drop(wire);
                         self.release_sources();
                     }
                     let _ = ack.send(());
                 }
                 Command::Reset { id, ack } => {
                     if let Some(i) = self.slot_of(id) {
-                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        let released = &mut self.released;
+                        let mut wire = Wire::new(&self.uplinks, &mut self.tx_used);
                         self.guests[i].reset(&mut |s| released.push(s), &mut |o, stale| {
-                            transmit(uplinks, o, stale)
+                            wire.transmit(o, stale)
                         });
+                        drop(wire);
                         self.release_sources();
                     }
                     let _ = ack.send(());
                 }
                 Command::Disconnect { id, ack } => {
                     if let Some(i) = self.slot_of(id) {
-                        let (released, uplinks) = (&mut self.released, &mut self.uplinks);
+                        let released = &mut self.released;
+                        let mut wire = Wire::new(&self.uplinks, &mut self.tx_used);
                         self.guests[i].disconnect(&mut |s| released.push(s), &mut |o, stale| {
-                            transmit(uplinks, o, stale)
+                            wire.transmit(o, stale)
                         });
+                        drop(wire);
                         self.release_sources();
                     }
                     let _ = ack.send(());
                 }
-                Command::AddUplink(uplink) => self.uplinks.push(*uplink),
+                Command::AddUplink { uplink, poll } => {
+                    if let Some(fd) = poll {
+                        self.polled.push(self.uplinks.len());
+                        self.poll_fds.push(fd);
+                    }
+                    self.uplinks.push(uplink);
+                    self.refill.push(Vec::with_capacity(4 * BURST));
+                }
+                Command::Peers(peers) => {
+                    self.foreign = peers.iter().map(|_| Vec::new()).collect();
+                    self.peers = peers;
+                }
                 Command::AddGroupInbox(inbox) => self.group_inboxes.push(inbox),
                 Command::Stop => return false,
             }
@@ -440,14 +579,17 @@ impl Worker {
             slot.refresh_ready();
         }
         let mut total = 0;
-        for u in 0..self.uplinks.len() {
-            let n = self.uplinks[u].port.to_guest_take(&mut self.rx_descs);
+        for k in 0..self.polled.len() {
+            let u = self.polled[k];
+            let shared = Arc::clone(&self.uplinks[u]);
+            let mut guard = lock_uplink(&shared);
+            let uplink = &mut *guard;
+            let n = uplink.port.to_guest_take(&mut self.rx_descs);
             if n == 0 {
                 continue;
             }
             total += n;
             let Worker {
-                uplinks,
                 guests,
                 fdb,
                 rx_descs,
@@ -455,7 +597,6 @@ impl Worker {
                 released,
                 ..
             } = self;
-            let uplink = &mut uplinks[u];
             // Where each frame goes: (guest slot, RX queue pair).
             for i in 0..n {
                 let (addr, len) = rx_descs[i];
@@ -518,6 +659,10 @@ impl Worker {
                     }
                 }
             }
+            if !uplink.to_refill.is_empty() {
+                uplink.port.to_guest_release(&uplink.to_refill);
+                uplink.to_refill.clear();
+            }
         }
         self.release_sources();
         total
@@ -573,6 +718,9 @@ impl Worker {
                 continue;
             };
             for pair in 0..self.guests[s].pairs() {
+                if !self.guests[s].polls_tx(pair) {
+                    continue;
+                }
                 total += self.poll_guest_tx(s, pair, &mem);
                 self.deliver_bounced();
             }
@@ -594,6 +742,9 @@ impl Worker {
             return 0;
         }
         self.guests[s].quiet_kicks(queue_index, state.get_queue_mut(), mem);
+        // The uplink to the wire, locked at the first frame for it, for the rest of the burst.
+        let first = self.uplinks.first().cloned();
+        let mut wire: Option<MutexGuard<'_, Uplink>> = None;
         let counters = self.guests[s].counters_arc();
         let vlan = self.guests[s].device().vlan();
         let mut taken = 0;
@@ -628,7 +779,12 @@ impl Worker {
                     outcome
                 }
                 Some(Dest::Wire) => {
-                    match self.send_to_wire(s, pair, &counters, chain, mem, vlan) {
+                    if wire.is_none() {
+                        wire = first.as_ref().map(lock_uplink);
+                        self.tx_used |= 1;
+                    }
+                    let uplink = wire.as_deref_mut();
+                    match self.send_to_wire(s, pair, (&counters, uplink), chain, mem, vlan) {
                         Some(outcome) => outcome,
                         // In flight: its chain is marked used when the copy completed.
                         None => continue,
@@ -716,7 +872,7 @@ impl Worker {
         &mut self,
         s: usize,
         pair: usize,
-        counters: &GuestCounters,
+        (counters, uplink): (&GuestCounters, Option<&mut Uplink>),
         chain: virtio_queue::DescriptorChain<M>,
         mem: &Arc<GuestMem>,
         vlan: u16,
@@ -724,7 +880,7 @@ impl Worker {
     where
         M: std::ops::Deref<Target = GuestMem>,
     {
-        let Some(uplink) = self.uplinks.first_mut() else {
+        let Some(uplink) = uplink else {
             // No interface: nowhere to go, but a bad chain is still counted as one.
             let outcome = queue::check_tx(chain, &**mem, MAX_FRAME);
             if let TxChain::Frame(_) = outcome {
@@ -784,12 +940,14 @@ impl Worker {
         let Worker {
             guests,
             uplinks,
+            tx_used,
             bounce,
             bounced,
             bounced_pair,
             released,
             ..
         } = self;
+        let mut wire = Wire::new(uplinks, tx_used);
         // Each receiver of a flooded frame (the guests of its VLAN) holds a share of its
         // buffer; the wire gets a copy.
         for b in bounced.iter().filter(|b| b.dest == Dest::Flood) {
@@ -799,9 +957,10 @@ impl Worker {
                 bounce.share(b.buf);
             }
             if b.to_wire {
-                flood_to_wire(uplinks.first_mut(), bounce.frame(b.buf, 0, b.len), b.vlan);
+                flood_to_wire(wire.get(0), bounce.frame(b.buf, 0, b.len), b.vlan);
             }
         }
+        drop(wire);
         for (d, slot) in guests.iter_mut().enumerate() {
             let vlan_d = slot.device().vlan();
             let goes_to_d = |b: &Bounced| match b.dest {
@@ -855,13 +1014,16 @@ impl Worker {
             guests,
             released,
             uplinks,
+            tx_used,
             ..
         } = self;
+        let mut wire = Wire::new(uplinks, tx_used);
         let mut inflight = 0;
         for slot in guests.iter_mut() {
             inflight += slot.complete(&mut |s| released.push(s));
-            inflight += slot.complete_from_guest(&mut |o, stale| transmit(uplinks, o, stale));
+            inflight += slot.complete_from_guest(&mut |o, stale| wire.transmit(o, stale));
         }
+        drop(wire);
         let done = !self.released.is_empty();
         self.release_sources();
         // Copies in flight are work: keep polling them rather than park.
@@ -873,34 +1035,58 @@ impl Worker {
     fn release_sources(&mut self) {
         for src in self.released.drain(..) {
             match src {
-                Source::Bounce(id) => self.bounce.release(id),
+                Source::Bounce(id) if self.bounce.owns(id) => self.bounce.release(id),
+                // Another worker's buffer (a copy of its frame this worker completed).
+                Source::Bounce(id) => {
+                    if let Some(list) = self.foreign.get_mut(id as usize / BOUNCE_BUFFERS) {
+                        list.push(src);
+                    }
+                }
                 Source::Umem { uplink, addr } => {
-                    if let Some(u) = self.uplinks.get_mut(usize::from(uplink)) {
-                        u.to_refill.push(addr);
+                    if let Some(list) = self.refill.get_mut(usize::from(uplink)) {
+                        list.push(addr);
                     }
                 }
             }
         }
-        for u in &mut self.uplinks {
-            if !u.to_refill.is_empty() {
-                u.port.to_guest_release(&u.to_refill);
-                u.to_refill.clear();
+        for (u, list) in self.refill.iter_mut().enumerate() {
+            if !list.is_empty() {
+                lock_uplink(&self.uplinks[u]).port.to_guest_release(list);
+                list.clear();
+            }
+        }
+        for (w, list) in self.foreign.iter_mut().enumerate() {
+            if !list.is_empty()
+                && let Some(peer) = self.peers.get(w)
+            {
+                peer.give(list.drain(..));
             }
         }
     }
 
+    /// Flushes the uplinks it receives from and those it sent on (an uplink whose frames
+    /// wait for ring room stays on the list).
     fn flush_uplinks(&mut self) {
-        for u in &mut self.uplinks {
-            u.port.flush();
+        let sent = self.tx_used;
+        self.tx_used = 0;
+        for (u, uplink) in self.uplinks.iter().enumerate() {
+            if self.polled.contains(&u) || sent & (1u64 << (u % 64)) != 0 {
+                let mut uplink = lock_uplink(uplink);
+                uplink.port.flush();
+                if uplink.port.frame_counts().staged > 0 {
+                    self.tx_used |= 1u64 << (u % 64);
+                }
+            }
         }
     }
 
     fn publish(&mut self) {
         for slot in &self.guests {
-            slot.device().publish_copy_stats(slot.copy_stats());
+            slot.device()
+                .publish_copy_stats(self.index, slot.copy_stats());
         }
-        for u in &self.uplinks {
-            u.publish();
+        for &u in &self.polled {
+            lock_uplink(&self.uplinks[u]).publish();
         }
         self.last_publish = Instant::now();
     }
@@ -922,15 +1108,11 @@ impl Worker {
             // Copies in flight on a channel without a completion fd, or frames accepted for
             // transmit that wait for room in a full tx ring (the kernel frees it, and says
             // nothing): look again soon.
-            let inflight = self.guests.iter().any(|g| g.has_inflight())
-                || self
-                    .uplinks
-                    .iter()
-                    .any(|u| u.port.frame_counts().staged > 0);
-            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + self.uplinks.len());
+            let inflight = self.guests.iter().any(|g| g.has_inflight()) || self.tx_used != 0;
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + self.poll_fds.len());
             fds.push(PollFd::new(self.shared.wake.as_fd(), PollFlags::POLLIN));
-            for u in &self.uplinks {
-                fds.push(PollFd::new(u.port.fd(), PollFlags::POLLIN));
+            for fd in &self.poll_fds {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
             }
             let completion: Vec<BorrowedFd<'_>> = self
                 .guests
@@ -953,19 +1135,6 @@ impl Worker {
         self.shared.sleeping.store(false, Ordering::SeqCst);
         let _ = self.shared.wake.read();
     }
-}
-
-/// Queues a frame whose copy out of a guest completed on its uplink's transmit ring (or frees
-/// it: `stale`, or the ring and stage are full even after a flush); whether it went out.
-fn transmit(uplinks: &mut [Uplink], o: &Outgoing, stale: bool) -> bool {
-    let Some(uplink) = uplinks.get_mut(usize::from(o.uplink)) else {
-        return false;
-    };
-    if !stale && uplink.port.from_guest_push(o.addr, o.len) {
-        return true;
-    }
-    uplink.port.from_guest_free(o.addr);
-    false
 }
 
 /// Copies a flooded frame into a frame of `uplink` (tagged for `vlan` unless 0) and queues it
