@@ -110,6 +110,26 @@ pub struct CopyStats {
     pub inflight_max: u64,
 }
 
+impl std::iter::Sum for CopyStats {
+    /// The counters of several engines together (`inflight_max`: the largest).
+    fn sum<I: Iterator<Item = CopyStats>>(all: I) -> CopyStats {
+        all.fold(CopyStats::default(), |mut sum, s| {
+            sum.packets += s.packets;
+            sum.cpu_copies += s.cpu_copies;
+            sum.cpu_bytes += s.cpu_bytes;
+            sum.dma_copies += s.dma_copies;
+            sum.dma_bytes += s.dma_bytes;
+            sum.fallback_full += s.fallback_full;
+            sum.fallback_enqueue += s.fallback_enqueue;
+            sum.fallback_error += s.fallback_error;
+            sum.fallback_submit += s.fallback_submit;
+            sum.inflight += s.inflight;
+            sum.inflight_max = sum.inflight_max.max(s.inflight_max);
+            sum
+        })
+    }
+}
+
 /// `drain` gave up.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error(

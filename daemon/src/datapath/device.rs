@@ -194,20 +194,7 @@ impl GuestDevice {
         let Ok(all) = self.copy_stats.lock() else {
             return CopyStats::default();
         };
-        all.iter().fold(CopyStats::default(), |mut sum, s| {
-            sum.packets += s.packets;
-            sum.cpu_copies += s.cpu_copies;
-            sum.cpu_bytes += s.cpu_bytes;
-            sum.dma_copies += s.dma_copies;
-            sum.dma_bytes += s.dma_bytes;
-            sum.fallback_full += s.fallback_full;
-            sum.fallback_enqueue += s.fallback_enqueue;
-            sum.fallback_error += s.fallback_error;
-            sum.fallback_submit += s.fallback_submit;
-            sum.inflight += s.inflight;
-            sum.inflight_max = sum.inflight_max.max(s.inflight_max);
-            sum
-        })
+        all.iter().copied().sum()
     }
 
     /// Worker `worker`'s copy counters for this guest.
