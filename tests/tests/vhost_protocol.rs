@@ -114,8 +114,8 @@ fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
     a_to_b_and_broadcast(&switch);
 }
 
-/// Two workers (on CPUs 0 and 1, or both on 0 with one CPU): A's TX queue is the first
-/// worker's, B's the second's; each delivers into the other's RX queue.
+/// Two workers (on CPUs 0 and 1, or both on 0 with one CPU): A's TX queue is the second
+/// worker's, B's the first's; each delivers into the other's RX queue.
 #[test]
 fn on_two_workers_frames_cross_between_guests_polled_by_different_workers() {
     let cpus = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
@@ -150,6 +150,53 @@ fn on_two_workers_frames_cross_between_guests_polled_by_different_workers() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(b.counters().from_guest_packets.load(Relaxed), 20);
     assert_eq!(a.counters().to_guest_packets.load(Relaxed), 20);
+}
+
+/// Two workers: A's TX queue is the second worker's; B's RX queue has a DMA channel, whose
+/// copies either worker completes. 600 frames in rounds, more than a worker's 512 bounce
+/// buffers: buffers completed by the other worker must come home, or A's frames would be
+/// dropped for want of one.
+#[test]
+fn on_two_workers_copies_into_a_dma_queue_complete_and_their_buffers_come_home() {
+    let cpus = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        [0, 1]
+    } else {
+        [0, 0]
+    };
+    let switch = Datapath::start(&cpus, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let a = start(&switch, MAC_A);
+    let b = start_with_sw_dma(&switch, MAC_B);
+    let mut ga = TestGuest::attach(&a, REFUSE);
+    let mut gb = TestGuest::attach(&b, REFUSE);
+    for round in 0..12u32 {
+        gb.post_rx(50, 2048);
+        let sent: Vec<Vec<u8>> = (0..50u32)
+            .map(|i| {
+                let len = 64 + (i as usize * 29) % 1400;
+                frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, len, round * 50 + i)
+            })
+            .collect();
+        for f in &sent {
+            ga.send(f);
+        }
+        assert_eq!(
+            gb.receive(sent.len(), WAIT),
+            sent,
+            "round {round}, in order"
+        );
+        ga.take_used(1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let ca = a.counters();
+    assert_eq!(ca.from_guest_packets.load(Relaxed), 600);
+    assert_eq!(
+        ca.from_guest_dropped_full.load(Relaxed),
+        0,
+        "bounce buffers came home"
+    );
+    assert_eq!(b.counters().to_guest_packets.load(Relaxed), 600);
+    let stats = b.copy_stats();
+    assert!(stats.dma_copies >= 600, "through the channel: {stats:?}");
 }
 
 /// A sends 20 frames to B and a broadcast (B and C get it), and one to a MAC nobody has.

@@ -72,8 +72,9 @@ pub struct GuestDevice {
     event_idx: AtomicBool,
     /// Written once per connection to have the library hand over the vrings.
     announce: EventFd,
-    /// The worker has the memory and an RX queue ready (frames for the guest are delivered).
-    ready: AtomicBool,
+    /// Each worker (bit by index) has the memory and an RX queue ready: frames for the guest
+    /// are delivered once all have.
+    ready: AtomicU64,
     /// The current connection's exit event (see the module doc).
     exit: Mutex<EventFd>,
     /// Every worker (each has a slot for the guest).
@@ -139,7 +140,7 @@ impl GuestDevice {
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             announce: EventFd::new(EFD_NONBLOCK)?,
-            ready: AtomicBool::new(false),
+            ready: AtomicU64::new(0),
             exit: Mutex::new(EventFd::new(EFD_NONBLOCK)?),
             links,
             tx_owner,
@@ -222,12 +223,20 @@ impl GuestDevice {
     /// at least one RX queue the frontend started (until then frames for it are dropped and
     /// counted, as a NIC whose driver is not up drops them).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        let all = u64::MAX >> (64 - self.links.len().clamp(1, 64));
+        self.ready.load(Ordering::Relaxed) & all == all
     }
 
-    pub(crate) fn set_ready(&self, ready: bool) {
-        if self.ready.load(Ordering::Relaxed) != ready {
-            self.ready.store(ready, Ordering::Relaxed);
+    /// Worker `worker` says whether it has the memory and an RX queue ready.
+    pub(crate) fn set_ready(&self, worker: usize, ready: bool) {
+        let bit = 1u64 << (worker % 64);
+        let now = self.ready.load(Ordering::Relaxed);
+        if (now & bit != 0) != ready {
+            if ready {
+                self.ready.fetch_or(bit, Ordering::Relaxed);
+            } else {
+                self.ready.fetch_and(!bit, Ordering::Relaxed);
+            }
         }
     }
 

@@ -103,8 +103,9 @@ pub struct Datapath {
     /// The guests' (MAC, VLAN).
     macs: Mutex<HashMap<([u8; 6], u16), GuestId>>,
     next_id: AtomicU32,
-    /// Uplinks added so far (each is received from by one worker, in turn).
-    uplinks: AtomicUsize,
+    /// Uplinks added so far (each is received from by one worker, in turn); held while one is
+    /// added, so every worker numbers them alike.
+    uplinks: Mutex<usize>,
     /// TX queue pairs given out so far (each is polled by one worker, in turn).
     tx_pairs: AtomicUsize,
 }
@@ -151,7 +152,7 @@ impl Datapath {
             threads: Mutex::new(threads),
             macs: Mutex::default(),
             next_id: AtomicU32::new(0),
-            uplinks: AtomicUsize::new(0),
+            uplinks: Mutex::new(0),
             tx_pairs: AtomicUsize::new(0),
         }))
     }
@@ -179,7 +180,8 @@ impl Datapath {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pairs = usize::from(queue_pairs.max(1));
         let workers = self.links.len();
-        let first = self.tx_pairs.fetch_add(pairs, Ordering::Relaxed);
+        // From the second worker on (the first receives from the first socket).
+        let first = self.tx_pairs.fetch_add(pairs, Ordering::Relaxed) + 1;
         let tx_owner: Vec<usize> = (0..pairs).map(|p| (first + p) % workers).collect();
         let device = GuestDevice::on_workers(
             id,
@@ -207,7 +209,7 @@ impl Datapath {
                 })
                 .collect();
             // The first worker's slot publishes the shared RX queues' copy counters.
-            let slot = slot::GuestSlot::with_queues(Arc::clone(&device), rx.clone(), w == 0, tx);
+            let slot = slot::GuestSlot::with_queues(Arc::clone(&device), w, rx.clone(), tx);
             link.send(Command::AddGuest(Box::new(slot)));
         }
         macs.insert((mac.0, vlan), id);
@@ -262,7 +264,9 @@ impl Datapath {
             .fd()
             .try_clone_to_owned()
             .map_err(DatapathError::Uplink)?;
-        let poller = self.uplinks.fetch_add(1, Ordering::Relaxed) % self.links.len();
+        let mut added = self.uplinks.lock().unwrap_or_else(|e| e.into_inner());
+        let poller = *added % self.links.len();
+        *added += 1;
         let (uplink, published) = Uplink::new(port);
         let uplink = Arc::new(Mutex::new(uplink));
         let mut fd = Some(fd);

@@ -57,9 +57,20 @@ fn lock(rx: &SharedRx) -> MutexGuard<'_, RxQueue> {
     rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The RX queue, unless another worker holds it now (then it delivers or completes there).
+fn try_lock(rx: &SharedRx) -> Option<MutexGuard<'_, RxQueue>> {
+    match rx.try_lock() {
+        Ok(q) => Some(q),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// One guest, on its worker.
 pub struct GuestSlot {
     device: Arc<GuestDevice>,
+    /// The worker holding this slot.
+    worker: usize,
     counters: Arc<GuestCounters>,
     mem: Option<Memory>,
     /// By queue index: RX queues are even, TX queues odd.
@@ -68,8 +79,9 @@ pub struct GuestSlot {
     rx: Vec<SharedRx>,
     /// Dups of the RX queues' channels' completion fds (to wait on without their locks).
     rx_fds: Vec<OwnedFd>,
-    /// Whether this worker's slot publishes the RX queues' copy counters (one of them does).
-    rx_stats: bool,
+    /// RX queues found broken at the last look (bit by pair), for when another worker holds
+    /// one.
+    rx_broken_seen: u64,
     /// TX queue pairs this worker polls.
     tx_mine: u64,
     /// By TX queue pair: the copy side of a TX queue of this worker's with a DMA channel
@@ -113,16 +125,16 @@ impl GuestSlot {
             .into_iter()
             .map(|c| Some(c.map(FromGuest::new)))
             .collect();
-        GuestSlot::with_queues(device, rx, true, from_guest)
+        GuestSlot::with_queues(device, 0, rx, from_guest)
     }
 
-    /// A worker's slot for `device`: the shared RX queues `rx` (this slot publishes their
-    /// copy counters when `rx_stats`), and its TX queues: `Some` in `tx` for each TX queue
+    /// Worker `worker`'s slot for `device`: the shared RX queues `rx` (worker 0's slot
+    /// publishes their copy counters), and its TX queues: `Some` in `tx` for each TX queue
     /// pair this worker polls (with the queue's copy side when it has a channel).
     pub fn with_queues(
         device: Arc<GuestDevice>,
+        worker: usize,
         rx: Vec<SharedRx>,
-        rx_stats: bool,
         tx: Vec<Option<Option<FromGuest>>>,
     ) -> GuestSlot {
         let pairs = usize::from(device.queue_pairs());
@@ -142,11 +154,12 @@ impl GuestSlot {
         GuestSlot {
             counters: device.counters_arc(),
             device,
+            worker,
             mem: None,
             vrings: vec![None; 2 * pairs],
             rx,
             rx_fds,
-            rx_stats,
+            rx_broken_seen: 0,
             tx_mine,
             from_guest,
             broken: 0,
@@ -178,8 +191,29 @@ impl GuestSlot {
 
     /// Whether copies into or out of the guest are in flight.
     pub fn has_inflight(&self) -> bool {
-        self.rx.iter().any(|q| lock(q).to_guest.inflight() > 0)
+        // An RX queue another worker holds now is that worker's to complete.
+        self.rx
+            .iter()
+            .any(|q| try_lock(q).is_some_and(|q| q.to_guest.inflight() > 0))
             || self.from_guest.iter().flatten().any(|f| f.inflight() > 0)
+    }
+
+    /// Before the worker sleeps: consumes the completion wake-ups of channels with nothing
+    /// in flight (copies completed since the wake-up was armed), which would otherwise wake it
+    /// at once, and again.
+    pub fn clear_idle_notifications(&mut self) {
+        for q in &self.rx {
+            if let Some(mut q) = try_lock(q)
+                && q.to_guest.inflight() == 0
+            {
+                q.to_guest.clear_notification();
+            }
+        }
+        for f in self.from_guest.iter_mut().flatten() {
+            if f.inflight() == 0 {
+                f.clear_notification();
+            }
+        }
     }
 
     /// The copy side of TX queue pair `pair`, when it has a DMA channel.
@@ -288,8 +322,18 @@ impl GuestSlot {
     pub fn refresh_ready(&mut self) {
         let mut ready = 0u64;
         for pair in 0..self.pairs() {
+            // Not waiting for a worker that delivers into the queue now: the last look stands.
+            let broken = match try_lock(&self.rx[pair]) {
+                Some(q) => q.broken,
+                None => self.rx_broken_seen & (1 << pair) != 0,
+            };
+            if broken {
+                self.rx_broken_seen |= 1 << pair;
+            } else {
+                self.rx_broken_seen &= !(1 << pair);
+            }
             if let Some(vring) = self.vrings[2 * pair].as_ref()
-                && !lock(&self.rx[pair]).broken
+                && !broken
             {
                 let state = vring.get_ref();
                 if queue::serving(state.get_queue(), state.is_enabled()) {
@@ -298,7 +342,8 @@ impl GuestSlot {
             }
         }
         self.rx_ready = ready;
-        self.device.set_ready(ready != 0 && self.mem.is_some());
+        self.device
+            .set_ready(self.worker, ready != 0 && self.mem.is_some());
     }
 
     /// The TX vring of `pair`, if started.
@@ -481,7 +526,10 @@ impl GuestSlot {
         };
         let mut inflight = 0;
         for pair in 0..self.pairs() {
-            let mut rxq = lock(&self.rx[pair]);
+            // Held by another worker: it completes what is done there.
+            let Some(mut rxq) = try_lock(&self.rx[pair]) else {
+                continue;
+            };
             if rxq.to_guest.inflight() == 0 {
                 continue;
             }
@@ -554,7 +602,7 @@ impl GuestSlot {
         self.broken = 0;
         self.quiet = 0;
         self.rx_ready = 0;
-        self.device.set_ready(false);
+        self.device.set_ready(self.worker, false);
     }
 
     /// The frontend went away: as [`Self::reset`], and the vrings and the guest's memory are
@@ -574,6 +622,10 @@ impl GuestSlot {
         let vring = self.vrings[2 * pair].clone();
         let mut rxq = lock(&self.rx[pair]);
         let to_guest = &mut rxq.to_guest;
+        if to_guest.inflight() == 0 {
+            // Nothing in flight (another worker drained it already, or there was nothing).
+            return;
+        }
         match (complete, vring, mem) {
             (true, Some(vring), Some(mem)) => {
                 let mut state = vring.get_mut();
@@ -588,7 +640,7 @@ impl GuestSlot {
     /// Copy counters summed over the queues this slot publishes: the RX queues' (when it is
     /// the one that does) and its TX queues'.
     pub fn copy_stats(&self) -> CopyStats {
-        let rx: Vec<CopyStats> = if self.rx_stats {
+        let rx: Vec<CopyStats> = if self.worker == 0 {
             self.rx.iter().map(|q| lock(q).to_guest.stats()).collect()
         } else {
             Vec::new()

@@ -1,8 +1,10 @@
-//! A datapath worker: one thread, as an OVS-DPDK PMD thread, that owns its queues — the
-//! AF_XDP sockets of its uplinks and the vrings of its guests — and moves every frame between
-//! them. It takes no lock per frame: its forwarding table, bounce buffers and guests are its
-//! own, changed only between bursts through its command queue; each vring is locked once per
-//! burst (the library's control thread takes the same lock only for stops and restarts).
+//! A datapath worker: one thread, as an OVS-DPDK PMD thread, that polls its queues — the
+//! AF_XDP sockets it receives from and the guest TX queues given to it — and moves every
+//! frame it takes to its destination: any guest RX queue, or the wire on its own socket (the
+//! first it receives from; else the first of all). It takes no lock per frame: its forwarding
+//! table, bounce buffers and slots are its own, changed only between bursts through its
+//! command queue; a socket, an RX queue and a vring are each locked once per burst, shared
+//! with the other workers (and the library's control thread, for stops and restarts).
 //!
 //! Per iteration: commands; frames from the wire (a burst per uplink, each frame copied once,
 //! from its UMEM frame into the guest); frames from the guests (a burst per TX queue: to the
@@ -416,6 +418,12 @@ impl Worker {
         Ok((worker, link))
     }
 
+    /// The uplink it sends frames to the wire on: the first it receives from (each worker its
+    /// own when there are as many sockets as workers), else the first of all (shared).
+    fn tx_uplink(&self) -> usize {
+        self.polled.first().copied().unwrap_or(0)
+    }
+
     /// Its returns, for the other workers (see [`Command::Peers`]).
     pub fn returns(&self) -> Arc<Returns> {
         Arc::clone(&self.returns)
@@ -743,7 +751,8 @@ impl Worker {
         }
         self.guests[s].quiet_kicks(queue_index, state.get_queue_mut(), mem);
         // The uplink to the wire, locked at the first frame for it, for the rest of the burst.
-        let first = self.uplinks.first().cloned();
+        let t = self.tx_uplink();
+        let first = self.uplinks.get(t).cloned();
         let mut wire: Option<MutexGuard<'_, Uplink>> = None;
         let counters = self.guests[s].counters_arc();
         let vlan = self.guests[s].device().vlan();
@@ -781,9 +790,9 @@ impl Worker {
                 Some(Dest::Wire) => {
                     if wire.is_none() {
                         wire = first.as_ref().map(lock_uplink);
-                        self.tx_used |= 1;
+                        self.tx_used |= 1u64 << (t % 64);
                     }
-                    let uplink = wire.as_deref_mut();
+                    let uplink = wire.as_deref_mut().map(|u| (t as u16, u));
                     match self.send_to_wire(s, pair, (&counters, uplink), chain, mem, vlan) {
                         Some(outcome) => outcome,
                         // In flight: its chain is marked used when the copy completed.
@@ -872,7 +881,7 @@ impl Worker {
         &mut self,
         s: usize,
         pair: usize,
-        (counters, uplink): (&GuestCounters, Option<&mut Uplink>),
+        (counters, uplink): (&GuestCounters, Option<(u16, &mut Uplink)>),
         chain: virtio_queue::DescriptorChain<M>,
         mem: &Arc<GuestMem>,
         vlan: u16,
@@ -880,7 +889,7 @@ impl Worker {
     where
         M: std::ops::Deref<Target = GuestMem>,
     {
-        let Some(uplink) = uplink else {
+        let Some((t, uplink)) = uplink else {
             // No interface: nowhere to go, but a bad chain is still counted as one.
             let outcome = queue::check_tx(chain, &**mem, MAX_FRAME);
             if let TxChain::Frame(_) = outcome {
@@ -896,7 +905,7 @@ impl Worker {
         if vlan == 0
             && let Some(from_guest) = self.guests[s].from_guest_mut(pair)
         {
-            return match from_guest.send(chain, mem, (0, base, uplink.port.frame_mut(base))) {
+            return match from_guest.send(chain, mem, (t, base, uplink.port.frame_mut(base))) {
                 Taken::InFlight => None,
                 Taken::Done(outcome) => {
                     uplink.port.from_guest_free(base);
@@ -937,6 +946,7 @@ impl Worker {
         if self.bounced.is_empty() {
             return;
         }
+        let t = self.tx_uplink();
         let Worker {
             guests,
             uplinks,
@@ -957,7 +967,7 @@ impl Worker {
                 bounce.share(b.buf);
             }
             if b.to_wire {
-                flood_to_wire(wire.get(0), bounce.frame(b.buf, 0, b.len), b.vlan);
+                flood_to_wire(wire.get(t), bounce.frame(b.buf, 0, b.len), b.vlan);
             }
         }
         drop(wire);
@@ -1103,6 +1113,7 @@ impl Worker {
         let mut more = false;
         for slot in &mut self.guests {
             more |= slot.want_kicks();
+            slot.clear_idle_notifications();
         }
         if !more {
             // Copies in flight on a channel without a completion fd, or frames accepted for
