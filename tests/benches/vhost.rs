@@ -22,7 +22,7 @@
 //! OVS-DPDK that does not start, or that carries nothing in a run, fails the benchmark
 //! (non-zero exit, no ratio).
 //!
-//! Options (after `--`): `--reps N` (3), `--seconds S` (6, at least 3).
+//! Options (after `--`): `--reps N` (5), `--seconds S` (6, at least 3).
 
 use std::{
     path::{Path, PathBuf},
@@ -271,7 +271,7 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse::<u64>().ok())
     };
-    let reps = value("--reps").unwrap_or(3).max(1) as usize;
+    let reps = value("--reps").unwrap_or(5).max(1) as usize;
     let seconds = value("--seconds").unwrap_or(6).max(3);
     if let Err(e) = run(reps, seconds) {
         eprintln!("bench vhost FAILED: {e}");
