@@ -6,7 +6,8 @@
 //! - `slot`: a guest as its worker holds it; `to_guest`: frames into one RX queue through
 //!   the copy engine; `bounce`: buffers between the two copies of a guest-to-guest frame;
 //!   `fdb`: where a destination MAC is (on a VLAN); `vlan`: guests on 802.1Q VLANs, tags
-//!   taken out and put in; `counters`: a guest's counters.
+//!   taken out and put in; `counters`: a guest's counters; `sched`: the workers' short
+//!   scheduler slice (a waking worker preempts what else runs on its CPU).
 //!
 //! The buffer model: a frame from the wire stays in its UMEM frame until its one copy into
 //! the guest completed; a frame from a guest to the wire is copied once, from its TX chain
@@ -25,6 +26,7 @@ pub mod device;
 pub mod fdb;
 pub mod from_guest;
 pub mod inbox;
+pub mod sched;
 pub mod slot;
 pub mod to_guest;
 pub mod vlan;
@@ -297,6 +299,9 @@ fn spawn_worker(
         .spawn(move || {
             let pinned = cpu.map_or(Ok(()), pin_to);
             let ok = pinned.is_ok();
+            if ok {
+                ask_short_slice(index);
+            }
             let _ = started.send(pinned);
             if ok {
                 worker.run();
@@ -343,6 +348,25 @@ impl Drop for Datapath {
     }
 }
 
+/// Asks the kernel to let worker `index` (the calling thread) preempt other tasks on its CPU
+/// when it wakes (see `sched`); logs what came of it. Not fatal: without it, frames may
+/// wait up to a tick behind another task.
+fn ask_short_slice(index: usize) {
+    match sched::set_worker_slice(sched::WORKER_SLICE) {
+        Ok(sched::SliceOutcome::Set(slice)) => tracing::debug!(
+            worker = index,
+            slice_us = slice.as_micros() as u64,
+            "datapath worker runs with a short scheduler slice"
+        ),
+        Ok(sched::SliceOutcome::Unsupported) => tracing::info!(
+            worker = index,
+            "the kernel keeps its own scheduler slice for the datapath worker (custom slices \
+             need Linux 6.12): a frame may wait behind another task on the worker's CPU"
+        ),
+        Err(e) => tracing::warn!(worker = index, error = %e, "datapath worker scheduling"),
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
     use nix::sched::{CpuSet, sched_setaffinity};
@@ -352,4 +376,37 @@ fn pin_to(cpu: usize) -> std::io::Result<()> {
     sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| {
         std::io::Error::other(format!("pinning the datapath worker to CPU {cpu}: {e}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's id of the thread named `name` in this process.
+    fn tid_named(name: &str) -> Option<libc::pid_t> {
+        std::fs::read_dir("/proc/self/task")
+            .ok()?
+            .find_map(|entry| {
+                let path = entry.ok()?.path();
+                let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                (comm.trim_end() == name)
+                    .then(|| path.file_name()?.to_str()?.parse().ok())
+                    .flatten()
+            })
+    }
+
+    #[test]
+    fn a_started_worker_runs_with_the_short_slice() {
+        // A number no other test's worker has, to find this thread by its name.
+        let index = 907;
+        let (link, thread, _) =
+            spawn_worker(index, None, std::time::Duration::ZERO).expect("a worker");
+        let tid = tid_named(&format!("xvio-dp{index}")).expect("the worker's thread");
+        let slice = sched::slice_of(tid).expect("sched_getattr");
+        link.send(Command::Stop);
+        thread.join().expect("the worker");
+        if sched::tests::kernel() >= (6, 12) {
+            assert_eq!(slice, sched::WORKER_SLICE);
+        }
+    }
 }
