@@ -17,7 +17,10 @@ use std::ops::Deref;
 
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestMemory};
+use vm_memory::{
+    Address, Bytes, GuestMemory, VolatileSlice,
+    bitmap::{BS, BitmapSlice},
+};
 
 use super::{
     dirty::DirtyPages,
@@ -119,6 +122,226 @@ pub fn needs_call<M: GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
     .map_or(true, |flags| {
         u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
     })
+}
+
+/// Used entries of one burst, written to the used ring one by one as their chains are done
+/// and made visible to the driver together, by one store of the used index in
+/// [`UsedBurst::publish`] (DPDK's vhost flushes its shadow used ring once per burst too). The
+/// driver's core polls that index: a store of it per chain would take its cache line away
+/// from that core, and back, once per frame.
+///
+/// For the queue's worker alone, under the vring's lock, from [`UsedBurst::new`] to
+/// `publish`: nothing else adds used entries meanwhile.
+#[derive(Debug)]
+pub struct UsedBurst {
+    start: u16,
+    added: u16,
+}
+
+impl UsedBurst {
+    /// A burst of used entries that starts at `queue`'s next used position.
+    pub fn new(queue: &Queue) -> Self {
+        Self {
+            start: queue.next_used(),
+            added: 0,
+        }
+    }
+
+    /// How many entries the burst holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.added)
+    }
+
+    /// Whether the burst holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.added == 0
+    }
+
+    /// Writes the used entry of chain `head` (`len` bytes written into it) after the burst's
+    /// others; the driver sees it only at [`UsedBurst::publish`]. `Broken` when the head is
+    /// not one of the queue's descriptors or the used ring is not in guest memory.
+    pub fn push<M: GuestMemory>(
+        &mut self,
+        queue: &Queue,
+        mem: &M,
+        head: u16,
+        len: u32,
+    ) -> Result<(), Broken> {
+        let size = queue.size();
+        if head >= size {
+            return Err(Broken);
+        }
+        let slot = self.start.wrapping_add(self.added) % size;
+        // The used ring: flags (2 bytes), index (2 bytes), then entries of a 32-bit chain
+        // head and a 32-bit length, little-endian (virtio 1.x, 2.7.8).
+        let addr = queue
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(slot))
+            .ok_or(Broken)?;
+        let mut entry = [0u8; 8];
+        entry[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        entry[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_obj(entry, vm_memory::GuestAddress(addr))
+            .map_err(|_| Broken)?;
+        self.added += 1;
+        Ok(())
+    }
+
+    /// Makes the burst's entries visible to the driver (the used index moves past them, with
+    /// release ordering) and says whether the driver wants to be told of them, as
+    /// [`needs_call`] does: with EVENT_IDX, whether its `used_event` lies among exactly this
+    /// burst's entries; without, whether it left `VRING_AVAIL_F_NO_INTERRUPT` clear.
+    pub fn publish<M: GuestMemory>(self, queue: &mut Queue, mem: &M) -> Result<bool, Broken> {
+        use std::sync::atomic::{Ordering, fence};
+        if self.added == 0 {
+            return Ok(false);
+        }
+        let new = self.start.wrapping_add(self.added);
+        queue.set_next_used(new);
+        let index = queue.used_ring().checked_add(2).ok_or(Broken)?;
+        mem.store(
+            u16::to_le(new),
+            vm_memory::GuestAddress(index),
+            Ordering::Release,
+        )
+        .map_err(|_| Broken)?;
+        // The index must be visible before the driver's wishes are read.
+        fence(Ordering::SeqCst);
+        if queue.event_idx_enabled() {
+            // `used_event` follows the avail ring's entries.
+            let used_event = queue
+                .avail_ring()
+                .checked_add(4 + 2 * u64::from(queue.size()))
+                .ok_or(Broken)?;
+            let event = u16::from_le(
+                mem.load::<u16>(vm_memory::GuestAddress(used_event), Ordering::Relaxed)
+                    .map_err(|_| Broken)?,
+            );
+            // The driver asked to be told when the index passes `event`: told if `event` is
+            // in [start, new), as the Linux driver's vring_need_event() reckons.
+            return Ok(new.wrapping_sub(event).wrapping_sub(1) < self.added);
+        }
+        let flags = mem
+            .load::<u16>(
+                vm_memory::GuestAddress(queue.avail_ring()),
+                Ordering::Relaxed,
+            )
+            .map_err(|_| Broken)?;
+        Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+    }
+}
+
+/// A TX chain that is one device-readable descriptor, as DPDK's virtio PMD and Linux's driver
+/// send a linear frame, lying in one piece of the backend's mapping of guest memory: found
+/// once per burst by [`look_ahead`], so that the destination lookup and the copy read no
+/// descriptor and translate no address again. Other chains take the general path
+/// ([`peek_dst`], [`read_tx_into`]), with the same verdicts.
+#[derive(Debug)]
+pub struct Linear<'a, B: BitmapSlice> {
+    /// The whole chain: the virtio-net header, then the frame (at least an Ethernet header).
+    bytes: VolatileSlice<'a, B>,
+}
+
+impl<B: BitmapSlice> Linear<'_, B> {
+    /// The frame's destination MAC.
+    pub fn dst(&self) -> [u8; 6] {
+        let mut dst = [0u8; 6];
+        self.copy_out(HDR_LEN, &mut dst);
+        dst
+    }
+
+    /// The frame's length (the chain without its header).
+    pub fn frame_len(&self) -> usize {
+        self.bytes.len() - HDR_LEN
+    }
+
+    /// Copies the frame (without the header) to the start of `to`, with one `memcpy`: the
+    /// verdict [`read_tx_into`] gives the chain (`Oversize` when `to` is too short).
+    pub fn read_into(&self, to: &mut [u8]) -> TxChain {
+        let len = self.frame_len();
+        match to.get_mut(..len) {
+            Some(to) => {
+                self.copy_out(HDR_LEN, to);
+                TxChain::Frame(len)
+            }
+            None => TxChain::Oversize,
+        }
+    }
+
+    /// Copies the chain's bytes from `offset` into all of `to`; the caller keeps them within
+    /// the chain (`offset + to.len() <= self.bytes.len()`).
+    fn copy_out(&self, offset: usize, to: &mut [u8]) {
+        debug_assert!(offset + to.len() <= self.bytes.len());
+        let n = to.len().min(self.bytes.len().saturating_sub(offset));
+        // SAFETY: `bytes` is mapped guest memory that vm-memory checked and that stays mapped
+        // while the memory it came from is borrowed ('a); `offset + n` is within it, `to` has
+        // `n` bytes of ours, and guest memory is never one of our buffers (no overlap).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.bytes.ptr_guard().as_ptr().add(offset),
+                to.as_mut_ptr(),
+                n,
+            )
+        };
+    }
+}
+
+/// A [`Linear`] chain in guest memory `G`.
+pub type LinearIn<'a, G> = Linear<'a, BS<'a, <G as GuestMemory>::Bitmap>>;
+
+/// Reads each chain's first descriptor once for a burst: starts loading the first bytes of
+/// its frame (the virtio-net and Ethernet headers, two cache lines) into the cache, so that
+/// the burst's misses on memory the guest's core has just written overlap rather than follow
+/// one another (DPDK's vhost prefetches a burst's buffers too), and puts in `linear[i]` chain
+/// `i` as a [`Linear`] when it is one. A chain that is not, or is broken, is left for the
+/// general path to judge.
+pub fn look_ahead<'a, M>(
+    chains: &[Option<DescriptorChain<M>>],
+    mem: &'a M::Target,
+    linear: &mut [Option<LinearIn<'a, M::Target>>],
+) where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    for (chain, linear) in chains.iter().zip(linear.iter_mut()) {
+        *linear = None;
+        let Some(desc) = chain.as_ref().and_then(|c| c.clone().next()) else {
+            continue;
+        };
+        if desc.is_write_only() {
+            continue;
+        }
+        let len = desc.len() as usize;
+        let Some(Ok(bytes)) = mem
+            .get_slices(desc.addr(), len, vm_memory::Permissions::Read)
+            .ok()
+            .and_then(|mut slices| slices.next())
+        else {
+            continue;
+        };
+        let start = bytes.ptr_guard().as_ptr();
+        prefetch(start);
+        if len.min(128) > 64 - (start as usize % 64) {
+            prefetch(start.wrapping_add(64));
+        }
+        // One descriptor, in one piece, a header and an Ethernet header at least.
+        if !desc.has_next() && bytes.len() == len && len >= HDR_LEN + 14 {
+            *linear = Some(Linear { bytes });
+        }
+    }
+}
+
+/// A hint to load the cache line at `at`; never faults, whatever `at` is.
+#[inline(always)]
+fn prefetch(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch only hints the cache; it does not access memory architecturally and
+    // cannot fault, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// Takes the next available chain, or `Ok(None)` when there is none.

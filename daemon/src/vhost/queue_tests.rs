@@ -286,3 +286,211 @@ fn with_event_idx_a_chain_added_before_the_worker_sleeps_is_found() {
         "kick when the avail index passes the backend's position"
     );
 }
+
+// The UsedBurst tests lay out their own rings: virtio-queue's mock puts its used ring over
+// the end of its avail ring (`used_event` is the second used entry's length).
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+
+/// A ready 16-entry queue whose avail ring is at `AVAIL` and used ring at `USED`.
+fn laid_out_queue(mem: &GuestMemoryMmap<()>) -> Queue {
+    let mut q = Queue::new(16).unwrap();
+    q.set_size(16);
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+    q.set_used_ring_address(Some(USED as u32), Some(0));
+    q.set_ready(true);
+    assert!(q.is_valid(mem));
+    q
+}
+
+/// Used entry `i` as the driver reads it: (chain head, length).
+fn used_at(mem: &GuestMemoryMmap<()>, i: u64) -> (u32, u32) {
+    let at = GuestAddress(USED + 4 + 8 * i);
+    (
+        mem.read_obj(at).unwrap(),
+        mem.read_obj(at.checked_add(4).unwrap()).unwrap(),
+    )
+}
+
+/// The used index the driver sees.
+fn used_idx(mem: &GuestMemoryMmap<()>) -> u16 {
+    mem.read_obj(GuestAddress(USED + 2)).unwrap()
+}
+
+/// Sets the driver's `used_event` (EVENT_IDX), after the avail ring's 16 entries.
+fn set_used_event(mem: &GuestMemoryMmap<()>, at: u16) {
+    mem.write_obj(at, GuestAddress(AVAIL + 4 + 2 * 16)).unwrap();
+}
+
+#[test]
+fn a_burst_of_used_entries_is_seen_by_the_driver_only_when_published() {
+    let mem = memory();
+    let mut q = laid_out_queue(&mem);
+    let mut burst = UsedBurst::new(&q);
+    for (head, len) in [(4, 0), (7, 60), (2, 1514)] {
+        burst.push(&q, &mem, head, len).unwrap();
+    }
+    assert_eq!(burst.len(), 3);
+    assert_eq!(used_idx(&mem), 0, "nothing visible before publish");
+    assert_eq!(used_at(&mem, 0), (4, 0));
+    assert_eq!(used_at(&mem, 1), (7, 60));
+    assert_eq!(used_at(&mem, 2), (2, 1514));
+    assert!(
+        burst.publish(&mut q, &mem).unwrap(),
+        "interrupts wanted by default"
+    );
+    assert_eq!(used_idx(&mem), 3);
+    assert_eq!(q.next_used(), 3);
+    // The next burst goes on from there.
+    let mut burst = UsedBurst::new(&q);
+    burst.push(&q, &mem, 9, 0).unwrap();
+    burst.publish(&mut q, &mem).unwrap();
+    assert_eq!(used_at(&mem, 3), (9, 0));
+    assert_eq!(used_idx(&mem), 4);
+}
+
+#[test]
+fn an_empty_burst_publishes_nothing_and_calls_nobody() {
+    let mem = memory();
+    let mut q = laid_out_queue(&mem);
+    let burst = UsedBurst::new(&q);
+    assert!(burst.is_empty());
+    assert!(!burst.publish(&mut q, &mem).unwrap());
+    assert_eq!(used_idx(&mem), 0);
+}
+
+#[test]
+fn a_head_outside_the_queue_is_refused_and_not_written() {
+    let mem = memory();
+    let q = laid_out_queue(&mem);
+    let mut burst = UsedBurst::new(&q);
+    assert_eq!(burst.push(&q, &mem, 16, 0), Err(Broken));
+    assert!(burst.is_empty());
+    assert_eq!(used_at(&mem, 0), (0, 0));
+}
+
+#[test]
+fn an_event_idx_driver_is_called_when_its_used_event_falls_in_the_burst() {
+    let mem = memory();
+    let mut q = laid_out_queue(&mem);
+    q.set_event_idx(true);
+    let publish = |q: &mut Queue, n: u16| {
+        let mut burst = UsedBurst::new(q);
+        for head in 0..n {
+            burst.push(q, &mem, head, 0).unwrap();
+        }
+        burst.publish(q, &mem).unwrap()
+    };
+    // Entries 0, 1, 2; the driver wants to hear once entry 1 is used.
+    set_used_event(&mem, 1);
+    assert!(publish(&mut q, 3));
+    // Entries 3, 4, 5: 1 is behind, so no call.
+    assert!(!publish(&mut q, 3));
+    // Entries 6, 7, 8 with the event at 8 (the burst's last entry), then at 9 (the next).
+    set_used_event(&mem, 8);
+    assert!(publish(&mut q, 3));
+    set_used_event(&mem, 9);
+    assert!(!publish(&mut q, 0), "no entries, no call");
+    assert!(publish(&mut q, 1));
+}
+
+#[test]
+fn a_burst_wraps_around_the_ring_and_the_index() {
+    let mem = memory();
+    let mut q = laid_out_queue(&mem);
+    q.set_event_idx(true);
+    q.set_next_used(65534);
+    let mut burst = UsedBurst::new(&q);
+    for head in [1, 2, 3, 4] {
+        burst.push(&q, &mem, head, 0).unwrap();
+    }
+    // 65534 % 16 = 14: the entries take slots 14, 15, 0, 1; the index wraps to 2, past an
+    // event at 65535.
+    set_used_event(&mem, 65535);
+    assert!(burst.publish(&mut q, &mem).unwrap());
+    assert_eq!(used_at(&mem, 14), (1, 0));
+    assert_eq!(used_at(&mem, 15), (2, 0));
+    assert_eq!(used_at(&mem, 0), (3, 0));
+    assert_eq!(used_at(&mem, 1), (4, 0));
+    assert_eq!(used_idx(&mem), 2);
+    assert_eq!(q.next_used(), 2);
+}
+
+#[test]
+fn a_polling_driver_is_not_called_after_a_burst() {
+    let mem = memory();
+    let mut q = laid_out_queue(&mem);
+    // VRING_AVAIL_F_NO_INTERRUPT, as DPDK's virtio PMD sets.
+    mem.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+    let mut burst = UsedBurst::new(&q);
+    burst.push(&q, &mem, 0, 0).unwrap();
+    assert!(!burst.publish(&mut q, &mem).unwrap());
+    assert_eq!(used_idx(&mem), 1);
+}
+
+#[test]
+fn a_linear_chain_is_read_ahead_with_the_verdicts_of_the_general_path() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let data = frame(HDR_LEN + 100);
+    mem.write_slice(&data, GuestAddress(0x1_0000)).unwrap();
+    mem.write_slice(&data, GuestAddress(0x2_0000)).unwrap();
+    // 0: one descriptor; 1: the same frame in two; 2: too short for an Ethernet header;
+    // 3: device-writable; 4: outside memory; 5: one descriptor again.
+    vq.add_desc_chains(
+        &[
+            desc(0x1_0000, (HDR_LEN + 100) as u32, 0, 0),
+            desc(0x2_0000, 20, NEXT, 2),
+            desc(0x2_0000 + 20, (HDR_LEN + 80) as u32, 0, 0),
+            desc(0x3_0000, (HDR_LEN + 13) as u32, 0, 0),
+            desc(0x4_0000, 200, WRITE, 0),
+            desc(0x7000_0000, 200, 0, 0),
+            desc(0x1_0000, (HDR_LEN + 100) as u32, 0, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut chains = [const { None }; 8];
+    assert_eq!(pop_burst(&mut q, &mem, &mut chains).unwrap(), 6);
+    let mut linear = [const { None }; 8];
+    look_ahead(&chains[..6], &mem, &mut linear[..6]);
+    let found: Vec<bool> = linear.iter().map(Option::is_some).collect();
+    assert_eq!(
+        found,
+        [true, false, false, false, false, true, false, false]
+    );
+    // Nothing was taken or changed by looking.
+    assert!(chains[..6].iter().all(Option::is_some));
+    assert_eq!(q.next_avail(), 6);
+    let l = linear[0].as_ref().unwrap();
+    assert_eq!(l.frame_len(), 100);
+    assert_eq!(l.dst(), data[HDR_LEN..HDR_LEN + 6]);
+    // The copy and its verdict are read_tx_into's, in a room that fits and one that does not.
+    for room in [100, 150, 99] {
+        let mut fast = vec![0u8; room];
+        let mut general = vec![0u8; room];
+        let chain = chains[0].clone().unwrap();
+        assert_eq!(
+            l.read_into(&mut fast),
+            read_tx_into(chain, &mem, &mut general)
+        );
+        assert_eq!(fast, general);
+    }
+    assert_eq!(l.read_into(&mut [0u8; 99]), TxChain::Oversize);
+    // The others, left to the general path, are judged there.
+    let verdicts: Vec<TxChain> = chains[1..5]
+        .iter()
+        .map(|c| read_tx_into(c.clone().unwrap(), &mem, &mut [0u8; 2048]))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            TxChain::Frame(100),
+            TxChain::Malformed,
+            TxChain::Malformed,
+            TxChain::Malformed
+        ]
+    );
+}
