@@ -115,13 +115,19 @@ pub fn needs_call<M: GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
     }
     // The used entries must be visible before the flags are read.
     fence(Ordering::SeqCst);
-    mem.load::<u16>(
-        vm_memory::GuestAddress(queue.avail_ring()),
-        Ordering::Relaxed,
-    )
-    .map_or(true, |flags| {
-        u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
-    })
+    interrupts_wanted(queue, mem).unwrap_or(true)
+}
+
+/// Whether a driver without EVENT_IDX left `VRING_AVAIL_F_NO_INTERRUPT` clear in the avail
+/// ring's flags (a polling driver sets it); `Broken` when the ring is not in guest memory.
+fn interrupts_wanted<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, Broken> {
+    let flags = mem
+        .load::<u16>(
+            vm_memory::GuestAddress(queue.avail_ring()),
+            std::sync::atomic::Ordering::Relaxed,
+        )
+        .map_err(|_| Broken)?;
+    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
 
 /// Used entries of one burst, written to the used ring one by one as their chains are done
@@ -221,13 +227,7 @@ impl UsedBurst {
             // in [start, new), as the Linux driver's vring_need_event() reckons.
             return Ok(new.wrapping_sub(event).wrapping_sub(1) < self.added);
         }
-        let flags = mem
-            .load::<u16>(
-                vm_memory::GuestAddress(queue.avail_ring()),
-                Ordering::Relaxed,
-            )
-            .map_err(|_| Broken)?;
-        Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+        interrupts_wanted(queue, mem)
     }
 }
 
@@ -289,10 +289,10 @@ impl<B: BitmapSlice> Linear<'_, B> {
 /// A [`Linear`] chain in guest memory `G`.
 pub type LinearIn<'a, G> = Linear<'a, BS<'a, <G as GuestMemory>::Bitmap>>;
 
-/// Reads each chain's first descriptor once for a burst: starts loading the first bytes of
-/// its frame (the virtio-net and Ethernet headers, two cache lines) into the cache, so that
-/// the burst's misses on memory the guest's core has just written overlap rather than follow
-/// one another (DPDK's vhost prefetches a burst's buffers too), and puts in `linear[i]` chain
+/// Reads each chain's first descriptor once for a burst: starts loading its buffer (up to
+/// 2 KiB: the headers and the frame of a linear chain) into the cache, so that the burst's
+/// misses on memory the guest's core has just written overlap rather than follow one another
+/// (DPDK's vhost prefetches a burst's buffers too), and puts in `linear[i]` chain
 /// `i` as a [`Linear`] when it is one. A chain that is not, or is broken, is left for the
 /// general path to judge.
 pub fn look_ahead<'a, M>(
@@ -320,9 +320,11 @@ pub fn look_ahead<'a, M>(
             continue;
         };
         let start = bytes.ptr_guard().as_ptr();
-        prefetch(start);
-        if len.min(128) > 64 - (start as usize % 64) {
-            prefetch(start.wrapping_add(64));
+        let first = bytes.len().min(2048);
+        let mut at = 0usize;
+        while at < first + (start as usize % 64) {
+            prefetch(start.wrapping_add(at));
+            at += 64;
         }
         // One descriptor, in one piece, a header and an Ethernet header at least.
         if !desc.has_next() && bytes.len() == len && len >= HDR_LEN + 14 {
