@@ -196,14 +196,15 @@ impl UsedBurst {
     /// Makes the burst's entries visible to the driver (the used index moves past them, with
     /// release ordering) and says whether the driver wants to be told of them, as
     /// [`needs_call`] does: with EVENT_IDX, whether its `used_event` lies among exactly this
-    /// burst's entries; without, whether it left `VRING_AVAIL_F_NO_INTERRUPT` clear.
+    /// burst's entries; without, whether it left `VRING_AVAIL_F_NO_INTERRUPT` clear. `Broken`
+    /// when the index or the driver's wishes cannot be reached: if the entries were made
+    /// visible, the caller had better call the driver anyway before it stops the queue.
     pub fn publish<M: GuestMemory>(self, queue: &mut Queue, mem: &M) -> Result<bool, Broken> {
         use std::sync::atomic::{Ordering, fence};
         if self.added == 0 {
             return Ok(false);
         }
         let new = self.start.wrapping_add(self.added);
-        queue.set_next_used(new);
         let index = queue.used_ring().checked_add(2).ok_or(Broken)?;
         mem.store(
             u16::to_le(new),
@@ -211,6 +212,7 @@ impl UsedBurst {
             Ordering::Release,
         )
         .map_err(|_| Broken)?;
+        queue.set_next_used(new);
         // The index must be visible before the driver's wishes are read.
         fence(Ordering::SeqCst);
         if queue.event_idx_enabled() {
@@ -289,8 +291,9 @@ impl<B: BitmapSlice> Linear<'_, B> {
 /// A [`Linear`] chain in guest memory `G`.
 pub type LinearIn<'a, G> = Linear<'a, BS<'a, <G as GuestMemory>::Bitmap>>;
 
-/// Reads each chain's first descriptor once for a burst: starts loading its buffer (up to
-/// 2 KiB: the headers and the frame of a linear chain) into the cache, so that the burst's
+/// Reads each chain's first descriptor once for a burst: starts loading its first
+/// `prefetch_len` bytes (the headers, and the frame of a linear chain the CPU will copy; not
+/// what a DMA channel copies) into the cache, so that the burst's
 /// misses on memory the guest's core has just written overlap rather than follow one another
 /// (DPDK's vhost prefetches a burst's buffers too), and puts in `linear[i]` chain
 /// `i` as a [`Linear`] when it is one. A chain that is not, or is broken, is left for the
@@ -299,6 +302,7 @@ pub fn look_ahead<'a, M>(
     chains: &[Option<DescriptorChain<M>>],
     mem: &'a M::Target,
     linear: &mut [Option<LinearIn<'a, M::Target>>],
+    prefetch_len: usize,
 ) where
     M: Deref + Clone,
     M::Target: GuestMemory,
@@ -320,7 +324,7 @@ pub fn look_ahead<'a, M>(
             continue;
         };
         let start = bytes.ptr_guard().as_ptr();
-        let first = bytes.len().min(2048);
+        let first = bytes.len().min(prefetch_len);
         let mut at = 0usize;
         while at < first + (start as usize % 64) {
             prefetch(start.wrapping_add(at));
