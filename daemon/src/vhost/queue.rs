@@ -293,11 +293,10 @@ pub type LinearIn<'a, G> = Linear<'a, BS<'a, <G as GuestMemory>::Bitmap>>;
 
 /// Reads each chain's first descriptor once for a burst: starts loading its first
 /// `prefetch_len` bytes (the headers, and the frame of a linear chain the CPU will copy; not
-/// what a DMA channel copies) into the cache, so that the burst's
-/// misses on memory the guest's core has just written overlap rather than follow one another
-/// (DPDK's vhost prefetches a burst's buffers too), and puts in `linear[i]` chain
-/// `i` as a [`Linear`] when it is one. A chain that is not, or is broken, is left for the
-/// general path to judge.
+/// what a DMA channel copies) into the cache, so that the burst's misses on memory the
+/// guest's core has just written overlap rather than follow one another (DPDK's vhost
+/// prefetches a burst's buffers too), and puts in `linear[i]` chain `i` as a [`Linear`] when
+/// it is one. A chain that is not, or is broken, is left for the general path to judge.
 pub fn look_ahead<'a, M>(
     chains: &[Option<DescriptorChain<M>>],
     mem: &'a M::Target,
