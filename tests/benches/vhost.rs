@@ -2,7 +2,8 @@
 //! OVS-DPDK, in the same run, runs alternating. Two DPDK virtio-user frontends (testpmd):
 //! txonly on guest A sends to guest B's MAC as fast as it can, rxonly on guest B counts; the
 //! rate is B's `Rx-pps` as testpmd prints it each second, the median of the seconds after the
-//! first two. Needs root and Debian's dpdk-dev and openvswitch-switch-dpdk.
+//! first two once A forwards (not once it connects: behind OVS-DPDK, A's link is up 2.5-4 s
+//! before it sends). Needs root and Debian's dpdk-dev and openvswitch-switch-dpdk.
 //!
 //! - **xvio**: `xvio run --guest socket=A,mac=… --guest socket=B,mac=… --datapath-cpus 1`
 //!   (no interface: the guests' switch only; CPU copies).
@@ -211,13 +212,23 @@ fn measure(switch: &Switch, len: usize, seconds: u64) -> Result<Run, String> {
         &["--stats-period", "1"],
     );
     let connected = switch.wait_connected();
+    // The window opens when A forwards, not when it connects: behind OVS, testpmd's link
+    // shows up seconds before it sends, and B's samples of those seconds read as nothing
+    // carried.
+    let started = tx.wait_started(WAIT);
+    let first = rx.rx_pps_samples().len();
     std::thread::sleep(Duration::from_secs(seconds));
     let samples: Vec<f64> = rx.rx_pps_samples().into_iter().map(|v| v as f64).collect();
     let live = [guest_stats(0), guest_stats(1)];
     let sent = tx.stop();
     let received = rx.stop();
     let connected = connected?;
-    let useful = &samples[samples.len().saturating_sub(seconds as usize - 2)..];
+    if !started {
+        return Err(format!(
+            "guest A's testpmd did not start forwarding within {WAIT:?}"
+        ));
+    }
+    let useful = samples.get(first + 2..).unwrap_or_default();
     let rate = Summary::of(useful).map_or(0.0, |s| s.median);
     Ok(Run {
         rate,

@@ -205,6 +205,19 @@ impl Testpmd {
         false
     }
 
+    /// Waits (at most `timeout`) until testpmd has launched its forwarding lcores (it printed
+    /// its forwarding configuration, with or without `--stats-period`); whether it has.
+    pub fn wait_started(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.output().contains("forwards packets on") {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// What it printed so far.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
