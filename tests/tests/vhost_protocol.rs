@@ -114,16 +114,21 @@ fn frames_from_a_arrive_byte_identical_at_b_and_broadcast_reaches_all_others() {
     a_to_b_and_broadcast(&switch);
 }
 
+/// The CPUs for two workers: 0 and 1, or both on 0 on a machine with one CPU.
+fn two_worker_cpus() -> [usize; 2] {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        [0, 1]
+    } else {
+        [0, 0]
+    }
+}
+
 /// Two workers (on CPUs 0 and 1, or both on 0 with one CPU): A's TX queue is the second
 /// worker's, B's the first's; each delivers into the other's RX queue.
 #[test]
 fn on_two_workers_frames_cross_between_guests_polled_by_different_workers() {
-    let cpus = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
-        [0, 1]
-    } else {
-        [0, 0]
-    };
-    let switch = Datapath::start(&cpus, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch =
+        Datapath::start(&two_worker_cpus(), xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     assert_eq!(switch.workers(), 2);
     let ([a, b, _c], [mut ga, mut gb, _gc]) = a_to_b_and_broadcast(&switch);
     let back: Vec<Vec<u8>> = (0..20)
@@ -158,12 +163,8 @@ fn on_two_workers_frames_cross_between_guests_polled_by_different_workers() {
 /// dropped for want of one.
 #[test]
 fn on_two_workers_copies_into_a_dma_queue_complete_and_their_buffers_come_home() {
-    let cpus = if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
-        [0, 1]
-    } else {
-        [0, 0]
-    };
-    let switch = Datapath::start(&cpus, xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let switch =
+        Datapath::start(&two_worker_cpus(), xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
     let a = start(&switch, MAC_A);
     let b = start_with_sw_dma(&switch, MAC_B);
     let mut ga = TestGuest::attach(&a, REFUSE);
