@@ -369,6 +369,13 @@ impl TestGuest {
         self.add_raw_chain(1, &[(addr, 12 + frame.len() as u32, false)], None);
     }
 
+    /// Sends each of `frames` in order, one chain each (see [`TestGuest::send`]).
+    pub fn send_all<F: AsRef<[u8]>>(&mut self, frames: &[F]) {
+        for frame in frames {
+            self.send(frame.as_ref());
+        }
+    }
+
     /// Posts `n` receive buffers of `len` bytes.
     pub fn post_rx(&mut self, n: usize, len: u32) {
         for _ in 0..n {

@@ -106,9 +106,7 @@ fn a_memory_table_sent_again_while_dma_copies_are_in_flight() {
                 )
             })
             .collect();
-        for f in &sent {
-            gb.send(f);
-        }
+        gb.send_all(&sent);
         // While B's frames are being copied into A: the old table's mapping must outlive
         // every copy that writes into it.
         ga.remap_memory();

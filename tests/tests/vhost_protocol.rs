@@ -144,9 +144,7 @@ fn on_two_workers_frames_cross_between_guests_polled_by_different_workers() {
         })
         .collect();
     ga.post_rx(32, 2048);
-    for f in &back {
-        gb.send(f);
-    }
+    gb.send_all(&back);
     assert_eq!(
         ga.receive(back.len(), WAIT),
         back,
@@ -177,9 +175,7 @@ fn on_two_workers_copies_into_a_dma_queue_complete_and_their_buffers_come_home()
                 frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, len, round * 50 + i)
             })
             .collect();
-        for f in &sent {
-            ga.send(f);
-        }
+        ga.send_all(&sent);
         assert_eq!(
             gb.receive(sent.len(), WAIT),
             sent,
@@ -218,9 +214,7 @@ fn a_to_b_and_broadcast(switch: &Arc<Datapath>) -> ([Guest; 3], [TestGuest; 3]) 
             )
         })
         .collect();
-    for f in &sent {
-        ga.send(f);
-    }
+    ga.send_all(&sent);
     let got = gb.receive(sent.len(), WAIT);
     assert_eq!(got, sent, "B receives A's frames, identical and in order");
     assert!(gb.wait_call(0, WAIT), "B was notified");
@@ -465,9 +459,7 @@ fn pages_written_during_a_migration_are_marked_in_the_dirty_log() {
         let sent: Vec<Vec<u8>> = (0..n)
             .map(|i| frame(*mac, MAC_A, None, ETH_P_EXPERIMENTAL, 6000, 100 + i as u32))
             .collect();
-        for f in &sent {
-            ga.send(f);
-        }
+        ga.send_all(&sent);
         let got = g.receive(n, WAIT);
         assert_eq!(got, sent, "{name}: frames during the migration");
         let mut page = start / LOG_PAGE * LOG_PAGE;
