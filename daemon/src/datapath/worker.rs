@@ -311,8 +311,9 @@ impl Uplink {
     }
 }
 
-/// Frames of one TX burst sent to the wire by the CPU, added to the guest's shared counters
-/// once per burst rather than with two atomic additions per frame.
+/// Frames of one TX burst the guest sent (to the wire by the CPU, or into a bounce buffer for
+/// other guests), added to its shared counters once per burst rather than with two atomic
+/// additions per frame.
 #[derive(Debug, Default)]
 struct Sent {
     packets: u64,
@@ -794,7 +795,7 @@ impl Worker {
         let prefetch = if dma { 128 } else { 2048 };
         let mut linear = [const { None }; BURST];
         queue::look_ahead(&chains[..n], &**mem, &mut linear[..n], prefetch);
-        // The burst's frames sent to the wire: counted once, at its end.
+        // The burst's frames sent: counted once, at its end.
         let mut sent = Sent::default();
         let mut done = queue::UsedBurst::new(state.get_queue());
         for (i, chain) in chains.iter_mut().enumerate().take(n) {
@@ -848,8 +849,8 @@ impl Worker {
                             outcome = TxChain::Frame(0);
                             self.bounce.release(buf);
                         } else if let TxChain::Frame(len) = outcome {
-                            GuestCounters::add(&counters.from_guest_packets, 1);
-                            GuestCounters::add(&counters.from_guest_bytes, len as u64);
+                            sent.packets += 1;
+                            sent.bytes += len as u64;
                             let hash = flow_hash(self.bounce.frame(buf, 0, len));
                             self.bounced.push(Bounced {
                                 buf,
