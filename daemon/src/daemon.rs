@@ -247,6 +247,7 @@ fn open_ports(
                 iface = iface.name(),
                 queue,
                 need_wakeup = mode.need_wakeup,
+                frames_per_send = port.tx_budget(),
                 "AF_XDP socket bound in copy mode: the driver has no zero-copy support, frames are copied"
             );
         }

@@ -417,6 +417,51 @@ fn the_daemon_opens_a_port_per_queue_and_publishes_their_counters() {
     );
 }
 
+/// The running kernel's (major, minor).
+fn kernel() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[test]
+fn one_flush_hands_the_kernel_a_burst_of_64_in_copy_mode() {
+    if !privileged("one_flush_hands_the_kernel_a_burst_of_64_in_copy_mode") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let _daemon = topo.start(&["--queues", "0"]);
+    const ME: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0xac];
+    let dst = mac_of(&topo.peer, &topo.peer_if);
+    let burst: Vec<Vec<u8>> = (0..64)
+        .map(|seq| frame(dst, ME, None, ETH_P_EXPERIMENTAL, 60, seq))
+        .collect();
+    let (budget, unsent, stats, counts) = topo.host.run(|| {
+        let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
+        assert_eq!(port.send_from_guest(&burst), burst.len());
+        // One flush: one sendto, which sends at most the socket's budget.
+        port.flush();
+        let (budget, unsent) = (port.tx_budget(), port.tx_unsent());
+        drain(&mut port, Duration::from_secs(5));
+        (budget, unsent, port.stats(), port.frame_counts())
+    });
+    if kernel() >= (6, 17) {
+        assert_eq!(budget, 64, "Linux 6.17 takes XDP_MAX_TX_SKB_BUDGET");
+    } else {
+        assert_eq!(budget, 32, "the kernel's own budget before 6.17");
+    }
+    assert_eq!(
+        unsent,
+        64 - budget,
+        "one sendto takes {budget} frames of the burst"
+    );
+    assert_eq!(stats.tx_packets, 64, "{stats:?}");
+    assert!(counts.balanced() && counts.all_home(), "{counts:?}");
+}
+
 #[test]
 fn with_the_link_down_the_port_refuses_what_its_rings_cannot_hold_and_sends_all_it_took() {
     if !privileged(

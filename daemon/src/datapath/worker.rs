@@ -56,6 +56,9 @@ use crate::{
 
 /// Frames per burst (OVS's and DPDK's burst size).
 pub const BURST: usize = 32;
+/// Chains taken from a guest's TX queue at once: two sends' worth (the uplink's socket
+/// sends [`crate::xsk::umem::TX_BUDGET`] per `sendto`).
+const TX_BURST: usize = 64;
 /// Idle time before the worker parks, unless set otherwise (`--busy-poll`).
 pub const IDLE_BEFORE_PARK: Duration = Duration::from_micros(200);
 /// Longest park (counters are published at least this often).
@@ -780,8 +783,8 @@ impl Worker {
         // At most as many as the TX queue's copies to the wire have room for in flight.
         let limit = self.guests[s]
             .from_guest_mut(pair)
-            .map_or(BURST, |f| f.room().min(BURST));
-        let mut chains = [const { None }; BURST];
+            .map_or(TX_BURST, |f| f.room().min(TX_BURST));
+        let mut chains = [const { None }; TX_BURST];
         let n = match queue::pop_burst(state.get_queue_mut(), &**mem, &mut chains[..limit]) {
             Ok(n) => n,
             Err(queue::Broken) => {
@@ -793,7 +796,7 @@ impl Worker {
         // in this core's cache, only the headers.
         let dma = vlan == 0 && self.guests[s].from_guest_mut(pair).is_some();
         let prefetch = if dma { 128 } else { 2048 };
-        let mut linear = [const { None }; BURST];
+        let mut linear = [const { None }; TX_BURST];
         queue::look_ahead(&chains[..n], &**mem, &mut linear[..n], prefetch);
         // The burst's frames sent: counted once, at its end.
         let mut sent = Sent::default();

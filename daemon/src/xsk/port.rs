@@ -338,6 +338,17 @@ impl XskPort {
         stats
     }
 
+    /// Frames one `sendto` hands the kernel in copy mode: [`crate::xsk::umem::TX_BUDGET`]
+    /// on Linux 6.17 and later, 32 before.
+    pub fn tx_budget(&self) -> u32 {
+        self.socket.tx_budget
+    }
+
+    /// Frames in the tx ring that the kernel has not taken yet.
+    pub fn tx_unsent(&self) -> u32 {
+        self.socket.tx.pending()
+    }
+
     /// Where the frames are.
     pub fn frame_counts(&self) -> FrameCounts {
         self.counts
