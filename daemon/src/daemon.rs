@@ -108,6 +108,20 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
             term: signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?,
         }
     };
+    // The threads started from here on (software copy engines without a core, guests'
+    // sockets, the broadcast taps, the runtime's) keep off the workers' CPUs; each worker
+    // pins itself to its own.
+    match crate::datapath::keep_off(&config.datapath_cpus.0) {
+        Ok(Some(left)) => info!(
+            ?left,
+            "xvio's other threads run on the CPUs left by --datapath-cpus"
+        ),
+        Ok(None) if !config.datapath_cpus.0.is_empty() => info!(
+            "--datapath-cpus names every CPU this process may use: xvio's other threads share them with the workers"
+        ),
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "xvio's other threads could not be kept off the datapath CPUs"),
+    }
     // The copy engine's channels; the datapath binds them to virtqueues as guests come.
     let dma = std::sync::Mutex::new(crate::copy::ChannelPool::start(
         &config.dma,

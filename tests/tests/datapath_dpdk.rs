@@ -345,8 +345,47 @@ fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
         received.rx <= g.to_guest_packets && g.to_guest_packets - received.rx <= 1024,
         "testpmd got what xvio delivered (but a ring): {report}"
     );
+    // Only the worker may run on its CPU: the daemon's other threads keep off it.
+    let pid = daemon.pid().expect("the daemon's pid");
+    let on_cpu1 = threads_allowed_on(pid, 1);
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        assert_eq!(on_cpu1, ["xvio-dp0"], "threads allowed on CPU 1");
+    }
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
+}
+
+/// The names of the threads of `pid` whose affinity allows `cpu` (/proc/PID/task/*/status).
+fn threads_allowed_on(pid: i32, cpu: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let path = task.path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("status")),
+        ) else {
+            continue; // the thread ended
+        };
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default()
+            .trim();
+        let allows = list.split(',').any(|part| match part.split_once('-') {
+            Some((a, b)) => {
+                (a.parse().unwrap_or(usize::MAX)..=b.parse().unwrap_or(0)).contains(&cpu)
+            }
+            None => part.parse() == Ok(cpu),
+        });
+        if allows {
+            names.push(comm.trim().to_owned());
+        }
+    }
+    names.sort();
+    names
 }
 
 #[test]

@@ -367,6 +367,33 @@ fn ask_short_slice(index: usize) {
     }
 }
 
+/// Keeps the calling thread, and every thread it starts from now on, off the datapath's
+/// `cpus` (as OVS-DPDK keeps its other threads on `dpdk-lcore-mask`, off its PMD cores): a
+/// control-plane thread woken on a worker's CPU would take it from the worker until the next
+/// tick. Returns the CPUs left, or `None` (and changes nothing) when `cpus` is empty or
+/// would leave no CPU.
+pub fn keep_off(cpus: &[usize]) -> std::io::Result<Option<Vec<usize>>> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    if cpus.is_empty() {
+        return Ok(None);
+    }
+    let me = nix::unistd::Pid::from_raw(0);
+    let allowed = sched_getaffinity(me).map_err(std::io::Error::from)?;
+    let mut rest = CpuSet::new();
+    let mut left = Vec::new();
+    for cpu in 0..CpuSet::count() {
+        if allowed.is_set(cpu).unwrap_or(false) && !cpus.contains(&cpu) {
+            rest.set(cpu).map_err(std::io::Error::from)?;
+            left.push(cpu);
+        }
+    }
+    if left.is_empty() {
+        return Ok(None);
+    }
+    sched_setaffinity(me, &rest).map_err(std::io::Error::from)?;
+    Ok(Some(left))
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
     use nix::sched::{CpuSet, sched_setaffinity};
@@ -381,6 +408,40 @@ fn pin_to(cpu: usize) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_other_threads_keep_off_the_datapath_cpus_and_what_they_start_inherits_it() {
+        use nix::sched::sched_getaffinity;
+        std::thread::spawn(|| {
+            let me = nix::unistd::Pid::from_raw(0);
+            let before = sched_getaffinity(me).expect("sched_getaffinity");
+            let allowed: Vec<usize> = (0..nix::sched::CpuSet::count())
+                .filter(|&c| before.is_set(c).unwrap_or(false))
+                .collect();
+            assert_eq!(keep_off(&[]).expect("keep_off"), None, "no datapath CPUs");
+            // Every allowed CPU a datapath CPU: nothing would be left, nothing changes.
+            assert_eq!(keep_off(&allowed).expect("keep_off"), None);
+            assert_eq!(sched_getaffinity(me).expect("sched_getaffinity"), before);
+            if allowed.len() < 2 {
+                return;
+            }
+            let worker = allowed[allowed.len() - 1];
+            let left = keep_off(&[worker]).expect("keep_off");
+            assert_eq!(left.as_deref(), Some(&allowed[..allowed.len() - 1]));
+            let now = sched_getaffinity(me).expect("sched_getaffinity");
+            assert!(!now.is_set(worker).unwrap_or(true), "off CPU {worker}");
+            let child = std::thread::spawn(move || {
+                sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("sched_getaffinity")
+            })
+            .join()
+            .expect("the child thread");
+            assert_eq!(child, now, "a thread started later inherits it");
+            // A worker pins itself to its CPU all the same.
+            pin_to(worker).expect("pin_to");
+        })
+        .join()
+        .expect("the test thread");
+    }
 
     /// The kernel's id of the thread named `name` in this process.
     fn tid_named(name: &str) -> Option<libc::pid_t> {
