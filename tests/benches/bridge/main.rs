@@ -41,14 +41,16 @@
 //! Each datapath runs on a fresh topology (namespaces, veth) with one guest; every run
 //! prints the anchor's health (its ports up, frames through, where frames were dropped) and
 //! how busy each CPU was. An anchor (OVS-DPDK, testpmd) or bare AF_XDP that does not come up
-//! or carries nothing fails the benchmark (non-zero exit, no ratio). After the rates, a cost
-//! phase per datapath ([`cost`]): idle CPU, CPU per frame at a paced load, ping round trips;
-//! xvio also with `--busy-poll 20000` (cost phase only: it forwards as xvio does), for what
-//! a worker that sleeps between sparse frames costs in latency.
+//! or carries nothing fails the benchmark (non-zero exit, no ratio). Each datapath's run ends
+//! with a ping run: 1000 pings from the peer to an icmpecho guest ([`cost::ping_guest`]), so
+//! that ping runs alternate as the rates do, five of each; xvio also with `--busy-poll 20000`
+//! (pings only in the runs: it forwards as xvio does), for what a worker that sleeps between
+//! sparse frames costs in latency. After the runs, a cost phase per datapath ([`cost`]):
+//! idle CPU and CPU per frame at a paced load.
 //!
 //! Options (after `--`): `--reps N` (5; 0 runs the cost phase only), `--seconds S` (3, the
 //! measuring window), `--only LIST` (comma-separated of xvio, dma, poll, ovs, testpmd, bare; all by
-//! default; a ratio is printed where both sides ran), `--no-cost`, `--testpmd-busy-budget N`
+//! default; a ratio is printed where both sides ran), `--no-cost` (no pings, no cost phase), `--testpmd-busy-budget N`
 //! (0). Needs root, Debian's dpdk-dev and openvswitch-switch-dpdk, and the release build of
 //! `xvio` (`cargo xtask bench bridge` builds it).
 
@@ -129,19 +131,28 @@ pub(crate) struct Point {
 }
 
 pub(crate) type Results = BTreeMap<(Direction, usize, Datapath), Vec<Point>>;
+/// Each datapath's ping runs, in order.
+pub(crate) type Pings = BTreeMap<Datapath, Vec<cost::PingRun>>;
 
-/// Every run, alternating the datapaths; fails on the first error, or when a reference
-/// (an anchor, bare AF_XDP) carries nothing.
-fn run_all(s: &Settings, results: &mut Results) -> Result<(), String> {
+/// Whether a datapath's runs end with a ping run (when the cost is measured).
+fn pings(dp: Datapath) -> bool {
+    matches!(
+        dp,
+        Datapath::Xvio | Datapath::XvioPoll | Datapath::Ovs | Datapath::Testpmd
+    )
+}
+
+/// Every run, alternating the datapaths, each but bare AF_XDP ending with a ping run (unless
+/// `--no-cost`); fails on the first error, or when a reference (an anchor, bare AF_XDP)
+/// carries nothing.
+fn run_all(s: &Settings, results: &mut Results, ping_runs: &mut Pings) -> Result<(), String> {
     for rep in 1..=s.reps {
-        // `--busy-poll 20000` forwards as xvio does: only its cost is measured.
-        for dp in s
-            .datapaths
-            .iter()
-            .copied()
-            .filter(|&d| d != Datapath::XvioPoll)
-        {
-            let bridge = match dp {
+        for dp in s.datapaths.iter().copied() {
+            // `--busy-poll 20000` forwards as xvio does: only its pings are measured here.
+            if dp == Datapath::XvioPoll && !s.cost {
+                continue;
+            }
+            let mut bridge = match dp {
                 Datapath::Bare => {
                     println!("{} run {rep}/{} {}", s.clock(), s.reps, dp.name());
                     None
@@ -159,8 +170,13 @@ fn run_all(s: &Settings, results: &mut Results) -> Result<(), String> {
                     Some(bridge)
                 }
             };
+            let sizes = if dp == Datapath::XvioPoll {
+                &[][..]
+            } else {
+                dp.sizes()
+            };
             for dir in [Direction::ToGuest, Direction::FromGuest] {
-                for &len in dp.sizes() {
+                for &len in sizes {
                     let sample = measure(bridge.as_ref(), dir, len, s.window)
                         .map_err(|e| format!("{} {} {len} B: {e}", dp.name(), dir.name()))?;
                     println!(
@@ -182,6 +198,12 @@ fn run_all(s: &Settings, results: &mut Results) -> Result<(), String> {
                         cpu1: sample.datapath_cpu_busy(),
                     });
                 }
+            }
+            if let Some(bridge) = bridge.as_mut().filter(|_| s.cost && pings(dp)) {
+                let run =
+                    cost::ping_guest(bridge).map_err(|e| format!("{} ping: {e}", dp.name()))?;
+                println!("  ping {}", run.line());
+                ping_runs.entry(dp).or_default().push(run);
             }
         }
     }
@@ -241,9 +263,10 @@ fn main() {
         }
     };
     let mut results = Results::new();
+    let mut ping_runs = Pings::new();
     // Everything a run starts is dropped (stopped, removed) before these return.
-    let costs =
-        run_all(&s, &mut results).and_then(|()| if s.cost { run_cost(&s) } else { Ok(Vec::new()) });
+    let costs = run_all(&s, &mut results, &mut ping_runs)
+        .and_then(|()| if s.cost { run_cost(&s) } else { Ok(Vec::new()) });
     let costs = match costs {
         Ok(costs) => costs,
         Err(e) => {
@@ -254,5 +277,6 @@ fn main() {
     table::rates(&s, &results);
     table::dma(&results);
     table::costs(&costs);
+    table::pings(&ping_runs);
     println!("{} done", s.clock());
 }

@@ -109,12 +109,11 @@ pub(crate) fn costs(costs: &[(Datapath, String)]) {
     }
     println!();
     println!(
-        "cost: idle = datapath process CPU over {} s, guest connected, no traffic; paced = 64 B to_guest at {} frames/s for {} s in bursts of {:?} frames, datapath process CPU per delivered frame (top threads), OVS's PMD processing cycles and testpmd's forwarding lcore's busy cycles per frame; ping = {} pings every 10 ms from the peer (CPU 0) to an icmpecho guest",
+        "cost: idle = datapath process CPU over {} s, guest connected, no traffic; paced = 64 B to_guest at {} frames/s for {} s in bursts of {:?} frames, datapath process CPU per delivered frame (top threads), OVS's PMD processing cycles and testpmd's forwarding lcore's busy cycles per frame",
         cost::IDLE.as_secs(),
         cost::PACED_PPS,
         cost::PACED.as_secs(),
         cost::PACED_BURSTS,
-        cost::PINGS
     );
     for (dp, line) in costs {
         println!("{:<9} {line}", dp.name());
@@ -147,4 +146,52 @@ fn mpps(s: &Summary) -> String {
 /// "35% [28-39]".
 fn percent(s: &Summary) -> String {
     format!("{:>3.0}% [{:.0}-{:.0}]", s.median, s.min, s.max)
+}
+
+/// The ping runs of each datapath: all its runs' round trips together, and the spread of the
+/// runs' p99.
+pub(crate) fn pings(runs: &crate::Pings) {
+    if runs.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "ping: runs of {} pings every {} ms from the peer (CPU 0) to an icmpecho guest (testpmd on CPU 0), one at the end of each datapath's run, alternating; RTT percentiles of all runs' pings together, the p99 of each run as median [min-max], pings over {} ms, and per run the share of samples in which kdamond sat on the datapath's CPU",
+        cost::PINGS,
+        cost::PING_INTERVAL_MS,
+        cost::SLOW_PING
+    );
+    for (dp, list) in runs {
+        let all: Vec<f64> = list.iter().flat_map(|r| r.rtts.iter().copied()).collect();
+        let p99s: Vec<f64> = list
+            .iter()
+            .map(|r| cost::percentile(&r.rtts, 0.99))
+            .collect();
+        let Some(p99) = Summary::of(&p99s) else {
+            continue;
+        };
+        let slow: usize = list.iter().map(|r| r.slow().len()).sum();
+        let kdamond: Vec<String> = list
+            .iter()
+            .map(|r| {
+                r.kdamond
+                    .map_or("-".to_owned(), |k| format!("{:.0}%", 100.0 * k))
+            })
+            .collect();
+        println!(
+            "{:<22} p50 {:.3} p90 {:.3} p99 {:.3} max {:.3} ms ({} pings) | p99 per run {:.3} [{:.3}-{:.3}] ms | {slow} over {} ms | kdamond on CPU {}: {}",
+            dp.name(),
+            cost::percentile(&all, 0.50),
+            cost::percentile(&all, 0.90),
+            cost::percentile(&all, 0.99),
+            cost::percentile(&all, 1.0),
+            all.len(),
+            p99.median,
+            p99.min,
+            p99.max,
+            cost::SLOW_PING,
+            crate::setup::DATAPATH_CPU,
+            kdamond.join(" ")
+        );
+    }
 }
