@@ -275,7 +275,7 @@ struct KdamondWatch {
 }
 
 impl KdamondWatch {
-    /// Samples the CPU of every kdamond thread every 20 ms until [`KdamondWatch::stop`].
+    /// Samples the CPU of every kdamond thread every 50 ms until [`KdamondWatch::stop`].
     fn start() -> KdamondWatch {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&stop);
@@ -289,7 +289,7 @@ impl KdamondWatch {
                         on_datapath += u32::from(cpu.to_string() == crate::setup::DATAPATH_CPU);
                     }
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(50));
             }
             (samples, on_datapath)
         });
