@@ -261,7 +261,9 @@ fn open_ports(
                 iface = iface.name(),
                 queue,
                 need_wakeup = mode.need_wakeup,
-                frames_per_send = port.tx_budget(),
+                frames_per_send = port
+                    .tx_budget()
+                    .map_or_else(|| "the kernel's".to_owned(), |n| n.to_string()),
                 "AF_XDP socket bound in copy mode: the driver has no zero-copy support, frames are copied"
             );
         }

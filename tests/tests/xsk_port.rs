@@ -449,15 +449,14 @@ fn one_flush_hands_the_kernel_a_burst_of_64_in_copy_mode() {
         (budget, unsent, port.stats(), port.frame_counts())
     });
     if kernel() >= (6, 17) {
-        assert_eq!(budget, 64, "Linux 6.17 takes XDP_MAX_TX_SKB_BUDGET");
-    } else {
-        assert_eq!(budget, 32, "the kernel's own budget before 6.17");
+        assert_eq!(budget, Some(64), "Linux 6.17 takes XDP_MAX_TX_SKB_BUDGET");
     }
-    assert_eq!(
-        unsent,
-        64 - budget,
-        "one sendto takes {budget} frames of the burst"
-    );
+    match budget {
+        Some(budget) => assert_eq!(unsent, 64 - budget, "one sendto takes {budget} frames"),
+        // The kernel's own budget (32 on recent kernels, 16 on older ones): one sendto
+        // leaves part of the burst.
+        None => assert!(unsent > 0, "{unsent} frames left after one sendto"),
+    }
     assert_eq!(stats.tx_packets, 64, "{stats:?}");
     assert!(counts.balanced() && counts.all_home(), "{counts:?}");
 }

@@ -56,8 +56,8 @@ use crate::{
 
 /// Frames per burst (OVS's and DPDK's burst size).
 pub const BURST: usize = 32;
-/// Chains taken from a guest's TX queue at once: two sends' worth (the uplink's socket
-/// sends [`crate::xsk::umem::TX_BUDGET`] per `sendto`).
+/// Chains taken from a guest's TX queue at once: what the uplink's socket sends in one
+/// `sendto` ([`crate::xsk::umem::TX_BUDGET`]; two sends where the kernel keeps its own 32).
 const TX_BURST: usize = 64;
 /// Idle time before the worker parks, unless set otherwise (`--busy-poll`).
 pub const IDLE_BEFORE_PARK: Duration = Duration::from_micros(200);
@@ -430,8 +430,8 @@ impl Worker {
             group_inboxes: Vec::new(),
             rx_descs: [(0, 0); BURST],
             rx_dest: [None; BURST],
-            bounced: Vec::with_capacity(BURST),
-            bounced_pair: Vec::with_capacity(BURST),
+            bounced: Vec::with_capacity(TX_BURST.max(BURST)),
+            bounced_pair: Vec::with_capacity(TX_BURST.max(BURST)),
             released: Vec::with_capacity(8 * BURST),
             last_publish: Instant::now(),
             busy_poll: IDLE_BEFORE_PARK,

@@ -338,9 +338,10 @@ impl XskPort {
         stats
     }
 
-    /// Frames one `sendto` hands the kernel in copy mode: [`crate::xsk::umem::TX_BUDGET`]
-    /// on Linux 6.17 and later, 32 before.
-    pub fn tx_budget(&self) -> u32 {
+    /// Frames one `sendto` hands the kernel in copy mode, when the kernel took xvio's budget
+    /// ([`crate::xsk::umem::TX_BUDGET`], Linux 6.17 and later); `None`: the kernel's own (32
+    /// on recent kernels).
+    pub fn tx_budget(&self) -> Option<u32> {
         self.socket.tx_budget
     }
 

@@ -165,8 +165,9 @@ pub struct XskSocket {
     pub(super) device: DeviceQueue,
     /// The bound socket (statistics, fd).
     pub(super) user: User,
-    /// Frames one `sendto` sends in copy mode.
-    pub(super) tx_budget: u32,
+    /// Frames one `sendto` sends in copy mode, when the kernel took xvio's budget; `None`:
+    /// the kernel's own (32 on recent kernels).
+    pub(super) tx_budget: Option<u32>,
     _socket: Socket,
     _umem: Umem,
     /// The frames (read-only outside this module: the mapping is this socket's for good).
@@ -285,13 +286,11 @@ impl XskSocket {
 
 /// Frames one `sendto` may send in copy mode, where the kernel allows it.
 pub const TX_BUDGET: u32 = 64;
-/// Frames one `sendto` sends in copy mode on a kernel without `XDP_MAX_TX_SKB_BUDGET`.
-pub const KERNEL_TX_BUDGET: u32 = 32;
 
-/// Asks the kernel to send up to `budget` frames per `sendto` in copy mode (the default is
-/// 32); returns the budget in force. Kernels before 6.17 do not know the option: they keep
-/// 32, which costs only syscalls.
-fn set_tx_budget(fd: RawFd, budget: u32) -> u32 {
+/// Asks the kernel to send up to `budget` frames per `sendto` in copy mode; `Some(budget)`
+/// when it took it. Kernels before 6.17 do not know the option (`ENOPROTOOPT`): they keep
+/// their own (32 on recent kernels), which costs only syscalls.
+fn set_tx_budget(fd: RawFd, budget: u32) -> Option<u32> {
     // SAFETY: setsockopt reads size_of::<u32>() bytes from `budget`, a live u32; the fd is
     // the socket's own.
     let rc = unsafe {
@@ -303,7 +302,15 @@ fn set_tx_budget(fd: RawFd, budget: u32) -> u32 {
             size_of::<u32>() as libc::socklen_t,
         )
     };
-    if rc == 0 { budget } else { KERNEL_TX_BUDGET }
+    if rc == 0 {
+        return Some(budget);
+    }
+    tracing::debug!(
+        budget,
+        error = %io::Error::last_os_error(),
+        "XDP_MAX_TX_SKB_BUDGET refused: the kernel keeps its own tx budget"
+    );
+    None
 }
 
 /// Frames the worker owns and may hand out for transmit: a stack (the most recently used

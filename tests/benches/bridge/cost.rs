@@ -271,7 +271,14 @@ pub(crate) fn ping_guest(bridge: &mut Bridge) -> Result<PingRun, String> {
 /// differs from run to run, so each ping run says.
 struct KdamondWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(u32, u32)>,
+    thread: Option<std::thread::JoinHandle<(u32, u32)>>,
+}
+
+impl Drop for KdamondWatch {
+    /// Ends the sampling when the pings could not run.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl KdamondWatch {
@@ -280,6 +287,8 @@ impl KdamondWatch {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
+            // With the generator and the sink: not a task on the datapath's CPU itself.
+            pin_current_thread(0);
             let pids = kdamond_pids();
             let (mut samples, mut on_datapath) = (0u32, 0u32);
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
@@ -293,16 +302,22 @@ impl KdamondWatch {
             }
             (samples, on_datapath)
         });
-        KdamondWatch { stop, thread }
+        KdamondWatch {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// The share of samples on the datapath's CPU; `None` without a kdamond.
-    fn stop(self) -> Result<Option<f64>, String> {
+    fn stop(mut self) -> Result<Option<f64>, String> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        match self.thread.join() {
-            Ok((0, _)) => Ok(None),
-            Ok((samples, on)) => Ok(Some(f64::from(on) / f64::from(samples))),
-            Err(_) => Err("the kdamond watch panicked".to_owned()),
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            None => Err("the kdamond watch was stopped twice".to_owned()),
+            Some(result) => match result {
+                Ok((0, _)) => Ok(None),
+                Ok((samples, on)) => Ok(Some(f64::from(on) / f64::from(samples))),
+                Err(_) => Err("the kdamond watch panicked".to_owned()),
+            },
         }
     }
 }

@@ -41,14 +41,14 @@
 //! Each datapath runs on a fresh topology (namespaces, veth) with one guest; every run
 //! prints the anchor's health (its ports up, frames through, where frames were dropped) and
 //! how busy each CPU was. An anchor (OVS-DPDK, testpmd) or bare AF_XDP that does not come up
-//! or carries nothing fails the benchmark (non-zero exit, no ratio). Each datapath's run ends
-//! with a ping run: 1000 pings from the peer to an icmpecho guest ([`cost::ping_guest`]), so
+//! or carries nothing fails the benchmark (non-zero exit, no ratio). The runs of xvio, OVS-DPDK
+//! and testpmd each end with a ping run: 1000 pings from the peer to an icmpecho guest ([`cost::ping_guest`]), so
 //! that ping runs alternate as the rates do, five of each; xvio also with `--busy-poll 20000`
 //! (pings only in the runs: it forwards as xvio does), for what a worker that sleeps between
 //! sparse frames costs in latency. After the runs, a cost phase per datapath ([`cost`]):
 //! idle CPU and CPU per frame at a paced load.
 //!
-//! Options (after `--`): `--reps N` (5; 0 runs the cost phase only), `--seconds S` (3, the
+//! Options (after `--`): `--reps N` (5; 0 runs the cost phase only, without pings), `--seconds S` (3, the
 //! measuring window), `--only LIST` (comma-separated of xvio, dma, poll, ovs, testpmd, bare; all by
 //! default; a ratio is printed where both sides ran), `--no-cost` (no pings, no cost phase), `--testpmd-busy-budget N`
 //! (0). Needs root, Debian's dpdk-dev and openvswitch-switch-dpdk, and the release build of
@@ -74,7 +74,8 @@ struct Settings {
     datapaths: Vec<Datapath>,
     reps: usize,
     window: Duration,
-    /// Whether the cost phase (idle CPU, CPU per frame, ping) runs after the rates.
+    /// Whether the pings (in the runs) and the cost phase (idle CPU, CPU per frame, after
+    /// the runs) are measured.
     cost: bool,
     /// testpmd's `net_af_xdp` `busy_budget`.
     testpmd_busy_budget: u32,
@@ -142,8 +143,8 @@ fn pings(dp: Datapath) -> bool {
     )
 }
 
-/// Every run, alternating the datapaths, each but bare AF_XDP ending with a ping run (unless
-/// `--no-cost`); fails on the first error, or when a reference (an anchor, bare AF_XDP)
+/// Every run, alternating the datapaths, those of xvio, OVS-DPDK and testpmd ending with a
+/// ping run (unless `--no-cost`); fails on the first error, or when a reference (an anchor, bare AF_XDP)
 /// carries nothing.
 fn run_all(s: &Settings, results: &mut Results, ping_runs: &mut Pings) -> Result<(), String> {
     for rep in 1..=s.reps {
