@@ -108,9 +108,9 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
             term: signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?,
         }
     };
-    // The threads started from here on (software copy engines without a core, guests'
-    // sockets, the broadcast taps, the runtime's) keep off the workers' CPUs; each worker
-    // pins itself to its own.
+    // The threads started from here on (software copy engines without a core, the broadcast
+    // taps, the runtime's) keep off the workers' CPUs; each worker pins itself to its own,
+    // and a guest's threads take them back (`datapath::rejoin`).
     match crate::datapath::keep_off(&config.datapath_cpus.0) {
         Ok(Some(left)) => info!(
             ?left,

@@ -345,7 +345,8 @@ fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
         received.rx <= g.to_guest_packets && g.to_guest_packets - received.rx <= 1024,
         "testpmd got what xvio delivered (but a ring): {report}"
     );
-    // Only the worker may run on its CPU: the daemon's other threads keep off it.
+    // The worker runs on its CPU, with the guest's threads (which pass kicks on to it); the
+    // daemon's other threads (the control loop, the broadcast tap) keep off it.
     let pid = daemon.pid().expect("the daemon's pid");
     let on_cpu1 = threads_allowed_on(pid, 1);
     // The daemon started with this process's CPUs: something is left beside CPU 1.
@@ -354,7 +355,13 @@ fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
         .filter(|&c| c != 1 && mine.is_set(c).unwrap_or(false))
         .count();
     if others > 0 {
-        assert_eq!(on_cpu1, ["xvio-dp0"], "threads allowed on CPU 1");
+        assert!(on_cpu1.iter().any(|t| t == "xvio-dp0"), "{on_cpu1:?}");
+        assert!(
+            !on_cpu1
+                .iter()
+                .any(|t| t == "xvio" || t.starts_with("xvio-tap")),
+            "threads allowed on CPU 1: {on_cpu1:?}"
+        );
     }
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");

@@ -309,6 +309,9 @@ fn serve(
 ) {
     let (stop, shutdown) = (&state.stop, &state.shutdown);
     let name = spec.socket.display().to_string();
+    if let Err(e) = crate::datapath::rejoin() {
+        tracing::warn!(guest = %name, error = %e, "the guest's threads stay off the datapath CPUs");
+    }
     // The library listens on an abstract socket of its own; the shim connects each frontend
     // connection to it (see `compat`).
     let (inner, inner_addr) = match compat::inner_listener() {
