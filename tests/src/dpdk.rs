@@ -195,22 +195,20 @@ impl Testpmd {
     /// Waits (at most 20 s) until testpmd forwards (its RX buffers are posted); whether it
     /// does.
     pub fn wait_forwarding(&self) -> bool {
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_secs(20) {
-            if self.output().contains("Press enter to exit") {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        false
+        self.wait_for("Press enter to exit", Duration::from_secs(20))
     }
 
     /// Waits (at most `timeout`) until testpmd has launched its forwarding lcores (it printed
     /// its forwarding configuration, with or without `--stats-period`); whether it has.
     pub fn wait_started(&self, timeout: Duration) -> bool {
+        self.wait_for("forwards packets on", timeout)
+    }
+
+    /// Waits (at most `timeout`) until its output contains `marker`; whether it does.
+    fn wait_for(&self, marker: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.output().contains("forwards packets on") {
+            if self.output().contains(marker) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

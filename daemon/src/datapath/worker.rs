@@ -781,9 +781,8 @@ impl Worker {
         let mut broken = false;
         let mut malformed = 0u32;
         // At most as many as the TX queue's copies to the wire have room for in flight.
-        let limit = self.guests[s]
-            .from_guest_mut(pair)
-            .map_or(TX_BURST, |f| f.room().min(TX_BURST));
+        let dma_room = self.guests[s].from_guest_mut(pair).map(|f| f.room());
+        let limit = dma_room.map_or(TX_BURST, |room| room.min(TX_BURST));
         let mut chains = [const { None }; TX_BURST];
         let n = match queue::pop_burst(state.get_queue_mut(), &**mem, &mut chains[..limit]) {
             Ok(n) => n,
@@ -794,7 +793,7 @@ impl Worker {
         };
         // The CPU copies what it reads ahead; a DMA channel (untagged guests) does not need it
         // in this core's cache, only the headers.
-        let dma = vlan == 0 && self.guests[s].from_guest_mut(pair).is_some();
+        let dma = vlan == 0 && dma_room.is_some();
         let prefetch = if dma { 128 } else { 2048 };
         let mut linear = [const { None }; TX_BURST];
         queue::look_ahead(&chains[..n], &**mem, &mut linear[..n], prefetch);

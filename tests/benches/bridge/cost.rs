@@ -45,8 +45,6 @@ pub(crate) const PINGS: u32 = 1000;
 /// pings over 0.5 ms, for OVS-DPDK and xvio alike), and a run that started out of phase met
 /// it never: p99 fell on either side by chance. 9 ms drifts through kdamond's phase.
 pub(crate) const PING_INTERVAL_MS: u32 = 9;
-const PING_INTERVAL: &str = "0.009";
-const _: () = assert!(PING_INTERVAL_MS == 9, "PING_INTERVAL says 9 ms");
 /// The guest's address for the pings (the peer knows its MAC statically: no ARP, which
 /// OVS's two flows would not carry).
 const GUEST_IP: &str = "10.252.0.9";
@@ -242,7 +240,13 @@ pub(crate) fn ping_guest(bridge: &mut Bridge) -> Result<PingRun, String> {
         .arg(format!("--net={}", topo.peer.path()))
         .args(["taskset", "-c", "0", "ping", "-n", "-c"])
         .arg(PINGS.to_string())
-        .args(["-i", PING_INTERVAL, "-W", "1", GUEST_IP])
+        .args([
+            "-i",
+            &format!("0.{PING_INTERVAL_MS:03}"),
+            "-W",
+            "1",
+            GUEST_IP,
+        ])
         .output()
         .map_err(|e| format!("ping: {e}"))?;
     let kdamond = kdamond.stop()?;
@@ -290,12 +294,13 @@ impl KdamondWatch {
             // With the generator and the sink: not a task on the datapath's CPU itself.
             pin_current_thread(0);
             let pids = kdamond_pids();
+            let datapath_cpu: u32 = crate::setup::DATAPATH_CPU.parse().unwrap_or(u32::MAX);
             let (mut samples, mut on_datapath) = (0u32, 0u32);
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 for &pid in &pids {
                     if let Some(cpu) = cpu_of(pid) {
                         samples += 1;
-                        on_datapath += u32::from(cpu.to_string() == crate::setup::DATAPATH_CPU);
+                        on_datapath += u32::from(cpu == datapath_cpu);
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
