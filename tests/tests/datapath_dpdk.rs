@@ -90,18 +90,18 @@ fn daemon_with_guest_spec(
 /// sends `len`-byte frames to the peer on every TX queue, up and sending.
 fn txonly_guest_to_peer(
     topo: &Topology,
+    socket: &Path,
     extra: &[&str],
     len: usize,
     queues: u16,
 ) -> (xvio_tests::daemon::Daemon, Testpmd) {
     let peer = mac_of(&topo.peer, &topo.peer_if);
     let peer = peer.map(|b| format!("{b:02x}")).join(":");
-    let socket = socket();
     let guest = format!("socket={},mac={GUEST},queues={queues}", socket.display());
     let daemon = daemon_with_guest_spec(topo, &guest, extra);
     let ring_args = [format!("--rxq={queues}"), format!("--txq={queues}")];
     let tx = Testpmd::start_with(
-        &socket,
+        socket,
         "txonly",
         len,
         &peer,
@@ -220,7 +220,7 @@ fn txonly_identity(extra: &[&str], len: usize, queues: u16) -> TxRun {
     let counter = topo
         .peer
         .run(|| DropCounter::attach_from(&topo.peer_if, GUEST_MAC));
-    let (daemon, tx) = txonly_guest_to_peer(&topo, extra, len, queues);
+    let (daemon, tx) = txonly_guest_to_peer(&topo, &socket(), extra, len, queues);
     let ticks0 = worker_cpu_ticks(&daemon);
     std::thread::sleep(Duration::from_secs(3));
     let mut worker_ticks = worker_cpu_ticks(&daemon);
@@ -534,7 +534,8 @@ fn the_host_keeps_its_network_when_the_daemon_is_killed_under_load() {
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let topo = Topology::new(1);
-    let (daemon, tx) = txonly_guest_to_peer(&topo, &[], 64, 1);
+    let socket = socket();
+    let (daemon, tx) = txonly_guest_to_peer(&topo, &socket, &[], 64, 1);
     std::thread::sleep(Duration::from_secs(1));
     daemon.kill();
     std::thread::sleep(Duration::from_secs(1));
@@ -546,9 +547,10 @@ fn the_host_keeps_its_network_when_the_daemon_is_killed_under_load() {
         .expect("ping");
     let ping = String::from_utf8_lossy(&out.stdout);
     tx.crash();
-    // A killed daemon leaves its pins; no later test may read them.
+    // A killed daemon leaves its pins and its socket; no later test may read them.
     let _ = std::fs::remove_dir_all(topo.pin_dir());
     let _ = std::fs::remove_file(guest_map());
+    let _ = std::fs::remove_file(&socket);
     assert!(
         ping.contains(" 0% packet loss"),
         "one second after SIGKILL the host's pings over the interface lose nothing:\n{ping}"
