@@ -46,7 +46,9 @@
 //! that ping runs alternate as the rates do, five of each; xvio also with `--busy-poll 20000`
 //! (pings only in the runs: it forwards as xvio does), for what a worker that sleeps between
 //! sparse frames costs in latency. After the runs, a cost phase per datapath ([`cost`]):
-//! idle CPU and CPU per frame at a paced load.
+//! idle CPU and CPU per frame at a paced load. Last, with the pings, what a wake-up costs on
+//! the machine ([`wake`]): a thread on CPU 1 woken by an eventfd written on CPU 0 as often as
+//! the pings come, asleep and polling: the part of a ping that a sleeping worker adds.
 //!
 //! Options (after `--`): `--reps N` (5; 0 runs the cost phase only, without pings), `--seconds S` (3, the
 //! measuring window), `--only LIST` (comma-separated of xvio, dma, poll, ovs, testpmd, bare; all by
@@ -59,6 +61,7 @@ mod cost;
 mod rate;
 mod setup;
 mod table;
+mod wake;
 
 use std::{
     collections::BTreeMap,
@@ -279,5 +282,14 @@ fn main() {
     table::dma(&results);
     table::costs(&costs);
     table::pings(&ping_runs);
+    if !ping_runs.is_empty() {
+        match wake::Wakes::measure() {
+            Ok(w) => println!("{}", w.line()),
+            Err(e) => {
+                eprintln!("bench bridge FAILED: wake-up measurement: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     println!("{} done", s.clock());
 }
