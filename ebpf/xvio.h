@@ -77,6 +77,7 @@ struct xvio_guest_stats {
 	__u64 copy_fallback_submit;  /* … the doorbell failed */
 	__u64 copy_inflight;     /* frames whose RX copies are in flight */
 	__u64 from_guest_dropped_reset; /* frames the guest sent, dropped: copies in flight at a TX queue stop or reset that the channel did not finish in time */
+	__u64 to_guest_dropped_malformed; /* frames for the guest dropped: its RX chain was malformed (also counted in malformed_chains) */
 };
 
 /* How the program is attached (daemon_stats.xdp_mode). */

@@ -333,6 +333,9 @@ pub struct GuestStats {
     /// Frames the guest sent, dropped: their copies to the wire were in flight when the TX
     /// queue stopped or was reset, and the DMA channel did not finish them in time.
     pub from_guest_dropped_reset: u64,
+    /// Frames for the guest dropped: the RX chain they were to go into was malformed (the
+    /// chain is also counted in `malformed_chains`).
+    pub to_guest_dropped_malformed: u64,
 }
 
 /// Kind of a kernel event (`enum xvio_event_kind`).

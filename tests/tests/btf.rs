@@ -256,6 +256,10 @@ fn common_matches_btf() {
                 "from_guest_dropped_reset",
                 offset_of!(GuestStats, from_guest_dropped_reset),
             ),
+            (
+                "to_guest_dropped_malformed",
+                offset_of!(GuestStats, to_guest_dropped_malformed),
+            ),
         ],
     );
     check_struct(

@@ -9,16 +9,16 @@ use std::{
     time::Duration,
 };
 
-use vhost::VhostBackend;
+use vhost::{VhostBackend, vhost_user::VhostUserFrontend};
 use virtio_bindings::{
     virtio_config::VIRTIO_F_VERSION_1,
     virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS},
-    virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
+    virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_USED_F_NO_NOTIFY},
 };
 use xvio::{
     config::{GuestSpec, MacAddr, SocketMode},
     datapath::Datapath,
-    vhost::guest::Guest,
+    vhost::{guest::Guest, net::MAX_FRAME},
 };
 use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
@@ -290,9 +290,11 @@ fn frames_without_rx_buffers_are_dropped_and_frames_spread_over_merged_buffers()
 #[test]
 fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
     let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
-    let ([a, _b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
+    let ([a, b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
     gb.post_rx(8, 2048);
-    // Outside guest memory; a loop; a device-writable TX descriptor; too short; too long.
+    // Outside guest memory; a loop; a device-writable TX descriptor; too short; too long; a
+    // frame to B one byte longer than the datapath moves (it fits the bounce buffer, which
+    // also holds the header).
     ga.add_raw_chain(1, &[(0xdead_0000_0000, 100, false)], None);
     let first = ga.next_desc(1);
     ga.add_raw_chain(
@@ -303,6 +305,14 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
     ga.add_raw_chain(1, &[(BUFFERS, 64, true)], None);
     ga.add_raw_chain(1, &[(BUFFERS, 20, false)], None);
     ga.add_raw_chain(1, &[(BUFFERS, 60_000, false)], None);
+    ga.send(&frame(
+        MAC_B,
+        MAC_A,
+        None,
+        ETH_P_EXPERIMENTAL,
+        MAX_FRAME + 1,
+        4,
+    ));
     let ok = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 200, 5);
     ga.send(&ok);
     assert_eq!(
@@ -311,7 +321,7 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
         "the next good frame still flows"
     );
     let used = ga.take_used(1);
-    assert_eq!(used.len(), 6, "every chain completed: {used:?}");
+    assert_eq!(used.len(), 7, "every chain completed: {used:?}");
     assert!(used.iter().all(|u| u.1 == 0), "with length 0");
     let c = a.counters();
     assert_eq!(
@@ -319,7 +329,20 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
         4,
         "outside, loop, writable, short"
     );
-    assert_eq!(c.from_guest_oversize.load(Relaxed), 1);
+    assert_eq!(
+        c.from_guest_oversize.load(Relaxed),
+        2,
+        "too long, and one byte over the largest frame"
+    );
+    let to_b = b.counters();
+    assert_eq!(
+        (
+            to_b.to_guest_packets.load(Relaxed),
+            to_b.to_guest_dropped_small.load(Relaxed)
+        ),
+        (1, 0),
+        "B got the good frame only, and nothing cut short"
+    );
 
     // An RX buffer outside memory at C: completed empty, counted, the frame dropped; C's
     // next buffer works.
@@ -336,6 +359,11 @@ fn hostile_chains_are_completed_empty_counted_and_hurt_nobody_else() {
         "the bad buffer comes back empty"
     );
     assert_eq!(c.counters().malformed_chains.load(Relaxed), 1);
+    assert_eq!(
+        c.counters().to_guest_dropped_malformed.load(Relaxed),
+        1,
+        "the frame that met the bad buffer is counted as the guest's drop"
+    );
 }
 
 #[test]
@@ -650,4 +678,32 @@ fn a_guest_removes_only_its_own_socket() {
     drop(a);
     assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_tx_queue_disabled_while_the_worker_polls_it_is_asked_to_kick_before_the_worker_sleeps() {
+    // A worker that polls for half a second after its last frame.
+    let switch = Datapath::start(&[], Duration::from_millis(500)).unwrap();
+    let ([_a, _b], [mut ga, mut gb]) = connected(&switch, [MAC_A, MAC_B]);
+    gb.post_rx(1, 2048);
+    let f = frame(MAC_B, MAC_A, None, ETH_P_EXPERIMENTAL, 100, 1);
+    ga.send(&f);
+    assert_eq!(gb.receive(1, WAIT), vec![f]);
+    let used_flags = |g: &TestGuest| {
+        vm_memory::Bytes::read_obj::<u16>(&g.mem, vm_memory::GuestAddress(g.used_ring(1))).unwrap()
+    };
+    assert_ne!(
+        used_flags(&ga) & VRING_USED_F_NO_NOTIFY as u16,
+        0,
+        "while the worker polls A's TX queue, A is asked not to kick"
+    );
+    // SET_VRING_ENABLE 0 (the library tells the backend nothing): when the driver enables
+    // the queue again, it must kick a worker that sleeps by then.
+    ga.frontend.set_vring_enable(1, false).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        used_flags(&ga) & VRING_USED_F_NO_NOTIFY as u16,
+        0,
+        "the sleeping worker left A's disabled TX queue asked not to kick"
+    );
 }

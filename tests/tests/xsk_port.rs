@@ -611,3 +611,65 @@ fn the_queues_that_take_a_socket_come_from_ethtool_channels() {
         "rtnetlink reports the allocated queues: {allocated}"
     );
 }
+
+#[test]
+fn frames_left_in_the_tx_ring_go_out_without_waiting_for_the_workers_next_wake_up() {
+    if !privileged("frames_left_in_the_tx_ring_go_out_without_waiting_for_the_workers_next_wake_up")
+    {
+        return;
+    }
+    let topo = Topology::new(1);
+    let _daemon = topo.start(&["--queues", "0"]);
+    const ME: [u8; 6] = [0x02, 0x58, 0x56, 0x49, 0x4f, 0xad];
+    const LEFT: usize = 4096;
+    let dst = mac_of(&topo.peer, &topo.peer_if);
+    let frames: Vec<Vec<u8>> = (0..LEFT as u32)
+        .map(|seq| frame(dst, ME, None, ETH_P_EXPERIMENTAL, 60, seq))
+        .collect();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let receiver = s.spawn(move || {
+            topo.peer.run(move || {
+                let raw = RawSocket::bind(&topo.peer_if).unwrap();
+                raw.set_rcvbuf(64 << 20).unwrap();
+                ready_tx.send(()).unwrap();
+                let (mut got, mut last) = (0, None);
+                let mut buf = vec![0u8; 2048];
+                while got < LEFT {
+                    match raw.recv(&mut buf, Duration::from_secs(3)).unwrap() {
+                        Some(_) if buf[6..12] == ME => {
+                            (got, last) = (got + 1, Some(Instant::now()))
+                        }
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                (got, last)
+            })
+        });
+        ready_rx.recv().unwrap();
+        // The guests' frames are in the tx ring, the kernel has sent one budget of them (in
+        // copy mode it sends only inside a `sendto`), and nothing more comes: the worker
+        // that gets the socket must send the rest before it parks, not one budget per wake-up
+        // (one every 100 ms: 6 s for these).
+        let port = topo.host.run(|| {
+            let mut port = XskPort::open(&topo.ifname, 0, &XskConfig::default()).unwrap();
+            assert_eq!(port.send_from_guest(&frames), LEFT);
+            port.flush();
+            assert!(port.tx_unsent() > 0, "one sendto left frames in the ring");
+            port
+        });
+        let datapath =
+            xvio::datapath::Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+        let handed = Instant::now();
+        datapath.add_uplink(port).unwrap();
+        let (got, last) = receiver.join().unwrap();
+        drop(datapath);
+        assert_eq!(got, LEFT, "every frame of the ring reaches the peer");
+        let took = last.unwrap().saturating_duration_since(handed);
+        assert!(
+            took < Duration::from_secs(1),
+            "the ring drained {took:?} after the worker got the socket"
+        );
+    });
+}

@@ -19,6 +19,9 @@ pub struct GuestCounters {
     pub to_guest_dropped_small: AtomicU64,
     /// Frames for the guest dropped: its RX queue was stopped or reset (or not started).
     pub to_guest_dropped_reset: AtomicU64,
+    /// Frames for the guest dropped: the RX chain they were to go into was malformed (the
+    /// chain counted in `malformed_chains` too).
+    pub to_guest_dropped_malformed: AtomicU64,
     /// Frames the guest sent that the datapath forwarded (to a guest, the wire, or both).
     pub from_guest_packets: AtomicU64,
     /// Their bytes.

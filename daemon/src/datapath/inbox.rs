@@ -70,13 +70,16 @@ impl Inbox {
         buf.clear();
         buf.extend_from_slice(frame);
         slots.full.push_back(buf);
-        self.len.fetch_add(1, Ordering::Release);
+        // SeqCst, as the worker's flag that it sleeps: either the worker's last look before
+        // sleeping sees this frame, or the sender's look at the flag that follows sees it
+        // asleep and wakes it.
+        self.len.fetch_add(1, Ordering::SeqCst);
         true
     }
 
     /// Whether frames wait (one atomic load).
     pub fn has_frames(&self) -> bool {
-        self.len.load(Ordering::Acquire) > 0
+        self.len.load(Ordering::SeqCst) > 0
     }
 
     /// Shows every waiting frame, oldest first, to `each`, and frees them.

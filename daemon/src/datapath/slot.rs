@@ -11,6 +11,7 @@ use std::{
 };
 
 use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
 
 use super::{
     counters::GuestCounters,
@@ -392,6 +393,12 @@ impl GuestSlot {
             let mut state = vring.get_mut();
             if queue::serving(state.get_queue(), state.is_enabled()) {
                 more |= queue::want_kicks(state.get_queue_mut(), &*mem).unwrap_or(false);
+                self.quiet &= !(1u64 << index);
+            } else if self.quiet & (1u64 << index) != 0 && state.get_queue().ready() {
+                // Disabled (SET_VRING_ENABLE 0, which the library does not pass on) while its
+                // driver was asked not to kick: the ring must not keep saying so, or the
+                // driver enabling it again does not kick a worker asleep by then.
+                let _ = queue::want_kicks(state.get_queue_mut(), &*mem);
                 self.quiet &= !(1u64 << index);
             }
         }

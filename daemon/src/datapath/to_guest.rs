@@ -202,6 +202,7 @@ impl ToGuest {
             }
             Ok(RxPlaced::Malformed) => {
                 GuestCounters::add(&counters.malformed_chains, 1);
+                GuestCounters::add(&counters.to_guest_dropped_malformed, 1);
                 Placed::Dropped
             }
             Err(queue::Broken) => Placed::Broken,
@@ -229,6 +230,7 @@ impl ToGuest {
             }
             Ok(queue::RxWrite::Malformed) => {
                 GuestCounters::add(&counters.malformed_chains, 1);
+                GuestCounters::add(&counters.to_guest_dropped_malformed, 1);
                 Placed::Dropped
             }
             Err(queue::Broken) => Placed::Broken,

@@ -467,7 +467,7 @@ impl Worker {
             work += self.poll_group_inboxes();
             work += self.poll_guests();
             work += self.complete_copies();
-            self.flush_uplinks();
+            work += self.flush_uplinks();
             if self.last_publish.elapsed() >= PUBLISH_EVERY {
                 self.publish();
             }
@@ -838,7 +838,9 @@ impl Worker {
                         TxChain::Frame(0)
                     }
                     Some(buf) => {
-                        let room = &mut self.bounce.buf_mut(buf)[..];
+                        // The largest frame moved, as on the other paths: the buffer's room
+                        // beyond it is for a header.
+                        let room = &mut self.bounce.buf_mut(buf)[..MAX_FRAME];
                         let mut outcome = match &flat {
                             Some(l) => l.read_into(room),
                             None => queue::read_tx_into(chain, &**mem, room),
@@ -1122,20 +1124,32 @@ impl Worker {
         }
     }
 
-    /// Flushes the uplinks it receives from and those it sent on (an uplink whose frames
-    /// wait for ring room stays on the list).
-    fn flush_uplinks(&mut self) {
+    /// Flushes the uplinks it receives from and those it sent on. An uplink whose frames wait
+    /// for ring room, or sit in its tx ring unsent, stays on the list: in copy mode the kernel
+    /// transmits only inside the worker's `sendto`, a budget of frames at a time, so a ring
+    /// left holding frames when the guests go quiet would otherwise wait for the worker's
+    /// next wake-up. Returns 1 while such a flush still moves frames (the worker keeps
+    /// polling until the ring is empty), else 0 (frames that do not move, on an interface
+    /// that is down, say, are looked at again from a short park).
+    fn flush_uplinks(&mut self) -> usize {
         let sent = self.tx_used;
         self.tx_used = 0;
+        let mut moving = 0;
         for (u, uplink) in self.uplinks.iter().enumerate() {
             if self.polled.contains(&u) || sent & (1u64 << (u % 64)) != 0 {
                 let mut uplink = lock_uplink(uplink);
-                uplink.port.flush();
-                if uplink.port.frame_counts().staged > 0 {
+                let before = uplink.port.tx_unsent() as usize;
+                let inserted = uplink.port.flush();
+                let unsent = uplink.port.tx_unsent() as usize;
+                if uplink.port.frame_counts().staged > 0 || unsent > 0 {
                     self.tx_used |= 1u64 << (u % 64);
+                }
+                if unsent > 0 && before + inserted > unsent {
+                    moving = 1;
                 }
             }
         }
+        moving
     }
 
     fn publish(&mut self) {
@@ -1163,6 +1177,9 @@ impl Worker {
             more |= slot.want_kicks();
             slot.clear_idle_notifications();
         }
+        // A group frame handed over before the flag was up: its sender found the worker
+        // awake and wrote nothing.
+        more |= self.group_inboxes.iter().any(|i| i.has_frames());
         if !more {
             // Copies in flight on a channel without a completion fd, or frames accepted for
             // transmit that wait for room in a full tx ring (the kernel frees it, and says
@@ -1255,4 +1272,25 @@ pub fn flow_hash(frame: &[u8]) -> u32 {
         _ => mix(frame.get(..12).unwrap_or(frame)),
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_frame_handed_over_before_the_worker_parks_keeps_it_awake() {
+        let (mut worker, _link) = Worker::new("test").unwrap();
+        let inbox = Arc::new(Inbox::default());
+        worker.group_inboxes.push(Arc::clone(&inbox));
+        // The tap pushed it while the worker was still up: its kick wrote nothing.
+        assert!(inbox.push(&[0xff; 60]));
+        let start = Instant::now();
+        worker.park();
+        assert!(
+            start.elapsed() < PARK_MAX / 2,
+            "the worker looked at its inboxes before sleeping ({:?})",
+            start.elapsed()
+        );
+    }
 }

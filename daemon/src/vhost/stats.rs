@@ -139,6 +139,7 @@ pub fn snapshot(guest: &Guest) -> GuestStats {
         copy_fallback_submit: copy.fallback_submit,
         copy_inflight: copy.inflight,
         from_guest_dropped_reset: get(&c.from_guest_dropped_reset),
+        to_guest_dropped_malformed: get(&c.to_guest_dropped_malformed),
     }
 }
 
@@ -156,6 +157,7 @@ pub fn totals(stats: &[GuestStats]) -> xvio_common::DaemonStats {
         t.guests_dropped += g.to_guest_dropped_full
             + g.to_guest_dropped_small
             + g.to_guest_dropped_reset
+            + g.to_guest_dropped_malformed
             + g.from_guest_no_route
             + g.from_guest_oversize
             + g.from_guest_dropped_full
