@@ -129,6 +129,7 @@ struct xvio_port_stats {
 	__u64 tx_no_frame;       /* frames not sent: no free frame */
 	__u64 tx_in_flight;      /* frames in the tx ring or awaiting completion */
 	__u64 rx_no_guest;       /* frames received with no guest to deliver them to (dropped) */
+	__u64 tx_oversize;       /* frames not sent: longer than a UMEM frame (a guest's broadcast or multicast) */
 };
 
 /* Kind of a kernel event in the events ring buffer. */

@@ -271,6 +271,9 @@ pub struct PortStats {
     pub tx_in_flight: u64,
     /// Frames received with no guest to deliver them to (dropped).
     pub rx_no_guest: u64,
+    /// Frames not sent: longer than a UMEM frame (a guest's broadcast or multicast; a unicast
+    /// frame that long is its guest's `from_guest_oversize`).
+    pub tx_oversize: u64,
 }
 
 /// Value of `guest_stats[guest id]` (`struct xvio_guest_stats`): one vhost-user guest.

@@ -282,6 +282,7 @@ fn common_matches_btf() {
             ("tx_no_frame", offset_of!(PortStats, tx_no_frame)),
             ("tx_in_flight", offset_of!(PortStats, tx_in_flight)),
             ("rx_no_guest", offset_of!(PortStats, rx_no_guest)),
+            ("tx_oversize", offset_of!(PortStats, tx_oversize)),
         ],
     );
     check_struct(

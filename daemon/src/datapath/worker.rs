@@ -1214,8 +1214,8 @@ impl Worker {
 }
 
 /// Copies a flooded frame into a frame of `uplink` (tagged for `vlan` unless 0) and queues it
-/// for transmit (best effort: without a free frame or ring room the wire misses it; the
-/// guests got it).
+/// for transmit (best effort: without a free frame or ring room, or longer than a frame, the
+/// wire misses it, counted on the port; the guests got it).
 fn flood_to_wire(uplink: Option<&mut Uplink>, frame: &[u8], vlan: u16) {
     let Some(uplink) = uplink else { return };
     let Some(base) = uplink.port.from_guest_alloc() else {
@@ -1223,6 +1223,7 @@ fn flood_to_wire(uplink: Option<&mut Uplink>, frame: &[u8], vlan: u16) {
     };
     let Some(len) = vlan::copy_for_wire(frame, uplink.port.frame_mut(base), vlan) else {
         uplink.port.from_guest_free(base);
+        uplink.port.count_oversize();
         return;
     };
     if !uplink.port.from_guest_push(base, len as u32) {

@@ -441,6 +441,11 @@ impl XskPort {
         self.socket.area.frame_mut(base)
     }
 
+    /// Counts a frame not sent because it is longer than a UMEM frame (`tx_oversize`).
+    pub fn count_oversize(&mut self) {
+        self.stats.tx_oversize += 1;
+    }
+
     /// Gives back a frame from `from_guest_alloc` unsent.
     pub fn from_guest_free(&mut self, base: u64) {
         if self.pool.give(base) {
