@@ -707,3 +707,70 @@ fn a_tx_queue_disabled_while_the_worker_polls_it_is_asked_to_kick_before_the_wor
         "the sleeping worker left A's disabled TX queue asked not to kick"
     );
 }
+
+/// Tries to connect to the UNIX socket at `path` as user and group 65534 (nobody), in a child
+/// process: the error, or `None` when it connected.
+fn connect_as_nobody(path: &std::path::Path) -> Option<std::io::Error> {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+    // SAFETY: sockaddr_un is plain bytes, valid all zero.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+        *dst = src as libc::c_char;
+    }
+    let mut cmd = std::process::Command::new("/bin/true");
+    // SAFETY: between fork and exec the child only makes system calls on its own values; an
+    // error ends the spawn and comes back to the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if libc::connect(fd, (&raw const addr).cast(), len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    match cmd.spawn() {
+        Ok(mut child) => {
+            let _ = child.wait();
+            None
+        }
+        Err(e) => Some(e),
+    }
+}
+
+#[test]
+fn only_the_daemons_user_can_reach_the_librarys_side_of_the_shim() {
+    if !xvio_tests::privileged("only_the_daemons_user_can_reach_the_librarys_side_of_the_shim") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let inner = xvio::vhost::compat::InnerListener::new().unwrap();
+    let path = inner
+        .addr()
+        .as_pathname()
+        .expect("a socket file")
+        .to_owned();
+    let dir = path.parent().unwrap().to_owned();
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+    let refused = connect_as_nobody(&path);
+    assert_eq!(
+        refused.as_ref().and_then(|e| e.raw_os_error()),
+        Some(libc::EACCES),
+        "another user cannot connect ahead of the shim: {refused:?}"
+    );
+    std::os::unix::net::UnixStream::connect(&path).expect("the daemon's user can");
+    drop(inner);
+    assert!(!dir.exists(), "the directory goes with the listener");
+}

@@ -19,9 +19,9 @@ use std::{
     io::{self, IoSlice, IoSliceMut, Read},
     os::{
         fd::{AsFd, AsRawFd, OwnedFd, RawFd},
-        linux::net::SocketAddrExt,
         unix::net::{SocketAddr, UnixListener, UnixStream},
     },
+    path::PathBuf,
     sync::{Arc, Mutex},
     thread::JoinHandle,
 };
@@ -49,15 +49,52 @@ const MAX_FDS: usize = 32;
 /// is not a VMM starting a device; it is hung up on rather than let grow the list.
 const MAX_HELD: usize = 64;
 
-/// A listener for the library's side, in the abstract namespace (no file to clean up), with
-/// a name unique in this process.
-pub fn inner_listener() -> io::Result<(UnixListener, SocketAddr)> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = format!("xvio-vhost-user-{}-{n}", std::process::id());
-    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-    let listener = UnixListener::bind_addr(&addr)?;
-    Ok((listener, addr))
+/// The listener the library accepts the shim's connections on: a socket file in a directory
+/// of its own (in the temporary directory, `mkdtemp`: mode 0700, so only the daemon's user can
+/// connect), both removed when it is dropped. Not an abstract socket: any process of the
+/// network namespace could connect to that first and be served as the guest's frontend.
+#[derive(Debug)]
+pub struct InnerListener {
+    listener: UnixListener,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl InnerListener {
+    /// Binds a fresh one.
+    pub fn new() -> io::Result<InnerListener> {
+        let template = std::env::temp_dir().join("xvio-vu-XXXXXX");
+        let dir = nix::unistd::mkdtemp(&template).map_err(io::Error::from)?;
+        let bound = UnixListener::bind(dir.join("backend.sock"))
+            .and_then(|listener| Ok((listener.local_addr()?, listener)));
+        match bound {
+            Ok((addr, listener)) => Ok(InnerListener {
+                listener,
+                addr,
+                dir,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Where the shim connects.
+    pub fn addr(&self) -> &SocketAddr {
+        &self.addr
+    }
+
+    /// The listener, for the library to accept one connection on.
+    pub fn try_clone(&self) -> io::Result<UnixListener> {
+        self.listener.try_clone()
+    }
+}
+
+impl Drop for InnerListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// One vhost-user message and the descriptors that came with it.

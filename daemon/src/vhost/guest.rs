@@ -312,10 +312,10 @@ fn serve(
     if let Err(e) = crate::datapath::rejoin() {
         tracing::warn!(guest = %name, error = %e, "the guest's threads stay off the datapath CPUs");
     }
-    // The library listens on an abstract socket of its own; the shim connects each frontend
+    // The library listens on a private socket of its own; the shim connects each frontend
     // connection to it (see `compat`).
-    let (inner, inner_addr) = match compat::inner_listener() {
-        Ok(pair) => pair,
+    let inner = match compat::InnerListener::new() {
+        Ok(inner) => inner,
         Err(e) => {
             warn!(guest = %name, error = %e, "cannot create the backend's listener");
             return;
@@ -368,7 +368,7 @@ fn serve(
         let stop_workers = StopWorkers(device);
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
-        let started = compat::proxy(frontend, &inner_addr, device.dirty())
+        let started = compat::proxy(frontend, inner.addr(), device.dirty())
             .and_then(|_| inner.try_clone())
             .map_err(|e| e.to_string())
             .and_then(|listener| {
