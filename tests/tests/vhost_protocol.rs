@@ -770,7 +770,13 @@ fn only_the_daemons_user_can_reach_the_librarys_side_of_the_shim() {
         Some(libc::EACCES),
         "another user cannot connect ahead of the shim: {refused:?}"
     );
-    std::os::unix::net::UnixStream::connect(&path).expect("the daemon's user can");
-    drop(inner);
-    assert!(!dir.exists(), "the directory goes with the listener");
+    let _shim = std::os::unix::net::UnixStream::connect(&path).expect("the daemon's user can");
+    let listener = inner.into_listener().unwrap();
+    assert!(
+        !dir.exists(),
+        "nothing stays on disk once the shim connected"
+    );
+    listener
+        .accept()
+        .expect("the shim's connection waits for the library");
 }

@@ -49,13 +49,15 @@ const MAX_FDS: usize = 32;
 /// is not a VMM starting a device; it is hung up on rather than let grow the list.
 const MAX_HELD: usize = 64;
 
-/// The listener the library accepts the shim's connections on: a socket file in a directory
-/// of its own (in the temporary directory, `mkdtemp`: mode 0700, so only the daemon's user can
-/// connect), both removed when it is dropped. Not an abstract socket: any process of the
-/// network namespace could connect to that first and be served as the guest's frontend.
+/// The listener the library accepts the shim's connection on, one per frontend connection:
+/// a socket file in a directory of its own (`mkdtemp` in the temporary directory: mode 0700,
+/// so only the daemon's user can connect), removed as soon as the shim has connected
+/// ([`Self::into_listener`]), so that nothing is left on disk even if the daemon is killed.
+/// Not an abstract socket: any process of the network namespace could connect to that first
+/// and be served as the guest's frontend.
 #[derive(Debug)]
 pub struct InnerListener {
-    listener: UnixListener,
+    listener: Option<UnixListener>,
     addr: SocketAddr,
     dir: PathBuf,
 }
@@ -69,7 +71,7 @@ impl InnerListener {
             .and_then(|listener| Ok((listener.local_addr()?, listener)));
         match bound {
             Ok((addr, listener)) => Ok(InnerListener {
-                listener,
+                listener: Some(listener),
                 addr,
                 dir,
             }),
@@ -85,9 +87,13 @@ impl InnerListener {
         &self.addr
     }
 
-    /// The listener, for the library to accept one connection on.
-    pub fn try_clone(&self) -> io::Result<UnixListener> {
-        self.listener.try_clone()
+    /// The listener, its file and directory removed: for the library to accept the
+    /// connection the shim made (waiting in its backlog), and no other.
+    pub fn into_listener(mut self) -> io::Result<UnixListener> {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.listener
+            .take()
+            .ok_or_else(|| io::Error::other("the backend's listener was already taken"))
     }
 }
 

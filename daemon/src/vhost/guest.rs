@@ -312,15 +312,6 @@ fn serve(
     if let Err(e) = crate::datapath::rejoin() {
         tracing::warn!(guest = %name, error = %e, "the guest's threads stay off the datapath CPUs");
     }
-    // The library listens on a private socket of its own; the shim connects each frontend
-    // connection to it (see `compat`).
-    let inner = match compat::InnerListener::new() {
-        Ok(inner) => inner,
-        Err(e) => {
-            warn!(guest = %name, error = %e, "cannot create the backend's listener");
-            return;
-        }
-    };
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Acquire) {
         // The frontend's connection: accepted (server mode) or made (client mode).
@@ -368,8 +359,13 @@ fn serve(
         let stop_workers = StopWorkers(device);
         // Kept to hang up on the frontend if the backend cannot start: the shim then stops.
         let hangup = frontend.try_clone().ok();
-        let started = compat::proxy(frontend, inner.addr(), device.dirty())
-            .and_then(|_| inner.try_clone())
+        // The library accepts on a private socket of its own, to which the shim connects this
+        // frontend connection (see `compat`).
+        let started = compat::InnerListener::new()
+            .and_then(|inner| {
+                compat::proxy(frontend, inner.addr(), device.dirty())?;
+                inner.into_listener()
+            })
             .map_err(|e| e.to_string())
             .and_then(|listener| {
                 daemon
