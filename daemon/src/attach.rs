@@ -136,6 +136,30 @@ pub enum AttachError {
         /// Capacity.
         max: u32,
     },
+    /// A guest's (or `--steer`) MAC is the interface's own.
+    #[error(
+        "{mac} is the MAC of interface '{iface}' itself: steered to a guest, the host's own \
+         traffic on '{iface}' would no longer reach the kernel; give the guest another MAC \
+         (--guest …,mac=, --steer)"
+    )]
+    HostMac {
+        /// The interface.
+        iface: String,
+        /// Its MAC.
+        mac: crate::config::MacAddr,
+    },
+}
+
+/// The MAC of `iface` in this network namespace (getifaddrs: /sys shows the namespace that
+/// mounted it), if it has one.
+fn mac_of(iface: &str) -> Option<[u8; 6]> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| {
+            a.address
+                .and_then(|s| s.as_link_addr().and_then(|l| l.addr()))
+        })
 }
 
 /// What to attach and how.
@@ -159,6 +183,8 @@ pub struct AttachedIface {
     mode: XdpMode,
     pin_dir: PathBuf,
     steer_entries: u32,
+    /// The interface's own MAC (never steered).
+    mac: Option<[u8; 6]>,
     // Declared last: dropped after the fields above, detaching the program.
     ebpf: Ebpf,
 }
@@ -204,6 +230,7 @@ impl AttachedIface {
             mode,
             pin_dir,
             steer_entries: 0,
+            mac: mac_of(iface),
             ebpf,
         };
         attached.fill_steer(opts.steer)?;
@@ -303,6 +330,12 @@ impl AttachedIface {
     /// Steers frames to `key` (a guest's MAC and VLAN) into the AF_XDP sockets, naming guest
     /// `guest_id` in the entry.
     pub fn steer(&mut self, key: xvio_common::SteerKey, guest_id: u32) -> Result<(), AttachError> {
+        if self.mac == Some(key.mac) {
+            return Err(AttachError::HostMac {
+                iface: self.name.clone(),
+                mac: crate::config::MacAddr(key.mac),
+            });
+        }
         let map = self
             .ebpf
             .map_mut(maps::STEER)

@@ -337,7 +337,12 @@ fn user_errors_exit_non_zero_with_one_line() {
         return;
     }
     let topo = Topology::new(1);
-    let cases: [(&[&str], &str); 7] = [
+    let host_mac = mac_of(&topo.host, &topo.ifname)
+        .map(|b| format!("{b:02x}"))
+        .join(":");
+    let guest_socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-hm-")));
+    let guest = format!("socket={},mac={host_mac}", guest_socket.display());
+    let cases: [(&[&str], &str); 9] = [
         (
             &["run", "--iface", &topo.ifname, "--xsk-frame-size", "3000"],
             "--xsk-frame-size 3000 must be 2048 or 4096",
@@ -378,6 +383,14 @@ fn user_errors_exit_non_zero_with_one_line() {
             &["run", "--iface", &topo.ifname, "--iface", &topo.ifname],
             "given twice",
         ),
+        (
+            &["run", "--iface", &topo.ifname, "--steer", &host_mac],
+            "is the MAC of interface",
+        ),
+        (
+            &["run", "--iface", &topo.ifname, "--guest", &guest],
+            "is the MAC of interface",
+        ),
     ];
     for (args, expected) in cases {
         let out = run_xvio(Some(&topo.host), args);
@@ -395,6 +408,7 @@ fn user_errors_exit_non_zero_with_one_line() {
         assert_eq!(error_lines, 1, "one error line:\n{stderr}");
     }
     assert!(!topo.pin_dir().exists(), "a failed start leaves no pins");
+    assert!(!guest_socket.exists(), "nor the guest's socket");
 
     // Without privileges: one line that says to use root.
     let out = Command::new("setpriv")
