@@ -342,7 +342,7 @@ fn user_errors_exit_non_zero_with_one_line() {
         .join(":");
     let guest_socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-hm-")));
     let guest = format!("socket={},mac={host_mac}", guest_socket.display());
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["run", "--iface", &topo.ifname, "--xsk-frame-size", "3000"],
             "--xsk-frame-size 3000 must be 2048 or 4096",
@@ -356,6 +356,10 @@ fn user_errors_exit_non_zero_with_one_line() {
                 "dsa:/dev/dsa/wq9.9",
             ],
             "no Intel DSA work queue at /dev/dsa/wq9.9",
+        ),
+        (
+            &["run", "--iface", &topo.ifname, "--dma", "sw:4000"],
+            "cannot run on CPU 4000",
         ),
         (
             &["run", "--iface", &topo.ifname, "--copy-threshold", "big"],

@@ -126,15 +126,37 @@ impl SwChannel {
         };
         let worker_shared = Arc::clone(&shared);
         let (core, idle_spin) = (config.core, config.idle_spin);
+        // The worker says whether it got its core before it works: a channel asked for a core
+        // it cannot have does not start (as a datapath worker's CPU).
+        let (pinned_tx, pinned_rx) = std::sync::mpsc::sync_channel(1);
         let worker = std::thread::Builder::new()
             .name(format!("xvio-{name}"))
             .spawn(move || {
-                if let Some(core) = core {
-                    pin_to(core);
+                let pinned = core.map_or(Ok(()), pin_to);
+                let ok = pinned.is_ok();
+                let _ = pinned_tx.send(pinned);
+                if ok {
+                    work(&worker_shared, idle_spin);
                 }
-                work(&worker_shared, idle_spin);
             })
             .map_err(|e| DmaError::Unavailable(format!("starting the {name} worker: {e}")))?;
+        match pinned_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                return Err(DmaError::Unavailable(format!(
+                    "the {name} worker cannot run on CPU {}: {e}; give a CPU of this machine \
+                     (see nproc) in --dma sw:CORE",
+                    core.unwrap_or_default()
+                )));
+            }
+            Err(_) => {
+                let _ = worker.join();
+                return Err(DmaError::Unavailable(format!(
+                    "the {name} worker did not start"
+                )));
+            }
+        }
         let thread = worker.thread().clone();
         Ok(SwChannel {
             name,
@@ -151,12 +173,11 @@ impl SwChannel {
     }
 }
 
-fn pin_to(core: usize) {
+/// Pins the calling thread to `core`.
+fn pin_to(core: usize) -> nix::Result<()> {
     let mut set = nix::sched::CpuSet::new();
-    if set.set(core).is_ok() {
-        // A failure leaves the worker unpinned, which is slower but correct.
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
+    set.set(core)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
 }
 
 /// The worker: copies published descriptors in order; spins when idle, then sleeps.
@@ -367,6 +388,23 @@ mod tests {
             }
         }
         assert_eq!(ch.completed(u16::MAX).count, 0);
+    }
+
+    #[test]
+    fn a_channel_asked_for_a_cpu_it_cannot_have_does_not_start() {
+        let config = SwConfig {
+            core: Some(4000),
+            ..SwConfig::default()
+        };
+        match SwChannel::start("sw9", &config) {
+            Ok(_) => panic!("a channel pinned to CPU 4000 started"),
+            Err(e) => assert!(e.to_string().contains("cannot run on CPU 4000"), "{e}"),
+        }
+        let here = SwConfig {
+            core: Some(0),
+            ..SwConfig::default()
+        };
+        assert!(SwChannel::start("sw0", &here).is_ok(), "CPU 0 is there");
     }
 
     #[test]
