@@ -220,12 +220,20 @@ impl FromStr for GuestSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (mut socket, mut mac, mut queues, mut mode) = (None, None, 1u16, SocketMode::Server);
+        let mut seen: Vec<&str> = Vec::with_capacity(4);
         for field in s.split(',') {
             let (key, value) = field
                 .split_once('=')
                 .ok_or_else(|| format!("'{field}' is not KEY=VALUE; expected socket=PATH,mac=MAC[@VLAN][,queues=N][,mode=server|client]"))?;
+            if seen.contains(&key) {
+                return Err(format!("{key}= is given twice; give each field once"));
+            }
+            seen.push(key);
             match key {
-                "socket" if !value.is_empty() => socket = Some(std::path::PathBuf::from(value)),
+                "socket" if value.is_empty() => {
+                    return Err("socket= is empty; expected socket=PATH".to_owned());
+                }
+                "socket" => socket = Some(std::path::PathBuf::from(value)),
                 "mac" => mac = Some(parse_guest_mac(value)?),
                 "queues" => {
                     queues = value
@@ -569,6 +577,11 @@ mod tests {
             ("socket=/tmp/a,mac=ff:ff:ff:ff:ff:ff", "must be unicast"),
             ("socket=/tmp/a,mac=ff:ff:ff:ff:ff:ff@5", "must be unicast"),
             ("socket", "is not KEY=VALUE"),
+            ("socket=,mac=52:54:00:00:00:01", "socket= is empty"),
+            (
+                "socket=/tmp/a,mac=52:54:00:00:00:01,socket=/tmp/b",
+                "socket= is given twice",
+            ),
             (
                 "socket=/tmp/a,mac=52:54:00:00:00:01@0",
                 "mac=52:54:00:00:00:01@0: '0' is not a VLAN id; expected MAC@VLAN with a VLAN from 1 to 4094, or the MAC alone",
