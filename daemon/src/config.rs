@@ -19,7 +19,7 @@ pub struct Cli {
 /// The daemon's subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Attach the XDP program to interfaces and run the datapath until SIGINT or SIGTERM.
+    /// Attach the XDP program to interfaces and run the datapath until SIGINT, SIGTERM or SIGHUP.
     Run(RunConfig),
     /// Print the counters a running daemon pinned for an interface (summed over CPUs).
     Stats(StatsConfig),

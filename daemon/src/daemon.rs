@@ -1,6 +1,6 @@
 //! `xvio run`: start the datapath, attach to every interface (its AF_XDP sockets go to the
 //! datapath), serve every guest, publish counters about once a second, log kernel events, and
-//! on SIGINT or SIGTERM detach and remove every pin.
+//! on SIGINT, SIGTERM or SIGHUP detach and remove every pin.
 //!
 //! Frames move on the datapath's worker thread; this tokio runtime is the control plane only.
 
@@ -62,7 +62,7 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
+/// Runs the daemon until SIGINT, SIGTERM or SIGHUP.
 pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     if !config.ifaces.is_empty() {
         // XDP and pins need privileges; serving guests alone does not.
@@ -106,6 +106,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         Signals {
             int: signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?,
             term: signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?,
+            hup: signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?,
         }
     };
     // The threads started from here on (software copy engines without a core, the broadcast
@@ -284,6 +285,8 @@ fn open_ports(
 struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    /// The terminal xvio ran in went away: stop cleanly too (as OVS's fatal signals).
+    hup: tokio::signal::unix::Signal,
 }
 
 /// The pinned map of the guests' counters, when there are guests and the privileges for it.
@@ -341,6 +344,7 @@ async fn control_loop(
         tokio::select! {
             _ = signals.int.recv() => { info!("SIGINT: stopping"); break; }
             _ = signals.term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = signals.hup.recv() => { info!("SIGHUP: stopping"); break; }
             Some(done) = readers.join_next() => {
                 warn!(result = ?done, "an events reader stopped; kernel events are no longer logged");
             }

@@ -146,8 +146,13 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the exit (at most 20 s).
-    pub fn terminate(mut self) -> (ExitStatus, String) {
-        let status = self.stop();
+    pub fn terminate(self) -> (ExitStatus, String) {
+        self.stop_with(Signal::SIGTERM)
+    }
+
+    /// Sends `signal` and waits for the exit (at most 20 s).
+    pub fn stop_with(mut self, signal: Signal) -> (ExitStatus, String) {
+        let status = self.stop_by(signal);
         (status, self.log())
     }
 
@@ -159,10 +164,14 @@ impl Daemon {
     }
 
     fn stop(&mut self) -> ExitStatus {
+        self.stop_by(Signal::SIGTERM)
+    }
+
+    fn stop_by(&mut self, signal: Signal) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");
         let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
         // nsenter execs xvio, so the child's pid is the daemon's.
-        let _ = kill(pid, Signal::SIGTERM);
+        let _ = kill(pid, signal);
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
@@ -170,7 +179,7 @@ impl Daemon {
             }
             if start.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
-                panic!("xvio did not stop within 20 s of SIGTERM");
+                panic!("xvio did not stop within 20 s of {signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

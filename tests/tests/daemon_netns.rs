@@ -575,3 +575,23 @@ fn on_a_veth_made_without_queue_counts_the_daemon_opens_a_socket_per_enabled_que
         "one socket:\n{log}"
     );
 }
+
+#[test]
+fn sighup_stops_the_daemon_as_cleanly_as_sigterm() {
+    if !privileged("sighup_stops_the_daemon_as_cleanly_as_sigterm") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let daemon = topo.start(&[]);
+    let (status, log) = daemon.stop_with(nix::sys::signal::Signal::SIGHUP);
+    assert!(status.success(), "xvio exits 0 on SIGHUP: {status}\n{log}");
+    assert!(log.contains("SIGHUP: stopping"), "{log}");
+    assert!(!topo.pin_dir().exists(), "the pin folder is removed");
+    let ifindex = topo
+        .host
+        .run(|| nix::net::if_::if_nametoindex(topo.ifname.as_str()).unwrap());
+    let attached = topo
+        .host
+        .run(|| xvio::netlink::xdp_attachment(ifindex).unwrap());
+    assert_eq!(attached, None, "no XDP program remains on the interface");
+}
