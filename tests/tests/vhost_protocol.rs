@@ -780,3 +780,38 @@ fn only_the_daemons_user_can_reach_the_librarys_side_of_the_shim() {
         .accept()
         .expect("the shim's connection waits for the library");
 }
+
+#[test]
+fn a_client_whose_vmm_hangs_up_at_once_reconnects_backing_off() {
+    let switch = Datapath::start(&[], xvio::datapath::worker::IDLE_BEFORE_PARK).unwrap();
+    let path = socket();
+    // A "VMM" that accepts and hangs up at once, every time.
+    let vmm = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    vmm.set_nonblocking(true).unwrap();
+    let spec = GuestSpec {
+        socket: path.clone(),
+        mac: MacAddr(MAC_A),
+        vlan: 0,
+        queues: 1,
+        mode: SocketMode::Client,
+    };
+    let guest = Guest::start(&spec, &switch).expect("start the guest's backend");
+    let start = std::time::Instant::now();
+    let mut connections = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        match vmm.accept() {
+            Ok((stream, _)) => {
+                connections += 1;
+                drop(stream);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    drop(guest);
+    let _ = std::fs::remove_file(&path);
+    // 100, 200, 400, 800 ms apart: a handful, not a tight loop.
+    assert!(
+        (2..=8).contains(&connections),
+        "{connections} connections in 2 s"
+    );
+}

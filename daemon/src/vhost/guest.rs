@@ -301,6 +301,19 @@ struct ServeState {
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
 }
 
+/// Sleeps `d`, or less when `stop` is set meanwhile (a guest being dropped waits for its
+/// serving thread at most 2 s).
+fn nap(stop: &AtomicBool, d: Duration) {
+    let until = std::time::Instant::now() + d;
+    while !stop.load(Ordering::Acquire) {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
+    }
+}
+
 fn serve(
     spec: &GuestSpec,
     device: &Arc<GuestDevice>,
@@ -313,6 +326,8 @@ fn serve(
         tracing::warn!(guest = %name, error = %e, "the guest's threads stay off the datapath CPUs");
     }
     let mut backoff = Duration::from_millis(100);
+    // Client mode: the last connect error logged (logged again only when it changes).
+    let mut last_error: Option<std::io::ErrorKind> = None;
     while !stop.load(Ordering::Acquire) {
         // The frontend's connection: accepted (server mode) or made (client mode).
         let frontend = match &outer {
@@ -323,8 +338,13 @@ fn serve(
             Ok(stream) => stream,
             Err(e) => {
                 if spec.mode == SocketMode::Client {
-                    // The VMM is not there (yet, or any more): try again, backing off to 2 s.
-                    std::thread::sleep(backoff);
+                    // The VMM is not there (yet, or any more): try again, backing off to 2 s,
+                    // saying why once (a wrong path or a permission stays until fixed).
+                    if last_error != Some(e.kind()) {
+                        warn!(guest = %name, error = %e, "cannot connect to the VMM's vhost-user socket; retrying every 2 s at most");
+                        last_error = Some(e.kind());
+                    }
+                    nap(stop, backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 } else if !stop.load(Ordering::Acquire) {
                     warn!(guest = %name, error = %e, "accepting a vhost-user connection failed");
@@ -379,7 +399,8 @@ fn serve(
             warn!(guest = %name, error = %e, "starting a vhost-user connection failed");
             continue;
         }
-        backoff = Duration::from_millis(100);
+        last_error = None;
+        let began = std::time::Instant::now();
         if let Ok(mut slot) = shutdown.lock() {
             *slot = daemon.shutdown_handle();
         }
@@ -406,6 +427,16 @@ fn serve(
             }
             Err(e) => {
                 warn!(guest = %name, error = %e, "vhost-user connection ended with an error; the socket serves the next one")
+            }
+        }
+        // A client whose VMM keeps hanging up at once (it wants what this guest does not
+        // offer, say) reconnects backing off, not in a tight loop.
+        if spec.mode == SocketMode::Client && !stop.load(Ordering::Acquire) {
+            if began.elapsed() < Duration::from_secs(1) {
+                nap(stop, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            } else {
+                backoff = Duration::from_millis(100);
             }
         }
     }
