@@ -136,6 +136,17 @@ pub enum AttachError {
         /// Capacity.
         max: u32,
     },
+    /// The guests and `--steer` entries together are more than the map holds.
+    #[error(
+        "the steer map of '{iface}' is full ({max} entries): give fewer --guest and --steer \
+         MACs (each MAC@VLAN takes one)"
+    )]
+    SteerFull {
+        /// The interface.
+        iface: String,
+        /// Capacity.
+        max: u32,
+    },
     /// A guest's (or `--steer`) MAC is the interface's own.
     #[error(
         "{mac} is the MAC of interface '{iface}' itself: steered to a guest, the host's own \
@@ -342,9 +353,19 @@ impl AttachedIface {
             .ok_or(AttachError::Missing(maps::STEER))?;
         let mut hash: HashMap<&mut MapData, xvio_common::SteerKey, SteerValue> =
             HashMap::try_from(map).map_err(map_error(maps::STEER))?;
+        // Counted as it grows (one lookup), not by walking the map after every insert.
+        let new = hash.get(&key, 0).is_err();
+        if new && self.steer_entries >= xvio_common::STEER_MAX {
+            return Err(AttachError::SteerFull {
+                iface: self.name.clone(),
+                max: xvio_common::STEER_MAX,
+            });
+        }
         hash.insert(key, SteerValue { guest_id, flags: 0 }, 0)
             .map_err(map_error(maps::STEER))?;
-        self.steer_entries = hash.keys().count() as u32;
+        if new {
+            self.steer_entries += 1;
+        }
         Ok(())
     }
 

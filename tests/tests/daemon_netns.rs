@@ -595,3 +595,36 @@ fn sighup_stops_the_daemon_as_cleanly_as_sigterm() {
         .run(|| xvio::netlink::xdp_attachment(ifindex).unwrap());
     assert_eq!(attached, None, "no XDP program remains on the interface");
 }
+
+#[test]
+fn guests_and_steer_entries_beyond_the_map_are_refused_saying_so() {
+    if !privileged("guests_and_steer_entries_beyond_the_map_are_refused_saying_so") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let steers: Vec<String> = (0..xvio_common::STEER_MAX)
+        .map(|n| format!("02:00:00:01:{:02x}:{:02x}", n >> 8, n & 0xff))
+        .collect();
+    let socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-full-")));
+    let guest = format!("socket={},mac=02:00:00:02:00:01", socket.display());
+    let mut args = vec!["run", "--iface", topo.ifname.as_str()];
+    for steer in &steers {
+        args.extend(["--steer", steer.as_str()]);
+    }
+    args.extend(["--guest", guest.as_str()]);
+    let started = std::time::Instant::now();
+    let out = run_xvio(Some(&topo.host), &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "one entry too many");
+    assert!(
+        stderr.contains("steer map of") && stderr.contains("is full"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "filling the map takes {:?}",
+        started.elapsed()
+    );
+    assert!(!topo.pin_dir().exists(), "a failed start leaves no pins");
+    assert!(!socket.exists(), "nor the guest's socket");
+}
