@@ -38,6 +38,33 @@ pub fn xdp_totals<T: std::borrow::Borrow<MapData>>(
     Ok(sums)
 }
 
+/// Why the counters are a dead daemon's, if they are: its process is gone, or it has not
+/// written them for 5 s (it writes them about once a second).
+fn stale(ds: &DaemonStats, dir: &std::path::Path) -> Option<String> {
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(ds.pid as i32), None)
+        .map_or_else(|e| e != nix::errno::Errno::ESRCH, |()| true);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let age_s = now_ms.saturating_sub(ds.updated_unix_ms) / 1000;
+    // A live daemon that has not written yet (it just started) is not stale either.
+    if alive && (age_s < 5 || ds.updated_unix_ms == 0) {
+        return None;
+    }
+    Some(format!(
+        "STALE: these counters were last written {age_s} s ago by daemon pid {}, which {}: \
+         they are from a daemon that died. Start xvio again on the interface (it replaces \
+         them) or remove {}",
+        ds.pid,
+        if alive {
+            "has stopped writing them"
+        } else {
+            "is not running"
+        },
+        dir.display()
+    ))
+}
+
 /// The report for `config.iface`, as text.
 pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
     let dir = config.pin_root.join(&config.iface);
@@ -75,6 +102,9 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
         ds.uptime_ms / 1000,
         ds.steer_entries
     );
+    if let Some(stale) = stale(&ds, &dir) {
+        let _ = writeln!(out, "{stale}");
+    }
     let _ = writeln!(out, "{:<12} {:>14} {:>16}", "outcome", "packets", "bytes");
     let totals = xdp_totals(&xdp).map_err(wrap(maps::XDP_STATS))?;
     for (outcome, total) in XdpOutcome::ALL.iter().zip(totals) {
@@ -100,7 +130,7 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
         }
         let _ = writeln!(
             out,
-            "  queue {queue}: {}{}, rx {} pkts {} B, tx {} pkts {} B, no guest {}, drops: fill ring empty {}, rx ring full {}, tx ring full {}, no tx frame {}",
+            "  queue {queue}: {}{}, rx {} pkts {} B, tx {} pkts {} B, no guest {}, drops: fill ring empty {}, rx ring full {}, tx ring full {}, no tx frame {}, too long {}",
             if p.zero_copy != 0 {
                 "zero-copy"
             } else {
@@ -119,7 +149,8 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
             p.fill_ring_empty,
             p.rx_ring_full,
             p.tx_ring_full,
-            p.tx_no_frame
+            p.tx_no_frame,
+            p.tx_oversize
         );
     }
     if ds.guests > 0 {

@@ -628,3 +628,27 @@ fn guests_and_steer_entries_beyond_the_map_are_refused_saying_so() {
     assert!(!topo.pin_dir().exists(), "a failed start leaves no pins");
     assert!(!socket.exists(), "nor the guest's socket");
 }
+
+#[test]
+fn stats_left_by_a_killed_daemon_say_they_are_stale() {
+    if !privileged("stats_left_by_a_killed_daemon_say_they_are_stale") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let daemon = topo.start(&[]);
+    let live = run_xvio(None, &["stats", "--iface", &topo.ifname]);
+    let live = String::from_utf8_lossy(&live.stdout).into_owned();
+    daemon.kill();
+    let out = run_xvio(None, &["stats", "--iface", &topo.ifname]);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    // A killed daemon leaves its pins; no later test may read them.
+    let _ = std::fs::remove_dir_all(topo.pin_dir());
+    assert!(
+        !live.contains("STALE"),
+        "a running daemon's counters:\n{live}"
+    );
+    assert!(
+        report.contains("STALE") && report.contains("is not running"),
+        "xvio stats:\n{report}"
+    );
+}
