@@ -147,6 +147,23 @@ pub enum AttachError {
         /// Capacity.
         max: u32,
     },
+    /// The interface's pin folder is a running daemon's (an interface of the same name in
+    /// another network namespace, say).
+    #[error(
+        "the pins at {dir} belong to xvio pid {pid}, which is running and wrote them {ago} s ago \
+         (an interface '{iface}' in another network namespace?); stop it, or give this daemon \
+         its own --pin-root"
+    )]
+    PinsInUse {
+        /// The interface.
+        iface: String,
+        /// Its pin folder.
+        dir: PathBuf,
+        /// The other daemon.
+        pid: u32,
+        /// Seconds since it wrote its counters.
+        ago: u64,
+    },
     /// A guest's (or `--steer`) MAC is the interface's own.
     #[error(
         "{mac} is the MAC of interface '{iface}' itself: steered to a guest, the host's own \
@@ -194,6 +211,8 @@ pub struct AttachedIface {
     mode: XdpMode,
     pin_dir: PathBuf,
     steer_entries: u32,
+    /// Whether its pin folder holds this daemon's pins (removed on drop), not another's.
+    pinned: bool,
     /// The interface's own MAC (never steered).
     mac: Option<[u8; 6]>,
     // Declared last: dropped after the fields above, detaching the program.
@@ -241,6 +260,7 @@ impl AttachedIface {
             mode,
             pin_dir,
             steer_entries: 0,
+            pinned: false,
             mac: mac_of(iface),
             ebpf,
         };
@@ -370,6 +390,21 @@ impl AttachedIface {
     }
 
     fn pin_maps(&mut self) -> Result<(), AttachError> {
+        // Pins of a daemon that still runs (it writes its counters about once a second): not
+        // this daemon's to take.
+        if let Some(ds) = pinned_daemon_stats(&self.pin_dir)
+            && ds.pid != std::process::id()
+            && crate::stats::writer_alive(&ds)
+            && crate::stats::written_ago_s(&ds) < 5
+        {
+            return Err(AttachError::PinsInUse {
+                iface: self.name.clone(),
+                dir: self.pin_dir.clone(),
+                pid: ds.pid,
+                ago: crate::stats::written_ago_s(&ds),
+            });
+        }
+        self.pinned = true;
         // Pins left by a daemon that died: this daemon holds the interface now.
         if maps::PINNED
             .iter()
@@ -393,9 +428,19 @@ impl AttachedIface {
     }
 }
 
+/// The `daemon_stats` pinned in `dir`, if any.
+fn pinned_daemon_stats(dir: &Path) -> Option<xvio_common::DaemonStats> {
+    let map = MapData::from_pin(dir.join(maps::DAEMON_STATS)).ok()?;
+    let array: aya::maps::Array<MapData, xvio_common::DaemonStats> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).ok()?;
+    array.get(&0, 0).ok()
+}
+
 impl Drop for AttachedIface {
     fn drop(&mut self) {
-        if let Err(e) = bpffs::remove_pins(&self.pin_dir, &maps::PINNED) {
+        if self.pinned
+            && let Err(e) = bpffs::remove_pins(&self.pin_dir, &maps::PINNED)
+        {
             warn!(iface = %self.name, error = %e, "could not remove pins");
         }
         info!(iface = %self.name, "XDP program detached");

@@ -41,14 +41,9 @@ pub fn xdp_totals<T: std::borrow::Borrow<MapData>>(
 /// Why the counters are a dead daemon's, if they are: its process is gone, or it has not
 /// written them for 5 s (it writes them about once a second).
 fn stale(ds: &DaemonStats, dir: &std::path::Path) -> Option<String> {
-    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(ds.pid as i32), None)
-        .map_or_else(|e| e != nix::errno::Errno::ESRCH, |()| true);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let age_s = now_ms.saturating_sub(ds.updated_unix_ms) / 1000;
-    // A live daemon that has not written yet (it just started) is not stale either.
-    if alive && (age_s < 5 || ds.updated_unix_ms == 0) {
+    let (alive, age_s) = (writer_alive(ds), written_ago_s(ds));
+    // Never written yet: a daemon that just started (its first write comes within a second).
+    if ds.updated_unix_ms == 0 || (alive && age_s < 5) {
         return None;
     }
     Some(format!(
@@ -63,6 +58,21 @@ fn stale(ds: &DaemonStats, dir: &std::path::Path) -> Option<String> {
         },
         dir.display()
     ))
+}
+
+/// Whether the process that wrote `ds` (its `pid`) is running.
+pub fn writer_alive(ds: &DaemonStats) -> bool {
+    ds.pid != 0
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(ds.pid as i32), None)
+            .map_or_else(|e| e != nix::errno::Errno::ESRCH, |()| true)
+}
+
+/// Seconds since `ds` was written.
+pub fn written_ago_s(ds: &DaemonStats) -> u64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now_ms.saturating_sub(ds.updated_unix_ms) / 1000
 }
 
 /// The report for `config.iface`, as text.

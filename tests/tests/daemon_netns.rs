@@ -636,8 +636,17 @@ fn stats_left_by_a_killed_daemon_say_they_are_stale() {
     }
     let topo = Topology::new(1);
     let daemon = topo.start(&[]);
-    let live = run_xvio(None, &["stats", "--iface", &topo.ifname]);
-    let live = String::from_utf8_lossy(&live.stdout).into_owned();
+    // Once the daemon has written its counters (about once a second).
+    let mut live = String::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let out = run_xvio(None, &["stats", "--iface", &topo.ifname]);
+        live = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !live.contains("daemon pid 0,") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     daemon.kill();
     let out = run_xvio(None, &["stats", "--iface", &topo.ifname]);
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -651,4 +660,44 @@ fn stats_left_by_a_killed_daemon_say_they_are_stale() {
         report.contains("STALE") && report.contains("is not running"),
         "xvio stats:\n{report}"
     );
+}
+
+#[test]
+fn a_daemon_does_not_take_the_pins_of_a_running_one_on_a_same_named_interface() {
+    if !privileged("a_daemon_does_not_take_the_pins_of_a_running_one_on_a_same_named_interface") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let first = topo.start(&[]);
+    // Another namespace with an interface of the same name: the same pin folder.
+    let other = xvio_tests::netns::Netns::new("o");
+    other.ip(&[
+        "link",
+        "add",
+        &topo.ifname,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "xvio-o1",
+    ]);
+    other.ip(&["link", "set", &topo.ifname, "up"]);
+    other.ip(&["link", "set", "xvio-o1", "up"]);
+    // Counters written at least once, so that the first daemon is seen running.
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = run_xvio(Some(&other), &["run", "--iface", &topo.ifname]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("belong to xvio pid {}", first.pid().unwrap()))
+            && stderr.contains("--pin-root"),
+        "{stderr}"
+    );
+    assert!(
+        topo.pin_dir().join(maps::DAEMON_STATS).exists(),
+        "the first daemon's pins stay"
+    );
+    let (status, log) = first.terminate();
+    assert!(status.success(), "{log}");
+    assert!(!topo.pin_dir().exists());
 }
