@@ -60,6 +60,17 @@ pub enum DaemonError {
     /// The tokio runtime or a signal handler could not be set up.
     #[error("setting up the control plane")]
     Runtime(#[source] std::io::Error),
+    /// An attached interface was removed (or replaced by another of the same name).
+    #[error(
+        "interface '{iface}' (ifindex {ifindex}) went away: its XDP program and AF_XDP sockets \
+         went with it; start xvio again once the interface is back"
+    )]
+    InterfaceGone {
+        /// The interface.
+        iface: String,
+        /// The index it had.
+        ifindex: u32,
+    },
 }
 
 /// Runs the daemon until SIGINT, SIGTERM or SIGHUP.
@@ -190,12 +201,13 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         }
     }
     let mut guest_map = open_guest_stats(config, &guests);
-    runtime.block_on(control_loop(
+    // Stopped by a signal, or by an interface that went away: shut down in order either way.
+    let result = runtime.block_on(control_loop(
         &mut ifaces,
         &guests,
         guest_map.as_mut(),
         signals,
-    ))?;
+    ));
     for guest in &guests {
         log_guest(guest);
     }
@@ -209,7 +221,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     drop(ifaces);
     drop(dma);
     info!("stopped");
-    Ok(())
+    result
 }
 
 /// An attached interface, its AF_XDP ports' counters (the sockets are the datapath's) and
@@ -349,6 +361,18 @@ async fn control_loop(
                 warn!(result = ?done, "an events reader stopped; kernel events are no longer logged");
             }
             _ = tick.tick() => {
+                // An interface removed (a driver reload, a veth deleted) takes the program
+                // and the sockets with it: say so and stop rather than look healthy.
+                for iface in ifaces.iter() {
+                    let (name, ifindex) = (iface.attached.name(), iface.attached.ifindex());
+                    if nix::net::if_::if_nametoindex(name).ok() != Some(ifindex) {
+                        readers.shutdown().await;
+                        return Err(DaemonError::InterfaceGone {
+                            iface: name.to_owned(),
+                            ifindex,
+                        });
+                    }
+                }
                 let uptime_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let now_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)

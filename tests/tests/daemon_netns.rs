@@ -701,3 +701,29 @@ fn a_daemon_does_not_take_the_pins_of_a_running_one_on_a_same_named_interface() 
     assert!(status.success(), "{log}");
     assert!(!topo.pin_dir().exists());
 }
+
+#[test]
+fn a_daemon_whose_interface_goes_away_says_so_and_stops_cleanly() {
+    if !privileged("a_daemon_whose_interface_goes_away_says_so_and_stops_cleanly") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let daemon = topo.start(&[]);
+    let start = std::time::Instant::now();
+    while !daemon.log().contains("running;") && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    topo.host.ip(&["link", "del", &topo.ifname]);
+    // The control loop looks once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (status, log) = daemon.terminate();
+    assert!(
+        !status.success(),
+        "it stopped with an error: {status}\n{log}"
+    );
+    assert!(
+        log.contains(&format!("interface '{}'", topo.ifname)) && log.contains("went away"),
+        "{log}"
+    );
+    assert!(!topo.pin_dir().exists(), "its pins are removed");
+}
