@@ -48,6 +48,18 @@ fn bpftool_dump(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A daemon that stopped left neither its pins nor its XDP program on the interface.
+fn assert_cleaned_up(topo: &Topology) {
+    assert!(!topo.pin_dir().exists(), "the pin folder is removed");
+    let ifindex = topo
+        .host
+        .run(|| nix::net::if_::if_nametoindex(topo.ifname.as_str()).unwrap());
+    let attached = topo
+        .host
+        .run(|| xvio::netlink::xdp_attachment(ifindex).unwrap());
+    assert_eq!(attached, None, "no XDP program remains on the interface");
+}
+
 #[test]
 fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
     if !privileged("steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel") {
@@ -204,14 +216,7 @@ fn steered_frames_reach_af_xdp_and_the_rest_reaches_the_kernel() {
         log.contains("redirected=1000"),
         "the shutdown summary has the counters:\n{log}"
     );
-    assert!(!pin_dir.exists(), "the pin folder is removed");
-    let ifindex = topo
-        .host
-        .run(|| nix::net::if_::if_nametoindex(topo.ifname.as_str()).unwrap());
-    let attached = topo
-        .host
-        .run(|| xvio::netlink::xdp_attachment(ifindex).unwrap());
-    assert_eq!(attached, None, "no XDP program remains on the interface");
+    assert_cleaned_up(&topo);
 }
 
 #[test]
@@ -586,14 +591,7 @@ fn sighup_stops_the_daemon_as_cleanly_as_sigterm() {
     let (status, log) = daemon.stop_with(nix::sys::signal::Signal::SIGHUP);
     assert!(status.success(), "xvio exits 0 on SIGHUP: {status}\n{log}");
     assert!(log.contains("SIGHUP: stopping"), "{log}");
-    assert!(!topo.pin_dir().exists(), "the pin folder is removed");
-    let ifindex = topo
-        .host
-        .run(|| nix::net::if_::if_nametoindex(topo.ifname.as_str()).unwrap());
-    let attached = topo
-        .host
-        .run(|| xvio::netlink::xdp_attachment(ifindex).unwrap());
-    assert_eq!(attached, None, "no XDP program remains on the interface");
+    assert_cleaned_up(&topo);
 }
 
 #[test]

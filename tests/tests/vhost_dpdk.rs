@@ -181,7 +181,12 @@ fn a_two_queue_pair_frontend_sends_on_both_queues() {
             .map(|(_, n)| n)
             .sum::<u64>();
         // More than its ring holds: xvio must have drained this queue.
-        assert!(n > 2048, "testpmd sent on TX queue {queue}: {}", run.report);
+        assert!(
+            n > 2048,
+            "testpmd sent on TX queue {queue}: {}\ntxonly testpmd's output:\n{}",
+            run.report,
+            run.sent.1
+        );
     }
     run.assert_conserved(2 * 1024);
 }
