@@ -110,6 +110,13 @@ fn txonly_guest_to_peer(
         &[ring_args[0].as_str(), ring_args[1].as_str()],
     );
     wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    // Measuring windows start once testpmd forwards (it may still be starting up when xvio
+    // sees the guest ready, on a loaded machine for seconds).
+    assert!(
+        tx.wait_forwarding(),
+        "testpmd txonly forwards:\n{}",
+        tx.output()
+    );
     (daemon, tx)
 }
 

@@ -423,6 +423,11 @@ fn a_txonly_guest_on_a_vlan_reaches_the_peer_tagged_with_it() {
     );
     let map = default_guest_map();
     wait_guests_ready(&map, 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    assert!(
+        tx.wait_forwarding(),
+        "testpmd txonly forwards:\n{}",
+        tx.output()
+    );
     std::thread::sleep(Duration::from_secs(3));
     let (sent, out) = tx.stop_keep_output();
     let g = guest_stats(&map, 0);

@@ -85,7 +85,10 @@ fn txonly_to_rxonly(queue_pairs: u16) -> Run {
     let tx_guest = Guest::start(&tx_spec, &switch).unwrap();
     let (rx_guest, rx) = rxonly_guest(&switch);
     wait_until(|| rx_guest.is_connected(), "the rxonly testpmd connects");
-    std::thread::sleep(Duration::from_secs(1)); // its RX ring filled
+    // Forwarding, its RX ring filled. (xvio sees the connection during testpmd's device
+    // probe; on a loaded machine testpmd can take seconds more to start forwarding.)
+    assert!(rx.wait_forwarding(), "the rxonly testpmd forwards");
+    std::thread::sleep(Duration::from_millis(200));
     let (queues, rxq, txq) = (
         format!(",queues={queue_pairs}"),
         format!("--rxq={queue_pairs}"),
@@ -101,6 +104,9 @@ fn txonly_to_rxonly(queue_pairs: u16) -> Run {
         &[&rxq, &txq],
     );
     wait_until(|| tx_guest.is_connected(), "the txonly testpmd connects");
+    // The 3 s window starts once testpmd forwards: a SIGINT before that (testpmd 22.11.11
+    // only notes it and goes on starting) let each stream send one burst and stop.
+    assert!(tx.wait_forwarding(), "the txonly testpmd forwards");
     std::thread::sleep(Duration::from_secs(3));
     let sent = tx.stop_keep_output();
     std::thread::sleep(Duration::from_millis(500));
