@@ -47,14 +47,13 @@ fn stale(ds: &DaemonStats, dir: &std::path::Path) -> Option<String> {
         return None;
     }
     Some(format!(
-        "STALE: these counters were last written {age_s} s ago by daemon pid {}, which {}: \
-         they are from a daemon that died. Start xvio again on the interface (it replaces \
-         them) or remove {}",
+        "STALE: these counters were last written {age_s} s ago by daemon pid {}, which {}. \
+         Start xvio again on the interface (it replaces them) or remove {}",
         ds.pid,
         if alive {
-            "has stopped writing them"
+            "runs but has stopped writing them (stuck?)"
         } else {
-            "is not running"
+            "is not running: they are a dead daemon's"
         },
         dir.display()
     ))
