@@ -395,14 +395,16 @@ impl AttachedIface {
         if let Some(ds) = pinned_daemon_stats(&self.pin_dir)
             && ds.pid != std::process::id()
             && crate::stats::writer_alive(&ds)
-            && crate::stats::written_ago_s(&ds) < 5
         {
-            return Err(AttachError::PinsInUse {
-                iface: self.name.clone(),
-                dir: self.pin_dir.clone(),
-                pid: ds.pid,
-                ago: crate::stats::written_ago_s(&ds),
-            });
+            let ago = crate::stats::written_ago_s(&ds);
+            if ago < crate::stats::STALE_AFTER_S {
+                return Err(AttachError::PinsInUse {
+                    iface: self.name.clone(),
+                    dir: self.pin_dir.clone(),
+                    pid: ds.pid,
+                    ago,
+                });
+            }
         }
         self.pinned = true;
         // Pins left by a daemon that died: this daemon holds the interface now.

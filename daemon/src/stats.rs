@@ -38,12 +38,16 @@ pub fn xdp_totals<T: std::borrow::Borrow<MapData>>(
     Ok(sums)
 }
 
+/// Counters not written for this long are no running daemon's (it writes them about once a
+/// second).
+pub const STALE_AFTER_S: u64 = 5;
+
 /// Why the counters are a dead daemon's, if they are: its process is gone, or it has not
-/// written them for 5 s (it writes them about once a second).
+/// written them for [`STALE_AFTER_S`].
 fn stale(ds: &DaemonStats, dir: &std::path::Path) -> Option<String> {
     let (alive, age_s) = (writer_alive(ds), written_ago_s(ds));
     // Never written yet: a daemon that just started (its first write comes within a second).
-    if ds.updated_unix_ms == 0 || (alive && age_s < 5) {
+    if ds.updated_unix_ms == 0 || (alive && age_s < STALE_AFTER_S) {
         return None;
     }
     Some(format!(

@@ -132,7 +132,7 @@ impl SwChannel {
         let worker = std::thread::Builder::new()
             .name(format!("xvio-{name}"))
             .spawn(move || {
-                let pinned = core.map_or(Ok(()), pin_to);
+                let pinned = core.map_or(Ok(()), crate::datapath::sched::pin_to);
                 let ok = pinned.is_ok();
                 let _ = pinned_tx.send(pinned);
                 if ok {
@@ -171,13 +171,6 @@ impl SwChannel {
     fn capacity(&self) -> u64 {
         self.shared.mask + 1
     }
-}
-
-/// Pins the calling thread to `core`.
-fn pin_to(core: usize) -> nix::Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(core)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
 }
 
 /// The worker: copies published descriptors in order; spins when idle, then sleeps.

@@ -297,7 +297,7 @@ fn spawn_worker(
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            let pinned = cpu.map_or(Ok(()), pin_to);
+            let pinned = cpu.map_or(Ok(()), sched::pin_to);
             let ok = pinned.is_ok();
             if ok {
                 ask_short_slice(index);
@@ -412,17 +412,6 @@ pub fn rejoin() -> std::io::Result<()> {
     }
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) -> std::io::Result<()> {
-    use nix::sched::{CpuSet, sched_setaffinity};
-    let mut set = CpuSet::new();
-    set.set(cpu)
-        .map_err(|e| std::io::Error::other(format!("CPU {cpu}: {e}")))?;
-    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| {
-        std::io::Error::other(format!("pinning the datapath worker to CPU {cpu}: {e}"))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,7 +444,7 @@ mod tests {
             .expect("the child thread");
             assert_eq!(child, now, "a thread started later inherits it");
             // A worker pins itself to its CPU all the same.
-            pin_to(worker).expect("pin_to");
+            sched::pin_to(worker).expect("pin_to");
         })
         .join()
         .expect("the test thread");

@@ -17,6 +17,14 @@
 
 use std::time::Duration;
 
+/// Pins the calling thread to `cpu` (a datapath worker, a software DMA channel's thread): an
+/// error says why, the caller says what was pinned.
+pub fn pin_to(cpu: usize) -> std::io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).map_err(std::io::Error::from)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(std::io::Error::from)
+}
+
 use thiserror::Error;
 
 /// The slice a worker asks for: the shortest the kernel gives (100 µs).
