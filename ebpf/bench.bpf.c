@@ -1,11 +1,7 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Programs for `cargo xtask bench xsk` only; never loaded by the daemon.
+ * Programs for the tests and benchmarks only; never loaded by the daemon.
  *
- * xvio_bench_redirect: a traffic generator. Run through BPF_PROG_TEST_RUN with
- *   BPF_F_TEST_XDP_LIVE_FRAMES, it sends every frame out of bench_cfg[0] (an ifindex) with
- *   bpf_redirect, which on a veth lands in the peer's XDP path: millions of frames per
- *   second without pktgen (this kernel has no modules).
  * xvio_bench_drop: the in-kernel ceiling. Counts frames in bench_count and drops them.
  * xvio_bench_count_src: a sink for tests and benchmarks. Counts and drops the frames whose
  *   source MAC is bench_src[0] (a guest's), passes every other frame (the kernels' own).
@@ -19,29 +15,11 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} bench_cfg SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
 } bench_count SEC(".maps");
-
-SEC("xdp")
-int xvio_bench_redirect(struct xdp_md *ctx)
-{
-	__u32 zero = 0;
-	__u32 *ifindex = bpf_map_lookup_elem(&bench_cfg, &zero);
-
-	if (!ifindex)
-		return XDP_ABORTED;
-	return bpf_redirect(*ifindex, 0);
-}
 
 struct bench_src {
 	__u8 mac[6];

@@ -21,7 +21,7 @@ pub mod xsk;
 /// The compiled XDP program (`ebpf/xvio.bpf.c`, built by `build.rs`), with BTF.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xvio.bpf.o"));
 
-/// The benchmark's XDP programs (`ebpf/bench.bpf.c`): a live-frames traffic generator and a
-/// counting XDP_DROP. Never loaded by the daemon.
+/// The tests' and benchmarks' XDP programs (`ebpf/bench.bpf.c`): counting XDP_DROPs. Never
+/// loaded by the daemon.
 pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench.bpf.o"));

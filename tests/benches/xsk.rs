@@ -2,10 +2,10 @@
 //! `xvio::xsk::XskPort` on a veth, next to the in-kernel ceiling (a counting XDP_DROP) on the
 //! same veth in the same run. Needs root: it makes its own namespaces.
 //!
-//! Traffic comes from `xvio_bench_redirect` (ebpf/bench.bpf.c) run through
-//! BPF_PROG_TEST_RUN with live frames in the peer namespace: it redirects each frame out of
-//! the peer's veth end, so it arrives on xvio's end through native XDP. On veth that receive
-//! work runs on the sending CPU (0); the AF_XDP consumer runs on CPU 1.
+//! Traffic comes from `xvio_tests::xsk::Generator`, an AF_XDP socket on the peer's veth end
+//! sending in copy mode from the peer namespace, so it arrives on xvio's end through native
+//! XDP. On veth that receive work runs on the sending CPU (0); the AF_XDP consumer runs on
+//! CPU 1.
 //!
 //! Every measurement is repeated; the medians are printed, with the ratios to the ceiling.
 
@@ -17,7 +17,8 @@ use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
     netns::mac_of,
     topology::Topology,
-    xdp::{DropCounter, Generator},
+    xdp::DropCounter,
+    xsk::Generator,
     xsk::{XskLoop, attach_steering, transmit_loop},
 };
 

@@ -1,55 +1,11 @@
-//! XDP helpers of the tests and benchmarks (the programs of `ebpf/bench.bpf.c`): a live-frames
-//! generator, run with BPF_PROG_TEST_RUN in a peer namespace, and a counting XDP_DROP.
-
-use std::time::{Duration, Instant};
+//! XDP helpers of the tests and benchmarks (the programs of `ebpf/bench.bpf.c`): counting
+//! XDP_DROPs.
 
 use aya::{
     Ebpf,
     maps::{Array, MapData, PerCpuArray},
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    programs::{Xdp, XdpMode},
 };
-
-/// The generator, loaded in the peer namespace, aimed out of `peer_if`.
-#[derive(Debug)]
-pub struct Generator {
-    ebpf: Ebpf,
-}
-
-impl Generator {
-    pub fn load(peer_if: &str) -> Generator {
-        let mut ebpf = Ebpf::load(xvio::BENCH_OBJECT).expect("load the bench object");
-        let prog: &mut Xdp = ebpf
-            .program_mut("xvio_bench_redirect")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        prog.load().unwrap();
-        let ifindex = nix::net::if_::if_nametoindex(peer_if).unwrap();
-        let mut cfg: Array<&mut MapData, u32> =
-            Array::try_from(ebpf.map_mut("bench_cfg").unwrap()).unwrap();
-        cfg.set(0, ifindex, 0).unwrap();
-        Generator { ebpf }
-    }
-
-    /// Sends `frames` copies of `data`; returns how long it took.
-    pub fn send(&self, data: &[u8], frames: u32) -> Duration {
-        let prog: &Xdp = self
-            .ebpf
-            .program("xvio_bench_redirect")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let start = Instant::now();
-        prog.test_run(TestRunOptions {
-            data_in: Some(data),
-            repeat: frames,
-            attrs: TestRunAttrs::new().xdp_live_frames(64),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN with live frames");
-        start.elapsed()
-    }
-}
 
 /// A counting XDP_DROP attached natively to an interface of the calling thread's namespace.
 #[derive(Debug)]

@@ -1,11 +1,12 @@
 //! The daemon's own AF_XDP port (`xvio::xsk::XskPort`) in tests and benchmarks: receiving
-//! until a count, and the bare AF_XDP loops the benchmarks compare the datapath with (receive
-//! and recycle; transmit one frame over and over) on a thread pinned to a CPU.
+//! until a count, the traffic generator on a peer's veth end, and the bare AF_XDP loops the
+//! benchmarks compare the datapath with (receive and recycle; transmit one frame over and
+//! over) on a thread pinned to a CPU.
 
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
@@ -91,6 +92,37 @@ pub fn transmit_loop(port: &mut XskPort, data: &[u8], mut more: impl FnMut(u64) 
         port.flush();
     }
     sent
+}
+
+/// A traffic generator: an AF_XDP socket on queue 0 of a veth end (copy mode) that sends
+/// copies of a frame, which the veth hands to the other end's XDP program, as a NIC's
+/// receive would. Opened in the namespace of the calling thread.
+///
+/// (It replaced an XDP program run through `BPF_PROG_TEST_RUN` with live frames: this
+/// project's machines' kernel, 6.18.44-fc, refuses live frames with EPERM, even to root.)
+#[derive(Debug)]
+pub struct Generator {
+    port: Mutex<XskPort>,
+}
+
+impl Generator {
+    /// Opens the socket on `iface` queue 0.
+    pub fn load(iface: &str) -> Generator {
+        let port = XskPort::open(iface, 0, &XskConfig::default())
+            .unwrap_or_else(|e| panic!("the generator's AF_XDP socket on {iface} queue 0: {e}"));
+        Generator {
+            port: Mutex::new(port),
+        }
+    }
+
+    /// Sends `frames` copies of `data` (all of them handed to the kernel, which sends each
+    /// one before it completes it); returns how long it took.
+    pub fn send(&self, data: &[u8], frames: u32) -> Duration {
+        let mut port = self.port.lock().unwrap_or_else(|e| e.into_inner());
+        let start = Instant::now();
+        transmit_loop(&mut port, data, |sent| sent < u64::from(frames));
+        start.elapsed()
+    }
 }
 
 /// A bare AF_XDP loop on queue 0 of an interface, on a thread of its own pinned to a CPU:

@@ -2,7 +2,7 @@
 //! --guest`, and the other end of the attached veth in a peer namespace:
 //! - txonly guest → a counting XDP program on the peer: every frame testpmd sent is counted
 //!   there or in a named drop counter;
-//! - a live-frames generator on the peer → an rxonly guest: the same, the other way;
+//! - a generator on the peer (an AF_XDP socket sending) → an rxonly guest: the same, the other way;
 //! - the peer pings an icmpecho guest by IP, resolving it by ARP (broadcast from the wire);
 //! - SIGKILL of the daemon under load: the host's own pings through the interface go on.
 
@@ -21,7 +21,8 @@ use xvio_tests::{
     privileged,
     topology::Topology,
     unique_name,
-    xdp::{DropCounter, Generator},
+    xdp::DropCounter,
+    xsk::Generator,
 };
 
 /// testpmd busy-polls: one test at a time.

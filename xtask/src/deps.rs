@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 /// program; bpftool inspects maps; iproute2 and util-linux (nsenter, setpriv) make the
 /// namespaces the tests run in; gcc and linux-libc-dev check the DSA encoding against
 /// `linux/idxd.h`; dpdk-dev's testpmd is a real vhost-user frontend; QEMU, busybox-static,
-/// iperf3 and python3 build and boot the test guest (tests/guest/build-image.sh).
+/// iperf3 and python3 build and boot the test guest (tests/guest/build-image.sh); ethtool
+/// turns the peer's checksum offload off; iputils-ping's ping is the peers' (a fresh Debian
+/// has none).
 pub const TEST_PACKAGES: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -24,6 +26,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "iperf3",
     "python3",
     "ethtool",
+    "iputils-ping",
 ];
 /// Packages `cargo xtask run` needs (the demo pings from its namespace).
 pub const RUN_PACKAGES: &[&str] = &[

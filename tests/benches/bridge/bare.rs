@@ -5,7 +5,7 @@
 //!
 //! - to_guest: xvio's XDP program (attached natively, steering the guest's MAC) redirects to
 //!   an AF_XDP socket on queue 0 that a thread on CPU 1 drains and recycles in bursts of 64
-//!   (no guest, no copy); the live-frames generator on CPU 0 sends for the window as for the
+//!   (no guest, no copy); the generator on CPU 0 sends for the window as for the
 //!   datapaths. Rate = frames received / the generator's time.
 //! - from_guest: a thread on CPU 1 sends one prepared frame (from the guest's MAC to the
 //!   peer) over and over through an AF_XDP socket on queue 0; the peer's counting program

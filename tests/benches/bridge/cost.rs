@@ -130,8 +130,8 @@ fn paced_cost(bridge: &mut Bridge, burst: u32) -> Result<String, String> {
 }
 
 /// Sends 64 B frames to the guest at [`PACED_PPS`] for [`PACED`], in bursts of `burst`
-/// frames through an AF_PACKET socket on the peer's veth end (the live-frames generator
-/// cannot pace: each of its calls costs tens of milliseconds), from a real-time thread on
+/// frames through an AF_PACKET socket on the peer's veth end (the rates' generator does not
+/// pace: it sends in calls of 100,000 frames), from a real-time thread on
 /// CPU 0 so that the sink's busy polling there does not delay it; how many it sent.
 fn paced(bridge: &Bridge, burst: u32) -> Result<u64, String> {
     let data = frame(GUEST_MAC, bridge.peer_mac, None, ETH_P_EXPERIMENTAL, 64, 1);

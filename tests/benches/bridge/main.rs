@@ -5,7 +5,7 @@
 //! xvio with `--dma sw` (the copy offload at 1500 B). Runs alternate; frames/s at 64 and
 //! 1500 B each way:
 //!
-//! - **to_guest**: the live-frames generator (`xvio_tests::xdp::Generator`) in the peer
+//! - **to_guest**: the generator (`xvio_tests::xsk::Generator`, an AF_XDP socket sending in copy mode) in the peer
 //!   namespace sends frames to the guest's MAC out of the peer's veth end as fast as it can
 //!   for a fixed time; an rxonly testpmd (virtio-user) guest counts what arrives (its totals
 //!   at stop). Rate = frames the guest received / the generator's time.

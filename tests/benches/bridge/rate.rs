@@ -14,7 +14,7 @@ use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
     ovs::OvsPortCounters,
     topology::Topology,
-    xdp::Generator,
+    xsk::Generator,
 };
 
 use crate::setup::{Bridge, Datapath, GENERATOR_CHUNK, GUEST_MAC, Snapshot};
@@ -49,7 +49,7 @@ impl Sample {
     }
 }
 
-/// Sends `data` out of the peer's veth end with the live-frames generator on CPU 0 for
+/// Sends `data` out of the peer's veth end with the generator on CPU 0 for
 /// `window`: how many frames, and for how long.
 pub(crate) fn generate(topo: &Topology, data: &[u8], window: Duration) -> (u64, Duration) {
     topo.peer.run(|| {
