@@ -50,11 +50,11 @@ impl DriverQueue {
     }
 
     fn avail_addr(&self) -> u64 {
-        self.base + 16 * u64::from(QUEUE)
+        RingLayout::at(self.base, QUEUE).0.avail
     }
 
     fn used_addr(&self) -> u64 {
-        (self.avail_addr() + 6 + 2 * u64::from(QUEUE)).next_multiple_of(4)
+        RingLayout::at(self.base, QUEUE).0.used
     }
 }
 
@@ -84,18 +84,64 @@ fn start_vring(
     kick: &EventFd,
     call: &EventFd,
 ) -> Result<(), String> {
+    start_ring(
+        frontend,
+        host,
+        &RingLayout::at(q.base, QUEUE).0,
+        i,
+        kick,
+        call,
+    )
+}
+
+/// Where a split virtqueue of `size` entries lies in guest memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RingLayout {
+    pub(crate) size: u16,
+    pub(crate) desc: u64,
+    pub(crate) avail: u64,
+    pub(crate) used: u64,
+}
+
+impl RingLayout {
+    /// The rings of a queue of `size` entries laid out from `base` (descriptors, then the
+    /// avail ring, then the used ring 4-byte aligned), and the first address past them.
+    pub(crate) fn at(base: u64, size: u16) -> (RingLayout, u64) {
+        let n = u64::from(size);
+        let avail = base + 16 * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        let layout = RingLayout {
+            size,
+            desc: base,
+            avail,
+            used,
+        };
+        (layout, used + 6 + 8 * n)
+    }
+}
+
+/// Sets up queue `i` laid out as `layout` (memory mapped at `host` in this process) and
+/// starts it: size, addresses, base 0, call and kick eventfds, enabled.
+pub(crate) fn start_ring(
+    frontend: &mut Frontend,
+    host: u64,
+    layout: &RingLayout,
+    i: usize,
+    kick: &EventFd,
+    call: &EventFd,
+) -> Result<(), String> {
     let e = |e: vhost::Error| e.to_string();
-    frontend.set_vring_num(i, QUEUE).map_err(e)?;
+    frontend.set_vring_num(i, layout.size).map_err(e)?;
     frontend
         .set_vring_addr(
             i,
             &VringConfigData {
-                queue_max_size: QUEUE,
-                queue_size: QUEUE,
+                queue_max_size: layout.size,
+                queue_size: layout.size,
                 flags: 0,
-                desc_table_addr: host + q.desc_addr(),
-                used_ring_addr: host + q.used_addr(),
-                avail_ring_addr: host + q.avail_addr(),
+                desc_table_addr: host + layout.desc,
+                used_ring_addr: host + layout.used,
+                avail_ring_addr: host + layout.avail,
                 log_addr: None,
             },
         )
@@ -107,7 +153,7 @@ fn start_vring(
 }
 
 /// A fresh memfd of `len` bytes.
-fn memfd(len: u64) -> File {
+pub(crate) fn memfd(len: u64) -> File {
     let fd =
         nix::sys::memfd::memfd_create(c"xvio-test-guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .unwrap();
@@ -116,18 +162,28 @@ fn memfd(len: u64) -> File {
     file
 }
 
-/// Guest memory on `file`, and the `SET_MEM_TABLE` region describing it.
+/// Guest memory on `file` ([`MEMORY`] bytes of it), and the `SET_MEM_TABLE` region
+/// describing it.
 fn map_memory(file: &File) -> (GuestMemoryMmap<()>, VhostUserMemoryRegionInfo) {
+    map_memory_of(file, MEMORY)
+}
+
+/// Guest memory on the first `len` bytes of `file`, and the `SET_MEM_TABLE` region
+/// describing it.
+pub(crate) fn map_memory_of(
+    file: &File,
+    len: usize,
+) -> (GuestMemoryMmap<()>, VhostUserMemoryRegionInfo) {
     let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
         GuestAddress(0),
-        MEMORY,
+        len,
         Some(FileOffset::new(file.try_clone().unwrap(), 0)),
     )])
     .unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     let region = VhostUserMemoryRegionInfo {
         guest_phys_addr: 0,
-        memory_size: MEMORY as u64,
+        memory_size: len as u64,
         userspace_addr: host,
         mmap_offset: 0,
         mmap_handle: file.as_raw_fd(),

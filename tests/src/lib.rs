@@ -15,6 +15,7 @@ pub mod netns;
 pub mod ovs;
 pub mod packet;
 pub mod qemu;
+pub mod sink;
 pub mod topology;
 pub mod xdp;
 pub mod xsk;

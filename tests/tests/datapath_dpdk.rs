@@ -19,6 +19,7 @@ use xvio_tests::{
     frames::{ETH_P_EXPERIMENTAL, frame},
     netns::mac_of,
     privileged,
+    sink::RxSink,
     topology::Topology,
     unique_name,
     xdp::DropCounter,
@@ -373,6 +374,44 @@ fn frames_from_the_wire_to_a_guest_are_each_delivered_or_dropped_by_name() {
     }
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
+}
+
+/// The bench's to_guest guest (`xvio_tests::sink::RxSink`, a virtio-net driver in the bench
+/// process) counts exactly the frames xvio delivers to it, 1500-byte ones each in one buffer
+/// (MRG_RXBUF negotiated), with no kick: xvio asks for none on RX.
+#[test]
+fn the_benchmarks_sink_counts_every_frame_xvio_delivers() {
+    if !privileged("the_benchmarks_sink_counts_every_frame_xvio_delivers") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new(1);
+    let socket = socket();
+    let daemon = daemon_with_guest(&topo, &socket, &["--datapath-cpus", "1"]);
+    let sink = RxSink::start(&socket, 0, Duration::from_micros(100))
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let src = mac_of(&topo.peer, &topo.peer_if);
+    let data = frame(GUEST_MAC, src, None, ETH_P_EXPERIMENTAL, 1500, 1);
+    const FRAMES: u32 = 50_000;
+    topo.peer.run(|| {
+        let generator = Generator::load(&topo.peer_if);
+        generator.send(&data, FRAMES);
+    });
+    let (g, p) = (guest_stats(), port_stats(&topo));
+    let totals = sink.stop();
+    let report = format!("sink {totals:?}, xvio {g:?}, port {p:?}");
+    eprintln!("{report}");
+    assert!(totals.mergeable, "MRG_RXBUF negotiated: {report}");
+    assert!(totals.frames > 1000, "frames flowed: {report}");
+    assert_eq!(totals.frames, g.to_guest_packets, "{report}");
+    assert_eq!(
+        p.rx_packets,
+        g.to_guest_packets + g.to_guest_dropped_full,
+        "each frame the socket received was delivered or dropped for want of buffers: {report}"
+    );
+    assert_eq!(totals.bytes, totals.frames * 1500, "{report}");
+    assert_eq!(totals.kicks, 0, "{report}");
 }
 
 /// The names of the threads of `pid` whose affinity allows `cpu` (/proc/PID/task/*/status).

@@ -13,11 +13,12 @@ use xvio_tests::{
     },
     frames::{ETH_P_EXPERIMENTAL, frame},
     ovs::OvsPortCounters,
+    sink::RxSink,
     topology::Topology,
     xsk::Generator,
 };
 
-use crate::setup::{Bridge, Datapath, GENERATOR_CHUNK, GUEST_MAC, Snapshot};
+use crate::setup::{Bridge, Datapath, GENERATOR_CHUNK, GUEST_MAC, SINK_CPU, SINK_PERIOD, Snapshot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Direction {
@@ -66,7 +67,8 @@ pub(crate) fn generate(topo: &Topology, data: &[u8], window: Duration) -> (u64, 
 }
 
 pub(crate) fn to_guest(bridge: &Bridge, len: usize, window: Duration) -> Result<Sample, String> {
-    let rx = bridge.start_guest("rxonly", len, "02:00:00:00:00:02")?;
+    let rx = RxSink::start(&bridge.socket, SINK_CPU, SINK_PERIOD)?;
+    bridge.wait_guest(true)?;
     std::thread::sleep(Duration::from_millis(500));
     // Nothing flowed since the last publication (xvio's counters) and the guest is
     // connected (its event thread is counting).
@@ -83,13 +85,16 @@ pub(crate) fn to_guest(bridge: &Bridge, len: usize, window: Duration) -> Result<
     let after = bridge.final_snapshot()?;
     let secs = elapsed.as_secs_f64();
     Ok(Sample {
-        rate: totals.rx as f64 / secs,
+        rate: totals.frames as f64 / secs,
         health: format!(
-            "{}{threads}; offered {:.2} Mpps, guest received {} of {offered} ({:.0}%), datapath took {:.2} Mpps from its socket; {}",
+            "{}{threads}; offered {:.2} Mpps, guest received {} of {offered} ({:.0}%; {} looks, {} kicks{}), datapath took {:.2} Mpps from its socket; {}",
             busy_text(&busy),
             offered as f64 / secs / 1e6,
-            totals.rx,
-            100.0 * totals.rx as f64 / offered as f64,
+            totals.frames,
+            100.0 * totals.frames as f64 / offered as f64,
+            totals.polls,
+            totals.kicks,
+            if totals.mergeable { ", MRG_RXBUF" } else { "" },
             socket_rx(&topo.ifname, &before, &after) as f64 / secs / 1e6,
             describe(Direction::ToGuest, &topo.ifname, [&before, &live, &after])
         ),
