@@ -5,10 +5,13 @@
 //! xvio with `--dma sw` (the copy offload at 1500 B). Runs alternate; frames/s at 64 and
 //! 1500 B each way:
 //!
-//! - **to_guest**: the generator (`xvio_tests::xsk::Generator`, an AF_XDP socket sending in copy mode) in the peer
-//!   namespace sends frames to the guest's MAC out of the peer's veth end as fast as it can
-//!   for a fixed time; an rxonly testpmd (virtio-user) guest counts what arrives (its totals
-//!   at stop). Rate = frames the guest received / the generator's time.
+//! - **to_guest**: the generator (`xvio_tests::xsk::Generator`, an AF_XDP socket sending in
+//!   copy mode) in the peer namespace sends frames to the guest's MAC out of the peer's veth
+//!   end as fast as it can for a fixed time; a receive-only guest (`xvio_tests::sink::RxSink`,
+//!   a virtio-net driver in this process that re-posts each buffer and looks at its used ring
+//!   every 100 µs) counts what arrives. Rate = frames the guest received / the generator's
+//!   time. (A busy-polling testpmd rxonly guest took half of CPU 0 from the generator and
+//!   bounded every datapath at about 0.1 Mpps.)
 //! - **from_guest**: a txonly testpmd guest sends to the peer's MAC as fast as it can; a
 //!   counting XDP program on the peer's veth end (`DropCounter::attach_from`) counts what
 //!   arrives from the guest's MAC. Rate = frames counted in a fixed window after a warm-up.
@@ -24,7 +27,7 @@
 //!   what the offload frees on the datapath's core.
 //!
 //! Placement, the same for every datapath: the generator and the sink (the generator and
-//! testpmd's forwarding lcore) on CPU 0, the datapath on CPU 1 (`xvio --datapath-cpus 1`;
+//! the receive-only guest to_guest; testpmd's forwarding lcore from_guest) on CPU 0, the datapath on CPU 1 (`xvio --datapath-cpus 1`;
 //! OVS `pmd-cpu-mask=0x2`, `dpdk-lcore-mask=0x1`; testpmd `--main-lcore 0 -l 0,1`, its
 //! forwarding lcore 1; the bare AF_XDP loops pinned to CPU 1). On veth the receiving end's XDP
 //! and the AF_XDP copy into the UMEM run on the sending CPU (CPU 0 to_guest); AF_XDP transmit

@@ -30,7 +30,7 @@ pub(crate) fn rates(s: &Settings, results: &Results) {
         s.window.as_secs()
     );
     println!(
-        "placement: generator and sink on CPU 0 (AF_XDP generator / testpmd txonly; testpmd rxonly / peer XDP counter); datapath on CPU 1 (xvio --datapath-cpus 1 | OVS pmd-cpu-mask=0x2 | testpmd --main-lcore 0 -l 0,1, forwarding lcore 1, net_af_xdp busy_budget={} | bare AF_XDP loop pinned to CPU 1)",
+        "placement: generator and sink on CPU 0 (to_guest: AF_XDP generator, receive-only guest looking every 100 µs; from_guest: testpmd txonly, peer XDP counter); datapath on CPU 1 (xvio --datapath-cpus 1 | OVS pmd-cpu-mask=0x2 | testpmd --main-lcore 0 -l 0,1, forwarding lcore 1, net_af_xdp busy_budget={} | bare AF_XDP loop pinned to CPU 1)",
         s.testpmd_busy_budget
     );
     for dir in [Direction::ToGuest, Direction::FromGuest] {
