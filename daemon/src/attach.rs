@@ -392,19 +392,13 @@ impl AttachedIface {
     fn pin_maps(&mut self) -> Result<(), AttachError> {
         // Pins of a daemon that still runs (it writes its counters about once a second): not
         // this daemon's to take.
-        if let Some(ds) = pinned_daemon_stats(&self.pin_dir)
-            && ds.pid != std::process::id()
-            && crate::stats::writer_alive(&ds)
-        {
-            let ago = crate::stats::written_ago_s(&ds);
-            if ago < crate::stats::STALE_AFTER_S {
-                return Err(AttachError::PinsInUse {
-                    iface: self.name.clone(),
-                    dir: self.pin_dir.clone(),
-                    pid: ds.pid,
-                    ago,
-                });
-            }
+        if let Some((pid, ago)) = crate::stats::running_owner(&self.pin_dir) {
+            return Err(AttachError::PinsInUse {
+                iface: self.name.clone(),
+                dir: self.pin_dir.clone(),
+                pid,
+                ago,
+            });
         }
         self.pinned = true;
         // Pins left by a daemon that died: this daemon holds the interface now.
@@ -428,14 +422,6 @@ impl AttachedIface {
         }
         Ok(())
     }
-}
-
-/// The `daemon_stats` pinned in `dir`, if any.
-fn pinned_daemon_stats(dir: &Path) -> Option<xvio_common::DaemonStats> {
-    let map = MapData::from_pin(dir.join(maps::DAEMON_STATS)).ok()?;
-    let array: aya::maps::Array<MapData, xvio_common::DaemonStats> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(map)).ok()?;
-    array.get(&0, 0).ok()
 }
 
 impl Drop for AttachedIface {

@@ -51,6 +51,9 @@ pub enum DaemonError {
     /// A guest could not be started.
     #[error(transparent)]
     Guest(#[from] crate::vhost::guest::GuestError),
+    /// The guests' pins are another running daemon's.
+    #[error(transparent)]
+    GuestPins(#[from] crate::vhost::stats::GuestStatsError),
     /// A socket was named twice.
     #[error("guest socket {0} is given twice with --guest")]
     DuplicateSocket(String),
@@ -200,7 +203,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
             iface.attached.steer(key, guest.device().id())?;
         }
     }
-    let mut guest_map = open_guest_stats(config, &guests);
+    let mut guest_map = open_guest_stats(config, &guests)?;
     // Stopped by a signal, or by an interface that went away: shut down in order either way.
     let result = runtime.block_on(control_loop(
         &mut ifaces,
@@ -301,21 +304,23 @@ struct Signals {
     hup: tokio::signal::unix::Signal,
 }
 
-/// The pinned map of the guests' counters, when there are guests and the privileges for it.
+/// The pinned map of the guests' counters, when there are guests and the privileges for it;
+/// an error when another running daemon pins its guests' counters there (the two would write
+/// each other's), which stops this one.
 fn open_guest_stats(
     config: &RunConfig,
     guests: &[crate::vhost::guest::Guest],
-) -> Option<GuestStatsMap> {
+) -> Result<Option<GuestStatsMap>, DaemonError> {
     if guests.is_empty() {
-        return None;
+        return Ok(None);
     }
     if let Err(e) = privileges::check() {
         warn!("guest counters are not exported to bpffs: {e}");
-        return None;
+        return Ok(None);
     }
     if let Err(e) = bpffs::ensure_mounted(&config.pin_root) {
         warn!(error = %e, "guest counters are not exported to bpffs");
-        return None;
+        return Ok(None);
     }
     match GuestStatsMap::open(&config.pin_root) {
         Ok(map) => {
@@ -325,11 +330,12 @@ fn open_guest_stats(
                 xvio_common::maps::GUESTS_DIR,
                 xvio_common::maps::GUEST_STATS
             );
-            Some(map)
+            Ok(Some(map))
         }
+        Err(e @ crate::vhost::stats::GuestStatsError::InUse { .. }) => Err(e.into()),
         Err(e) => {
             warn!(error = %e, "guest counters are not exported to bpffs");
-            None
+            Ok(None)
         }
     }
 }
@@ -379,17 +385,17 @@ async fn control_loop(
                     .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 // One snapshot per guest per tick, for guest_stats and the totals alike.
                 let guest_stats: Vec<_> = guests.iter().map(crate::vhost::stats::snapshot).collect();
-                if let Some(map) = guest_map.as_deref_mut()
-                    && let Err(e) = map.publish(guests, &guest_stats)
-                {
-                    warn!(error = %e, "could not write guest_stats");
-                }
                 let daemon = xvio_common::DaemonStats {
                     uptime_ms,
                     updated_unix_ms: now_ms,
                     ifaces_attached: count,
                     ..crate::vhost::stats::totals(&guest_stats)
                 };
+                if let Some(map) = guest_map.as_deref_mut()
+                    && let Err(e) = map.publish(guests, &guest_stats, daemon)
+                {
+                    warn!(error = %e, "could not write guest_stats");
+                }
                 for iface in ifaces.iter_mut() {
                     let (group_frames, group_dropped) =
                         iface.group_feed.as_ref().map_or((0, 0), |g| g.counters());

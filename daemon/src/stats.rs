@@ -70,6 +70,18 @@ pub fn writer_alive(ds: &DaemonStats) -> bool {
             .map_or_else(|e| e != nix::errno::Errno::ESRCH, |()| true)
 }
 
+/// The running daemon, other than this one, whose `daemon_stats` is pinned in `dir`: its pid
+/// and the seconds since it wrote them, when it is alive and wrote them less than
+/// [`STALE_AFTER_S`] ago (pins of a daemon that died may be taken over).
+pub fn running_owner(dir: &std::path::Path) -> Option<(u32, u64)> {
+    let map = MapData::from_pin(dir.join(maps::DAEMON_STATS)).ok()?;
+    let array: Array<MapData, DaemonStats> = Array::try_from(Map::Array(map)).ok()?;
+    let ds = array.get(&0, 0).ok()?;
+    let ago = written_ago_s(&ds);
+    (ds.pid != std::process::id() && writer_alive(&ds) && ago < STALE_AFTER_S)
+        .then_some((ds.pid, ago))
+}
+
 /// Seconds since `ds` was written.
 pub fn written_ago_s(ds: &DaemonStats) -> u64 {
     let now_ms = std::time::SystemTime::now()

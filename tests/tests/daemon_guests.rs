@@ -91,3 +91,46 @@ fn guest_counters_are_in_a_pinned_map_with_field_names() {
     assert!(!pin_root.exists(), "the daemon removed its pins:\n{log}");
     assert!(!sa.exists() && !sb.exists(), "and its sockets");
 }
+
+/// Two daemons with guests under one pin root would write each other's `guest_stats`: the
+/// second refuses to start, naming the first and `--pin-root`, and leaves its pins alone.
+#[test]
+fn a_daemon_does_not_take_the_guest_pins_of_a_running_one() {
+    if !privileged("a_daemon_does_not_take_the_guest_pins_of_a_running_one") {
+        return;
+    }
+    let pin_root = PathBuf::from("/sys/fs/bpf").join(unique_name("xvio-g"));
+    let sock = |n: &str| std::env::temp_dir().join(format!("{}-{n}.sock", unique_name("xvio-d")));
+    let (sa, sb) = (sock("a"), sock("b"));
+    let guest = |s: &PathBuf, mac: &str| format!("socket={},mac={mac}", s.display());
+    let root = pin_root.display().to_string();
+    let first_guest = guest(&sa, "52:54:00:00:01:0a");
+    let map = pin_root.join("guests/guest_stats");
+    let first = Daemon::start(None, &["--guest", &first_guest, "--pin-root", &root], &map)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Its counters written at least once: it is seen running.
+    std::thread::sleep(Duration::from_millis(1500));
+    let second_guest = guest(&sb, "52:54:00:00:01:0b");
+    let out = xvio_tests::daemon::run_xvio(
+        None,
+        &["run", "--guest", &second_guest, "--pin-root", &root],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("belong to xvio pid {}", first.pid().unwrap()))
+            && stderr.contains("--pin-root"),
+        "{stderr}"
+    );
+    assert!(!sb.exists(), "the refused daemon removed its socket");
+    assert!(
+        map.exists() && pin_root.join("guests/daemon_stats").exists(),
+        "the first daemon's pins stay"
+    );
+    let (status, log) = first.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        !pin_root.exists(),
+        "the first daemon removed its pins:\n{log}"
+    );
+}

@@ -37,6 +37,19 @@ pub enum GuestStatsError {
         #[source]
         source: Box<PinError>,
     },
+    /// The guests' pins belong to another daemon that still runs.
+    #[error(
+        "the guests' counters at {dir} belong to xvio pid {pid}, which is running and wrote them \
+         {ago} s ago; stop it, or give this daemon its own --pin-root"
+    )]
+    InUse {
+        /// The pin folder.
+        dir: PathBuf,
+        /// The other daemon.
+        pid: u32,
+        /// Seconds since it wrote its counters.
+        ago: u64,
+    },
     /// The pin folder could not be made.
     #[error(transparent)]
     Bpffs(#[from] bpffs::BpffsError),
@@ -56,36 +69,57 @@ impl std::fmt::Debug for GuestStatsMap {
     }
 }
 
+/// The pins of the guests' folder: their counters, and the daemon that writes them.
+const GUEST_PINS: [&str; 2] = [maps::GUEST_STATS, maps::DAEMON_STATS];
+
+/// Refuses when `pin_root/guests` holds the pins of another daemon that still runs (two
+/// daemons with guests under one pin root would write each other's `guest_stats`).
+fn check_pins_free(pin_root: &Path) -> Result<(), GuestStatsError> {
+    let dir = pin_root.join(maps::GUESTS_DIR);
+    match crate::stats::running_owner(&dir) {
+        Some((pid, ago)) => Err(GuestStatsError::InUse { dir, pid, ago }),
+        None => Ok(()),
+    }
+}
+
+fn missing(name: &'static str) -> GuestStatsError {
+    GuestStatsError::Map(Box::new(MapError::InvalidName { name: name.into() }))
+}
+
 impl GuestStatsMap {
-    /// Creates the map and pins it at `pin_root/guests/guest_stats` (replacing a stale pin).
+    /// Creates the map and pins it at `pin_root/guests/guest_stats`, beside a `daemon_stats`
+    /// naming this daemon (replacing the pins of a daemon that died; refusing those of one
+    /// that runs).
     pub fn open(pin_root: &Path) -> Result<GuestStatsMap, GuestStatsError> {
+        check_pins_free(pin_root)?;
         let ebpf = Ebpf::load(crate::XDP_OBJECT).map_err(|e| GuestStatsError::Load(Box::new(e)))?;
         let dir = bpffs::pin_dir(pin_root, maps::GUESTS_DIR)?;
-        let path = dir.join(maps::GUEST_STATS);
-        let _ = std::fs::remove_file(&path);
-        let map = ebpf.map(maps::GUEST_STATS).ok_or_else(|| {
-            GuestStatsError::Map(Box::new(MapError::InvalidName {
-                name: maps::GUEST_STATS.into(),
-            }))
-        })?;
-        map.pin(&path).map_err(|e| GuestStatsError::Pin {
-            path,
-            source: Box::new(e),
-        })?;
-        Ok(GuestStatsMap { ebpf, dir })
+        let mut pinned = GuestStatsMap { ebpf, dir };
+        pinned.write_owner(xvio_common::DaemonStats::default())?;
+        for name in GUEST_PINS {
+            let path = pinned.dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            let map = pinned.ebpf.map(name).ok_or_else(|| missing(name))?;
+            map.pin(&path).map_err(|e| GuestStatsError::Pin {
+                path,
+                source: Box::new(e),
+            })?;
+        }
+        Ok(pinned)
     }
 
-    /// Writes every guest's counters (entry = its id): `stats[i]` is `guests[i]`'s snapshot.
+    /// Writes every guest's counters (entry = its id): `stats[i]` is `guests[i]`'s snapshot;
+    /// and `daemon` (uptime, clock, guest totals) as `daemon_stats[0]`, with this daemon's pid.
     pub fn publish(
         &mut self,
         guests: &[Guest],
         stats: &[GuestStats],
+        daemon: xvio_common::DaemonStats,
     ) -> Result<(), GuestStatsError> {
-        let map = self.ebpf.map_mut(maps::GUEST_STATS).ok_or_else(|| {
-            GuestStatsError::Map(Box::new(MapError::InvalidName {
-                name: maps::GUEST_STATS.into(),
-            }))
-        })?;
+        let map = self
+            .ebpf
+            .map_mut(maps::GUEST_STATS)
+            .ok_or_else(|| missing(maps::GUEST_STATS))?;
         let mut array: Array<&mut MapData, GuestStats> =
             Array::try_from(map).map_err(|e| GuestStatsError::Map(Box::new(e)))?;
         for (guest, s) in guests.iter().zip(stats) {
@@ -95,13 +129,39 @@ impl GuestStatsMap {
                     .map_err(|e| GuestStatsError::Map(Box::new(e)))?;
             }
         }
-        Ok(())
+        self.write_owner(daemon)
+    }
+
+    /// `daemon` with this daemon's pid (and the clock now, when `daemon` has none) as
+    /// `daemon_stats[0]`: whose these pins are, and whether it still runs.
+    fn write_owner(&mut self, daemon: xvio_common::DaemonStats) -> Result<(), GuestStatsError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let owner = xvio_common::DaemonStats {
+            pid: std::process::id(),
+            updated_unix_ms: if daemon.updated_unix_ms == 0 {
+                now_ms
+            } else {
+                daemon.updated_unix_ms
+            },
+            ..daemon
+        };
+        let map = self
+            .ebpf
+            .map_mut(maps::DAEMON_STATS)
+            .ok_or_else(|| missing(maps::DAEMON_STATS))?;
+        let mut array: Array<&mut MapData, xvio_common::DaemonStats> =
+            Array::try_from(map).map_err(|e| GuestStatsError::Map(Box::new(e)))?;
+        array
+            .set(0, owner, 0)
+            .map_err(|e| GuestStatsError::Map(Box::new(e)))
     }
 }
 
 impl Drop for GuestStatsMap {
     fn drop(&mut self) {
-        let _ = bpffs::remove_pins(&self.dir, &[maps::GUEST_STATS]);
+        let _ = bpffs::remove_pins(&self.dir, &GUEST_PINS);
     }
 }
 
