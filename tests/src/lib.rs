@@ -1,6 +1,8 @@
 //! Helpers for xvio's integration tests: privilege gating, network namespaces with veth
 //! pairs, the daemon as a child process, raw AF_PACKET sockets, AF_XDP receive and transmit
-//! loops, DPDK testpmd (as a guest and as a datapath), OVS-DPDK, and frame builders.
+//! loops and the AF_XDP traffic generator, DPDK testpmd (as a guest and as a datapath),
+//! OVS-DPDK, a virtio-net driver in the test process (and the benchmarks' receive-only guest
+//! built on it), and frame builders.
 //!
 //! Privileged tests call [`privileged`] first: as root they run; outside CI without root
 //! they print why they skip; in CI (`CI=true`) they never skip, they fail.

@@ -23,7 +23,9 @@ use std::{
 
 use vhost::{
     VhostBackend,
-    vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures},
+    vhost_user::{
+        Frontend, VhostUserFrontend, VhostUserProtocolFeatures, message::VhostUserHeaderFlag,
+    },
 };
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -61,6 +63,8 @@ pub struct SinkTotals {
     pub kicks: u64,
     /// Whether MRG_RXBUF was negotiated.
     pub mergeable: bool,
+    /// Whether its thread ran real-time (SCHED_FIFO), as meant.
+    pub realtime: bool,
 }
 
 /// A receive-only guest on a thread of its own; stopped (and disconnected) by
@@ -68,7 +72,7 @@ pub struct SinkTotals {
 pub struct RxSink {
     stop: Arc<AtomicBool>,
     frames: Arc<AtomicU64>,
-    thread: Option<JoinHandle<SinkTotals>>,
+    thread: Option<JoinHandle<Result<SinkTotals, String>>>,
 }
 
 impl std::fmt::Debug for RxSink {
@@ -187,12 +191,15 @@ impl RxSink {
             let protocol = frontend
                 .get_protocol_features()
                 .map_err(e("GET_PROTOCOL_FEATURES"))?;
+            let acked =
+                protocol & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
             frontend
-                .set_protocol_features(
-                    protocol
-                        & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
-                )
+                .set_protocol_features(acked)
                 .map_err(e("SET_PROTOCOL_FEATURES"))?;
+            // Each message from here on answered: a refused one fails here, named.
+            if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
         let file = memfd(MEMORY as u64);
         let (mem, region) = map_memory_of(&file, MEMORY);
@@ -240,13 +247,14 @@ impl RxSink {
             .name("xvio-rx-sink".to_owned())
             .spawn(move || {
                 pin_current_thread(cpu);
-                make_current_thread_fifo();
+                let realtime = make_current_thread_fifo();
                 // The connection, the memory and the eventfds live as long as the loop.
                 let _keep = (&frontend, &file, &mem, &tx);
                 let (kick, _) = &kicks[0];
                 let _ = kick.write(1);
                 let mut totals = SinkTotals {
                     mergeable,
+                    realtime,
                     ..SinkTotals::default()
                 };
                 let (mut seen, mut avail) = (0u16, QUEUE);
@@ -255,6 +263,12 @@ impl RxSink {
                 while !thread_stop.load(Ordering::Relaxed) {
                     let used = rx.used_idx().load(Ordering::Acquire);
                     let n = used.wrapping_sub(seen);
+                    if n > QUEUE {
+                        return Err(format!(
+                            "the backend published {n} used entries at once, more than the \
+                             {QUEUE} buffers the ring holds (used index {used}, seen {seen})"
+                        ));
+                    }
                     for k in 0..n {
                         let (head, len) = rx.used(seen.wrapping_add(k));
                         let head = (head % u32::from(QUEUE)) as u16;
@@ -285,7 +299,7 @@ impl RxSink {
                     }
                     std::thread::sleep(period);
                 }
-                totals
+                Ok(totals)
             })
             .map_err(|e| format!("starting the sink's thread: {e}"))?;
         Ok(RxSink {
@@ -300,22 +314,25 @@ impl RxSink {
         self.frames.load(Ordering::Relaxed)
     }
 
-    /// Stops counting, disconnects, and returns the totals.
-    pub fn stop(mut self) -> SinkTotals {
+    /// Stops counting, disconnects, and returns the totals, or what went wrong.
+    pub fn stop(mut self) -> Result<SinkTotals, String> {
         self.finish()
+            .unwrap_or_else(|| Err("the sink was stopped already".to_owned()))
     }
 
-    fn finish(&mut self) -> SinkTotals {
+    fn finish(&mut self) -> Option<Result<SinkTotals, String>> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        let thread = self.thread.take()?;
+        Some(
+            thread
+                .join()
+                .unwrap_or_else(|_| Err("the sink's thread panicked".to_owned())),
+        )
     }
 }
 
 impl Drop for RxSink {
     fn drop(&mut self) {
-        self.finish();
+        let _ = self.finish();
     }
 }

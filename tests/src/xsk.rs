@@ -62,7 +62,13 @@ pub fn receive_all(ports: &mut [XskPort], want: usize, idle: Duration) -> Vec<Ve
 /// Fills every free transmit frame of `port` with `data` once, then sends those frames over
 /// and over in bursts of up to 64 while `more(sent)` says so; waits for the last completions.
 /// How many it sent.
-pub fn transmit_loop(port: &mut XskPort, data: &[u8], mut more: impl FnMut(u64) -> bool) -> u64 {
+pub fn transmit_loop(port: &mut XskPort, data: &[u8], more: impl FnMut(u64) -> bool) -> u64 {
+    fill_frames(port, data);
+    send_frames(port, data.len() as u32, more)
+}
+
+/// Writes `data` at the start of every free transmit frame of `port`.
+fn fill_frames(port: &mut XskPort, data: &[u8]) {
     let mut bases = Vec::new();
     while let Some(base) = port.from_guest_alloc() {
         port.frame_mut(base)[..data.len()].copy_from_slice(data);
@@ -71,8 +77,25 @@ pub fn transmit_loop(port: &mut XskPort, data: &[u8], mut more: impl FnMut(u64) 
     for base in bases {
         port.from_guest_free(base);
     }
-    let len = data.len() as u32;
+}
+
+/// How long a transmit loop may go without sending or completing a frame before it gives up
+/// (a link down, a kernel that stopped completing): a test fails saying so instead of hanging.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Sends the frames [`fill_frames`] prepared, `len` bytes each, in bursts of up to 64 while
+/// `more(sent)` says so, and waits for the last completions; how many it sent. Panics after
+/// [`STALL`] without progress.
+fn send_frames(port: &mut XskPort, len: u32, mut more: impl FnMut(u64) -> bool) -> u64 {
+    let stalled = |port: &XskPort, since: Instant| {
+        assert!(
+            since.elapsed() < STALL,
+            "AF_XDP transmit on {port:?} made no progress for {STALL:?}: {:?}",
+            port.frame_counts()
+        );
+    };
     let mut sent = 0u64;
+    let mut progress = Instant::now();
     while more(sent) {
         let mut n = 0;
         while n < 64 && more(sent) {
@@ -87,9 +110,20 @@ pub fn transmit_loop(port: &mut XskPort, data: &[u8], mut more: impl FnMut(u64) 
             sent += 1;
         }
         port.flush();
+        if n > 0 {
+            progress = Instant::now();
+        } else {
+            stalled(port, progress);
+        }
     }
+    let mut left = u64::MAX;
     while port.frame_counts().staged + port.frame_counts().tx_in_flight > 0 {
         port.flush();
+        let now = u64::from(port.frame_counts().staged + port.frame_counts().tx_in_flight);
+        if now < left {
+            (left, progress) = (now, Instant::now());
+        }
+        stalled(port, progress);
     }
     sent
 }
@@ -102,7 +136,8 @@ pub fn transmit_loop(port: &mut XskPort, data: &[u8], mut more: impl FnMut(u64) 
 /// project's machines' kernel, 6.18.44-fc, refuses live frames with EPERM, even to root.)
 #[derive(Debug)]
 pub struct Generator {
-    port: Mutex<XskPort>,
+    /// The socket, and the frame its transmit frames hold.
+    port: Mutex<(XskPort, Vec<u8>)>,
 }
 
 impl Generator {
@@ -111,16 +146,22 @@ impl Generator {
         let port = XskPort::open(iface, 0, &XskConfig::default())
             .unwrap_or_else(|e| panic!("the generator's AF_XDP socket on {iface} queue 0: {e}"));
         Generator {
-            port: Mutex::new(port),
+            port: Mutex::new((port, Vec::new())),
         }
     }
 
     /// Sends `frames` copies of `data` (all of them handed to the kernel, which sends each
-    /// one before it completes it); returns how long it took.
+    /// one before it completes it); returns how long it took, writing `data` into the
+    /// socket's frames included only when it differs from the last call's.
     pub fn send(&self, data: &[u8], frames: u32) -> Duration {
-        let mut port = self.port.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.port.lock().unwrap_or_else(|e| e.into_inner());
+        let (port, filled) = &mut *guard;
         let start = Instant::now();
-        transmit_loop(&mut port, data, |sent| sent < u64::from(frames));
+        if filled.as_slice() != data {
+            fill_frames(port, data);
+            *filled = data.to_vec();
+        }
+        send_frames(port, data.len() as u32, |sent| sent < u64::from(frames));
         start.elapsed()
     }
 }

@@ -399,10 +399,13 @@ fn the_benchmarks_sink_counts_every_frame_xvio_delivers() {
         generator.send(&data, FRAMES);
     });
     let (g, p) = (guest_stats(), port_stats(&topo));
-    let totals = sink.stop();
+    let totals = sink
+        .stop()
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
     let report = format!("sink {totals:?}, xvio {g:?}, port {p:?}");
     eprintln!("{report}");
     assert!(totals.mergeable, "MRG_RXBUF negotiated: {report}");
+    assert!(totals.realtime, "the sink runs real-time: {report}");
     assert!(totals.frames > 1000, "frames flowed: {report}");
     assert_eq!(totals.frames, g.to_guest_packets, "{report}");
     assert_eq!(

@@ -81,7 +81,9 @@ pub(crate) fn to_guest(bridge: &Bridge, len: usize, window: Duration) -> Result<
     let threads = threads_text(bridge, threads, elapsed);
     std::thread::sleep(Duration::from_millis(300));
     let live = bridge.snapshot()?;
-    let totals = rx.stop();
+    let totals = rx
+        .stop()
+        .map_err(|e| format!("the receive-only guest: {e}"))?;
     let after = bridge.final_snapshot()?;
     let secs = elapsed.as_secs_f64();
     Ok(Sample {
@@ -94,7 +96,12 @@ pub(crate) fn to_guest(bridge: &Bridge, len: usize, window: Duration) -> Result<
             100.0 * totals.frames as f64 / offered as f64,
             totals.polls,
             totals.kicks,
-            if totals.mergeable { ", MRG_RXBUF" } else { "" },
+            match (totals.mergeable, totals.realtime) {
+                (true, true) => ", MRG_RXBUF",
+                (false, true) => "",
+                (true, false) => ", MRG_RXBUF, NOT real-time",
+                (false, false) => ", NOT real-time",
+            },
             socket_rx(&topo.ifname, &before, &after) as f64 / secs / 1e6,
             describe(Direction::ToGuest, &topo.ifname, [&before, &live, &after])
         ),

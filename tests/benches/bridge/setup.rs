@@ -28,7 +28,7 @@ pub(crate) const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x07, 0x01];
 pub(crate) const SIZES: [usize; 2] = [64, 1500];
 /// OVS's name for the guest's port.
 pub(crate) const OVS_GUEST_PORT: &str = "vhu0";
-/// Frames per BPF_PROG_TEST_RUN call of the generator.
+/// Frames per call of the generator (`xvio_tests::xsk::Generator::send`).
 pub(crate) const GENERATOR_CHUNK: u32 = 100_000;
 /// testpmd's lcores: the main lcore (idle) on CPU 1, the forwarding lcore on CPU 0.
 pub(crate) const GUEST_CPUS: &str = "1,0";
