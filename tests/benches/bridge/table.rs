@@ -25,7 +25,7 @@ pub(crate) fn rates(s: &Settings, results: &Results) {
     }
     println!();
     println!(
-        "bridge NIC <-> guest: frames/s (Mpps) and Gbit/s of frame bytes (no FCS), median [min-max] of {} runs of {} s, datapaths alternating; CPU1 = the datapath's CPU, busy share (/proc/stat) median [min-max]",
+        "bridge NIC <-> guest: frames/s (Mpps) and Gbit/s of frame bytes (no FCS), median [min-max] of {} runs of {} s, datapaths alternating; CPU1 = the datapath's CPU, busy share (/proc/stat) median [min-max]; xvio/X = the ratio of the medians, and run by run: of xvio's run i to X's run i, median [min-max]",
         s.reps,
         s.window.as_secs()
     );
@@ -47,13 +47,18 @@ pub(crate) fn rates(s: &Settings, results: &Results) {
                     String::new()
                 };
                 first = false;
+                let paired = paired_ratios(results, dir, len, dp)
+                    .map(|p| format!(", run by run {:.2} [{:.2}-{:.2}]", p.median, p.min, p.max))
+                    .unwrap_or_default();
                 let ratio = match (dp, xvio) {
                     (Datapath::Xvio, _) | (_, None) => String::new(),
                     (Datapath::Bare, Some(x)) => format!(
-                        "  xvio/bare {:.2} (target >= {BARE_TARGET:.2})",
+                        "  xvio/bare {:.2}{paired} (target >= {BARE_TARGET:.2})",
                         x.median / rate.median
                     ),
-                    (_, Some(x)) => format!("  xvio/{} {:.2}", dp.name(), x.median / rate.median),
+                    (_, Some(x)) => {
+                        format!("  xvio/{} {:.2}{paired}", dp.name(), x.median / rate.median)
+                    }
                 };
                 println!(
                     "{label:<18} {:<12} {} {:>5.2} Gbit/s  CPU1 {}{ratio}",
@@ -65,6 +70,20 @@ pub(crate) fn rates(s: &Settings, results: &Results) {
             }
         }
     }
+}
+
+/// xvio's rate over `dp`'s in each round of the alternating runs (run i of each), as
+/// median [min-max]: a slow drift of the machine over the bench moves both sides of a pair.
+fn paired_ratios(results: &Results, dir: Direction, len: usize, dp: Datapath) -> Option<Summary> {
+    let xvio = results.get(&(dir, len, Datapath::Xvio))?;
+    let other = results.get(&(dir, len, dp))?;
+    let ratios: Vec<f64> = xvio
+        .iter()
+        .zip(other)
+        .filter(|(_, o)| o.rate > 0.0)
+        .map(|(x, o)| x.rate / o.rate)
+        .collect();
+    Summary::of(&ratios)
 }
 
 /// xvio with `--dma sw` against xvio with CPU copies at 1500 B, when both ran.
