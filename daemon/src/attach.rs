@@ -253,7 +253,8 @@ impl AttachedIface {
         make_room(iface, ifindex, opts.replace)?;
         let mode = attach_program(program, iface, ifindex, opts.mode)?;
 
-        let pin_dir = bpffs::pin_dir(opts.pin_root, iface)?;
+        // Made when the maps are pinned: a start that fails before leaves no folder.
+        let pin_dir = opts.pin_root.join(iface);
         let mut attached = AttachedIface {
             name: iface.to_owned(),
             ifindex,
@@ -408,9 +409,8 @@ impl AttachedIface {
         {
             warn!(iface = %self.name, dir = %self.pin_dir.display(), "removing stale pins of an earlier run");
             bpffs::remove_pins(&self.pin_dir, &maps::PINNED)?;
-            self.pin_dir =
-                bpffs::pin_dir(self.pin_dir.parent().unwrap_or(Path::new("/")), &self.name)?;
         }
+        self.pin_dir = bpffs::pin_dir(self.pin_dir.parent().unwrap_or(Path::new("/")), &self.name)?;
         for name in maps::PINNED {
             let path = self.pin_dir.join(name);
             let map = self.ebpf.map(name).ok_or(AttachError::Missing(name))?;
@@ -426,7 +426,9 @@ impl AttachedIface {
 
 impl Drop for AttachedIface {
     fn drop(&mut self) {
+        // Not when another daemon took the folder over meanwhile (this one stalled).
         if self.pinned
+            && crate::stats::running_owner(&self.pin_dir).is_none()
             && let Err(e) = bpffs::remove_pins(&self.pin_dir, &maps::PINNED)
         {
             warn!(iface = %self.name, error = %e, "could not remove pins");

@@ -103,6 +103,11 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
     if !config.ifaces.is_empty() && bpffs::ensure_mounted(&config.pin_root)? {
         info!(path = bpffs::BPFFS, "mounted bpffs");
     }
+    // The guests' counters go under the pin root too: not where another running daemon pins
+    // its guests' (asked before anything is attached, replaced or bound).
+    if !config.guests.is_empty() {
+        crate::vhost::stats::check_pins_free(&config.pin_root)?;
+    }
     let opts = AttachOptions {
         mode: config.xdp_mode,
         replace: config.replace,

@@ -347,6 +347,9 @@ fn user_errors_exit_non_zero_with_one_line() {
         .join(":");
     let guest_socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-hm-")));
     let guest = format!("socket={},mac={host_mac}", guest_socket.display());
+    // Its own pin root: another test's daemon serving guests under the default one would be
+    // refused first (its guests' pins), not for the MAC.
+    let pin_root = format!("/sys/fs/bpf/{}", unique_name("xvio-u"));
     let cases: [(&[&str], &str); 10] = [
         (
             &["run", "--iface", &topo.ifname, "--xsk-frame-size", "3000"],
@@ -397,7 +400,15 @@ fn user_errors_exit_non_zero_with_one_line() {
             "is the MAC of interface",
         ),
         (
-            &["run", "--iface", &topo.ifname, "--guest", &guest],
+            &[
+                "run",
+                "--iface",
+                &topo.ifname,
+                "--guest",
+                &guest,
+                "--pin-root",
+                &pin_root,
+            ],
             "is the MAC of interface",
         ),
     ];
@@ -605,7 +616,15 @@ fn guests_and_steer_entries_beyond_the_map_are_refused_saying_so() {
         .collect();
     let socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-full-")));
     let guest = format!("socket={},mac=02:00:00:02:00:01", socket.display());
-    let mut args = vec!["run", "--iface", topo.ifname.as_str()];
+    // Its own pin root, as in `user_errors_exit_non_zero_with_one_line`.
+    let pin_root = format!("/sys/fs/bpf/{}", unique_name("xvio-f"));
+    let mut args = vec![
+        "run",
+        "--iface",
+        topo.ifname.as_str(),
+        "--pin-root",
+        &pin_root,
+    ];
     for steer in &steers {
         args.extend(["--steer", steer.as_str()]);
     }
@@ -623,7 +642,10 @@ fn guests_and_steer_entries_beyond_the_map_are_refused_saying_so() {
         "filling the map takes {:?}",
         started.elapsed()
     );
-    assert!(!topo.pin_dir().exists(), "a failed start leaves no pins");
+    assert!(
+        !Path::new(&pin_root).exists(),
+        "a failed start leaves no pins"
+    );
     assert!(!socket.exists(), "nor the guest's socket");
 }
 

@@ -59,6 +59,8 @@ pub enum GuestStatsError {
 pub struct GuestStatsMap {
     ebpf: Ebpf,
     dir: PathBuf,
+    /// The pins this daemon made, to remove at the end.
+    pinned: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for GuestStatsMap {
@@ -73,8 +75,9 @@ impl std::fmt::Debug for GuestStatsMap {
 const GUEST_PINS: [&str; 2] = [maps::GUEST_STATS, maps::DAEMON_STATS];
 
 /// Refuses when `pin_root/guests` holds the pins of another daemon that still runs (two
-/// daemons with guests under one pin root would write each other's `guest_stats`).
-fn check_pins_free(pin_root: &Path) -> Result<(), GuestStatsError> {
+/// daemons with guests under one pin root would write each other's `guest_stats`). The
+/// daemon asks before it attaches or binds anything, and [`GuestStatsMap::open`] again.
+pub fn check_pins_free(pin_root: &Path) -> Result<(), GuestStatsError> {
     let dir = pin_root.join(maps::GUESTS_DIR);
     match crate::stats::running_owner(&dir) {
         Some((pid, ago)) => Err(GuestStatsError::InUse { dir, pid, ago }),
@@ -93,17 +96,29 @@ impl GuestStatsMap {
     pub fn open(pin_root: &Path) -> Result<GuestStatsMap, GuestStatsError> {
         check_pins_free(pin_root)?;
         let ebpf = Ebpf::load(crate::XDP_OBJECT).map_err(|e| GuestStatsError::Load(Box::new(e)))?;
+        let dir = pin_root.join(maps::GUESTS_DIR);
+        // What is there is a dead daemon's (checked above): removed. Then `daemon_stats` first,
+        // naming this daemon: a daemon that started at the same moment and pinned first makes
+        // the pin fail (EEXIST), and this one refuses.
+        let _ = bpffs::remove_pins(&dir, &GUEST_PINS);
         let dir = bpffs::pin_dir(pin_root, maps::GUESTS_DIR)?;
-        let mut pinned = GuestStatsMap { ebpf, dir };
+        let mut pinned = GuestStatsMap {
+            ebpf,
+            dir,
+            pinned: Vec::new(),
+        };
         pinned.write_owner(xvio_common::DaemonStats::default())?;
-        for name in GUEST_PINS {
+        for name in [maps::DAEMON_STATS, maps::GUEST_STATS] {
             let path = pinned.dir.join(name);
-            let _ = std::fs::remove_file(&path);
             let map = pinned.ebpf.map(name).ok_or_else(|| missing(name))?;
-            map.pin(&path).map_err(|e| GuestStatsError::Pin {
-                path,
-                source: Box::new(e),
-            })?;
+            if let Err(e) = map.pin(&path) {
+                check_pins_free(pin_root)?;
+                return Err(GuestStatsError::Pin {
+                    path,
+                    source: Box::new(e),
+                });
+            }
+            pinned.pinned.push(name);
         }
         Ok(pinned)
     }
@@ -116,6 +131,8 @@ impl GuestStatsMap {
         stats: &[GuestStats],
         daemon: xvio_common::DaemonStats,
     ) -> Result<(), GuestStatsError> {
+        // First: a daemon that cannot write its guests' counters still says it runs.
+        self.write_owner(daemon)?;
         let map = self
             .ebpf
             .map_mut(maps::GUEST_STATS)
@@ -129,7 +146,7 @@ impl GuestStatsMap {
                     .map_err(|e| GuestStatsError::Map(Box::new(e)))?;
             }
         }
-        self.write_owner(daemon)
+        Ok(())
     }
 
     /// `daemon` with this daemon's pid (and the clock now, when `daemon` has none) as
@@ -161,7 +178,10 @@ impl GuestStatsMap {
 
 impl Drop for GuestStatsMap {
     fn drop(&mut self) {
-        let _ = bpffs::remove_pins(&self.dir, &GUEST_PINS);
+        // Not when another daemon took the folder over meanwhile (this one stalled).
+        if crate::stats::running_owner(&self.dir).is_none() {
+            let _ = bpffs::remove_pins(&self.dir, &self.pinned);
+        }
     }
 }
 
