@@ -60,6 +60,17 @@ pub fn run_xvio(ns: Option<&Netns>, args: &[&str]) -> Output {
     wait_output(child, Duration::from_secs(30))
 }
 
+/// Asserts that `out` is a daemon that refused to start because the pins where its own go
+/// are those of the running daemon `owner`, saying so and naming `--pin-root`.
+pub fn assert_refused_for_pins_of(out: &Output, owner: i32) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("belong to xvio pid {owner}")) && stderr.contains("--pin-root"),
+        "{stderr}"
+    );
+}
+
 fn wait_output(mut child: Child, limit: Duration) -> Output {
     let start = Instant::now();
     while child.try_wait().expect("try_wait").is_none() {

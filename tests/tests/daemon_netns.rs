@@ -706,13 +706,7 @@ fn a_daemon_does_not_take_the_pins_of_a_running_one_on_a_same_named_interface() 
     // Counters written at least once, so that the first daemon is seen running.
     std::thread::sleep(Duration::from_millis(1500));
     let out = run_xvio(Some(&other), &["run", "--iface", &topo.ifname]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("belong to xvio pid {}", first.pid().unwrap()))
-            && stderr.contains("--pin-root"),
-        "{stderr}"
-    );
+    xvio_tests::daemon::assert_refused_for_pins_of(&out, first.pid().unwrap());
     assert!(
         topo.pin_dir().join(maps::DAEMON_STATS).exists(),
         "the first daemon's pins stay"
