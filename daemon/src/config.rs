@@ -29,8 +29,11 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct StatsConfig {
     /// Interface whose pins to read.
-    #[arg(long = "iface", value_name = "IF", required = true)]
-    pub iface: String,
+    #[arg(long = "iface", value_name = "IF", required_unless_present = "guests")]
+    pub iface: Option<String>,
+    /// The guests' counters, one line per guest (the pins under `PIN_ROOT/guests`).
+    #[arg(long)]
+    pub guests: bool,
     /// Root of the pins on bpffs.
     #[arg(long, value_name = "DIR", default_value = xvio_common::PIN_ROOT)]
     pub pin_root: std::path::PathBuf,

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray};
 use thiserror::Error;
-use xvio_common::{DaemonStats, PortStats, XdpMode, XdpOutcome, XdpStats, maps};
+use xvio_common::{DaemonStats, GuestStats, PortStats, XdpMode, XdpOutcome, XdpStats, maps};
 
 use crate::config::StatsConfig;
 
@@ -52,7 +52,7 @@ fn stale(ds: &DaemonStats, dir: &std::path::Path) -> Option<String> {
     }
     Some(format!(
         "STALE: these counters were last written {age_s} s ago by daemon pid {}, which {}. \
-         Start xvio again on the interface (it replaces them) or remove {}",
+         Start xvio again (it replaces them) or remove {}",
         ds.pid,
         if alive {
             "runs but has stopped writing them (stuck?)"
@@ -90,16 +90,100 @@ pub fn written_ago_s(ds: &DaemonStats) -> u64 {
     now_ms.saturating_sub(ds.updated_unix_ms) / 1000
 }
 
-/// The report for `config.iface`, as text.
+/// The report for `config.iface` and, with `--guests`, for the guests, as text.
 pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
-    let dir = config.pin_root.join(&config.iface);
-    let open = |name: &str| {
+    let mut out = String::new();
+    if let Some(iface) = &config.iface {
+        out += &iface_report(&config.pin_root, iface)?;
+    }
+    if config.guests {
+        out += &guests_report(&config.pin_root)?;
+    }
+    Ok(out)
+}
+
+/// Opens the pin `name` in `dir`.
+fn open_pin(dir: &std::path::Path, name: &str) -> Result<MapData, StatsError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).map_err(|e| StatsError::Open {
+        path,
+        source: Box::new(e),
+    })
+}
+
+/// The guests' report: the daemon that writes their counters, and a line per guest.
+fn guests_report(pin_root: &std::path::Path) -> Result<String, StatsError> {
+    let dir = pin_root.join(maps::GUESTS_DIR);
+    let wrap = |name: &str| {
         let path = dir.join(name);
-        MapData::from_pin(&path).map_err(|e| StatsError::Open {
+        move |e| StatsError::Open {
             path,
             source: Box::new(e),
-        })
+        }
     };
+    let daemon: Array<MapData, DaemonStats> =
+        Array::try_from(Map::Array(open_pin(&dir, maps::DAEMON_STATS)?))
+            .map_err(wrap(maps::DAEMON_STATS))?;
+    let ds = daemon.get(&0, 0).map_err(wrap(maps::DAEMON_STATS))?;
+    let guests: Array<MapData, GuestStats> =
+        Array::try_from(Map::Array(open_pin(&dir, maps::GUEST_STATS)?))
+            .map_err(wrap(maps::GUEST_STATS))?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "guests: {} ({} connected), daemon pid {}, uptime {} s",
+        ds.guests,
+        ds.guests_connected,
+        ds.pid,
+        ds.uptime_ms / 1000
+    );
+    if let Some(stale) = stale(&ds, &dir) {
+        let _ = writeln!(out, "{stale}");
+    }
+    for id in 0..guests.len() {
+        let g = guests.get(&id, 0).map_err(wrap(maps::GUEST_STATS))?;
+        if g.active == 0 {
+            continue;
+        }
+        let mac = g.mac.map(|b| format!("{b:02x}")).join(":");
+        let _ = writeln!(
+            out,
+            "  guest {id}: mac {mac}, {}, {} queue pair(s); to guest {} pkts {} B, dropped: no buffers {}, buffers too small {}, queue reset {}, bad RX chain {}; from guest {} pkts {} B, dropped: no route {}, too long {}, tx full {}, queue reset {}; malformed chains {}, broken queues {}; copies: cpu {}, dma {}, fallbacks {}",
+            match (g.connected != 0, g.ready != 0) {
+                (true, true) => "connected, ready",
+                (true, false) => "connected, not ready",
+                (false, _) => "not connected",
+            },
+            g.queue_pairs,
+            g.to_guest_packets,
+            g.to_guest_bytes,
+            g.to_guest_dropped_full,
+            g.to_guest_dropped_small,
+            g.to_guest_dropped_reset,
+            g.to_guest_dropped_malformed,
+            g.from_guest_packets,
+            g.from_guest_bytes,
+            g.from_guest_no_route,
+            g.from_guest_oversize,
+            g.from_guest_dropped_full,
+            g.from_guest_dropped_reset,
+            g.malformed_chains,
+            g.broken_queues,
+            g.copy_cpu,
+            g.copy_dma,
+            g.copy_fallback_full
+                + g.copy_fallback_enqueue
+                + g.copy_fallback_error
+                + g.copy_fallback_submit,
+        );
+    }
+    Ok(out)
+}
+
+/// The report for interface `iface`.
+fn iface_report(pin_root: &std::path::Path, iface: &str) -> Result<String, StatsError> {
+    let dir = pin_root.join(iface);
+    let open = |name: &str| open_pin(&dir, name);
     let wrap = |name: &str| {
         let path = dir.join(name);
         move |e| StatsError::Open {
@@ -122,7 +206,7 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
     let _ = writeln!(
         out,
         "{}: xdp_mode {mode}, daemon pid {}, uptime {} s, steer entries: {}",
-        config.iface,
+        iface,
         ds.pid,
         ds.uptime_ms / 1000,
         ds.steer_entries

@@ -86,6 +86,32 @@ fn guest_counters_are_in_a_pinned_map_with_field_names() {
         dump.contains("\"copy_dma\":1"),
         "the frame went through B's DMA channel"
     );
+    // `xvio stats --guests`: the same, one line per guest, and whose counters they are.
+    let out = xvio_tests::daemon::run_xvio(
+        None,
+        &[
+            "stats",
+            "--guests",
+            "--pin-root",
+            &pin_root.display().to_string(),
+        ],
+    );
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stats}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = daemon.pid().unwrap();
+    assert!(
+        stats.contains(&format!("guests: 2 (2 connected), daemon pid {pid}"))
+            && stats.contains("guest 0: mac 52:54:00:00:01:0a, connected, ready")
+            && stats.contains("from guest 1 pkts 300 B")
+            && stats.contains("guest 1: mac 52:54:00:00:01:0b, connected, ready")
+            && stats.contains("to guest 1 pkts 300 B")
+            && !stats.contains("STALE"),
+        "{stats}"
+    );
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     assert!(!pin_root.exists(), "the daemon removed its pins:\n{log}");
