@@ -3,7 +3,7 @@
 
 use std::{fmt, str::FromStr};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 use xvio_common::SteerKey;
 
@@ -25,11 +25,12 @@ pub enum Command {
     Stats(StatsConfig),
 }
 
-/// `xvio stats` options.
+/// `xvio stats` options: an interface's counters, the guests', or both.
 #[derive(Debug, Args, Clone)]
+#[command(group(ArgGroup::new("what").required(true).multiple(true).args(["iface", "guests"])))]
 pub struct StatsConfig {
     /// Interface whose pins to read.
-    #[arg(long = "iface", value_name = "IF", required_unless_present = "guests")]
+    #[arg(long = "iface", value_name = "IF")]
     pub iface: Option<String>,
     /// The guests' counters, one line per guest (the pins under `PIN_ROOT/guests`).
     #[arg(long)]

@@ -14,7 +14,9 @@ use crate::config::StatsConfig;
 #[derive(Debug, Error)]
 pub enum StatsError {
     /// The pin is missing or unreadable.
-    #[error("reading {path} (is xvio running on this interface? are you root?)")]
+    #[error(
+        "reading {path} (is xvio running with that interface, or with guests, under this --pin-root? are you root?)"
+    )]
     Open {
         /// The pin.
         path: PathBuf,
