@@ -39,6 +39,12 @@ pub enum DaemonError {
     /// An interface was named twice.
     #[error("interface '{0}' is given twice with --iface")]
     DuplicateIface(String),
+    /// An interface has the name of the guests' pin folder.
+    #[error(
+        "interface '{0}' has the name of the folder the guests' counters are pinned in \
+         (PIN_ROOT/{0}): rename the interface (ip link set {0} name …) to serve guests with it"
+    )]
+    IfaceNamedGuests(String),
     /// Attaching to an interface failed.
     #[error(transparent)]
     Attach(#[from] AttachError),
@@ -89,6 +95,15 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         .find(|name| !seen.insert(name.as_str()))
     {
         return Err(DaemonError::DuplicateIface(dup.clone()));
+    }
+    // An interface's pins go to PIN_ROOT/IF, the guests' to PIN_ROOT/guests.
+    if !config.guests.is_empty()
+        && let Some(name) = config
+            .ifaces
+            .iter()
+            .find(|n| n.as_str() == xvio_common::maps::GUESTS_DIR)
+    {
+        return Err(DaemonError::IfaceNamedGuests(name.clone()));
     }
     let mut sockets = HashSet::new();
     if let Some(dup) = config

@@ -166,6 +166,11 @@ impl RxSink {
     /// sets up one queue pair with every RX buffer posted, and starts counting on a thread
     /// pinned to `cpu` that looks at the used ring every `period`.
     pub fn start(socket: &Path, cpu: usize, period: Duration) -> Result<RxSink, String> {
+        if period.is_zero() {
+            return Err(
+                "the sink's period must not be 0: a real-time thread would spin".to_owned(),
+            );
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut frontend = loop {
             match Frontend::connect(socket, 2) {

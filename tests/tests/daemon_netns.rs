@@ -350,7 +350,7 @@ fn user_errors_exit_non_zero_with_one_line() {
     // Its own pin root: another test's daemon serving guests under the default one would be
     // refused first (its guests' pins), not for the MAC.
     let pin_root = format!("/sys/fs/bpf/{}", unique_name("xvio-u"));
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["run", "--iface", &topo.ifname, "--xsk-frame-size", "3000"],
             "--xsk-frame-size 3000 must be 2048 or 4096",
@@ -394,6 +394,10 @@ fn user_errors_exit_non_zero_with_one_line() {
         (
             &["run", "--iface", &topo.ifname, "--iface", &topo.ifname],
             "given twice",
+        ),
+        (
+            &["run", "--iface", "guests", "--guest", &guest],
+            "has the name of the folder the guests' counters are pinned in",
         ),
         (
             &["run", "--iface", &topo.ifname, "--steer", &host_mac],

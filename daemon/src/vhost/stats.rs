@@ -94,12 +94,15 @@ impl GuestStatsMap {
     /// naming this daemon (replacing the pins of a daemon that died; refusing those of one
     /// that runs).
     pub fn open(pin_root: &Path) -> Result<GuestStatsMap, GuestStatsError> {
-        check_pins_free(pin_root)?;
+        // The object first (it takes a while): the check, the removal and the pins follow it
+        // closely.
         let ebpf = Ebpf::load(crate::XDP_OBJECT).map_err(|e| GuestStatsError::Load(Box::new(e)))?;
+        check_pins_free(pin_root)?;
         let dir = pin_root.join(maps::GUESTS_DIR);
         // What is there is a dead daemon's (checked above): removed. Then `daemon_stats` first,
-        // naming this daemon: a daemon that started at the same moment and pinned first makes
-        // the pin fail (EEXIST), and this one refuses.
+        // naming this daemon: a daemon that pinned between the check and here makes the pin
+        // fail (EEXIST), and this one refuses. (Two daemons within the same few microseconds
+        // can still both pass; nothing short of a lock on the folder closes that.)
         let _ = bpffs::remove_pins(&dir, &GUEST_PINS);
         let dir = bpffs::pin_dir(pin_root, maps::GUESTS_DIR)?;
         let mut pinned = GuestStatsMap {
