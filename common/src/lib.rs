@@ -341,6 +341,16 @@ pub struct GuestStats {
     pub to_guest_dropped_malformed: u64,
 }
 
+impl GuestStats {
+    /// Copies the copy engine redid on the CPU, for any reason.
+    pub fn copy_fallbacks(&self) -> u64 {
+        self.copy_fallback_full
+            + self.copy_fallback_enqueue
+            + self.copy_fallback_error
+            + self.copy_fallback_submit
+    }
+}
+
 /// Kind of a kernel event (`enum xvio_event_kind`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

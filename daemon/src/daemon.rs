@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashSet,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use thiserror::Error;
@@ -400,14 +400,11 @@ async fn control_loop(
                     }
                 }
                 let uptime_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let now_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 // One snapshot per guest per tick, for guest_stats and the totals alike.
                 let guest_stats: Vec<_> = guests.iter().map(crate::vhost::stats::snapshot).collect();
                 let daemon = xvio_common::DaemonStats {
                     uptime_ms,
-                    updated_unix_ms: now_ms,
+                    updated_unix_ms: crate::stats::now_unix_ms(),
                     ifaces_attached: count,
                     ..crate::vhost::stats::totals(&guest_stats)
                 };

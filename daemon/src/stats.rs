@@ -76,20 +76,22 @@ pub fn writer_alive(ds: &DaemonStats) -> bool {
 /// and the seconds since it wrote them, when it is alive and wrote them less than
 /// [`STALE_AFTER_S`] ago (pins of a daemon that died may be taken over).
 pub fn running_owner(dir: &std::path::Path) -> Option<(u32, u64)> {
-    let map = MapData::from_pin(dir.join(maps::DAEMON_STATS)).ok()?;
-    let array: Array<MapData, DaemonStats> = Array::try_from(Map::Array(map)).ok()?;
-    let ds = array.get(&0, 0).ok()?;
+    let ds = pinned_daemon_stats(dir).ok()?;
     let ago = written_ago_s(&ds);
     (ds.pid != std::process::id() && writer_alive(&ds) && ago < STALE_AFTER_S)
         .then_some((ds.pid, ago))
 }
 
+/// The wall clock in Unix milliseconds, as `daemon_stats.updated_unix_ms` holds it.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Seconds since `ds` was written.
 pub fn written_ago_s(ds: &DaemonStats) -> u64 {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    now_ms.saturating_sub(ds.updated_unix_ms) / 1000
+    now_unix_ms().saturating_sub(ds.updated_unix_ms) / 1000
 }
 
 /// The report for `config.iface` and, with `--guests`, for the guests, as text.
@@ -104,32 +106,40 @@ pub fn report(config: &StatsConfig) -> Result<String, StatsError> {
     Ok(out)
 }
 
-/// Opens the pin `name` in `dir`.
-fn open_pin(dir: &std::path::Path, name: &str) -> Result<MapData, StatsError> {
+/// The error of reading pin `name` in `dir`.
+fn open_error(dir: &std::path::Path, name: &str) -> impl FnOnce(MapError) -> StatsError + use<> {
     let path = dir.join(name);
-    MapData::from_pin(&path).map_err(|e| StatsError::Open {
+    move |e| StatsError::Open {
         path,
         source: Box::new(e),
-    })
+    }
+}
+
+/// Opens the pin `name` in `dir`.
+fn open_pin(dir: &std::path::Path, name: &str) -> Result<MapData, StatsError> {
+    MapData::from_pin(dir.join(name)).map_err(open_error(dir, name))
+}
+
+/// The array pinned as `name` in `dir`.
+fn pinned_array<T: aya::Pod>(
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<Array<MapData, T>, StatsError> {
+    Array::try_from(Map::Array(open_pin(dir, name)?)).map_err(open_error(dir, name))
+}
+
+/// `daemon_stats[0]` pinned in `dir`.
+fn pinned_daemon_stats(dir: &std::path::Path) -> Result<DaemonStats, StatsError> {
+    pinned_array(dir, maps::DAEMON_STATS)?
+        .get(&0, 0)
+        .map_err(open_error(dir, maps::DAEMON_STATS))
 }
 
 /// The guests' report: the daemon that writes their counters, and a line per guest.
 fn guests_report(pin_root: &std::path::Path) -> Result<String, StatsError> {
     let dir = pin_root.join(maps::GUESTS_DIR);
-    let wrap = |name: &str| {
-        let path = dir.join(name);
-        move |e| StatsError::Open {
-            path,
-            source: Box::new(e),
-        }
-    };
-    let daemon: Array<MapData, DaemonStats> =
-        Array::try_from(Map::Array(open_pin(&dir, maps::DAEMON_STATS)?))
-            .map_err(wrap(maps::DAEMON_STATS))?;
-    let ds = daemon.get(&0, 0).map_err(wrap(maps::DAEMON_STATS))?;
-    let guests: Array<MapData, GuestStats> =
-        Array::try_from(Map::Array(open_pin(&dir, maps::GUEST_STATS)?))
-            .map_err(wrap(maps::GUEST_STATS))?;
+    let ds = pinned_daemon_stats(&dir)?;
+    let guests: Array<MapData, GuestStats> = pinned_array(&dir, maps::GUEST_STATS)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -143,7 +153,9 @@ fn guests_report(pin_root: &std::path::Path) -> Result<String, StatsError> {
         let _ = writeln!(out, "{stale}");
     }
     for id in 0..guests.len() {
-        let g = guests.get(&id, 0).map_err(wrap(maps::GUEST_STATS))?;
+        let g = guests
+            .get(&id, 0)
+            .map_err(open_error(&dir, maps::GUEST_STATS))?;
         if g.active == 0 {
             continue;
         }
@@ -173,10 +185,7 @@ fn guests_report(pin_root: &std::path::Path) -> Result<String, StatsError> {
             g.broken_queues,
             g.copy_cpu,
             g.copy_dma,
-            g.copy_fallback_full
-                + g.copy_fallback_enqueue
-                + g.copy_fallback_error
-                + g.copy_fallback_submit,
+            g.copy_fallbacks(),
         );
     }
     Ok(out)
@@ -185,20 +194,10 @@ fn guests_report(pin_root: &std::path::Path) -> Result<String, StatsError> {
 /// The report for interface `iface`.
 fn iface_report(pin_root: &std::path::Path, iface: &str) -> Result<String, StatsError> {
     let dir = pin_root.join(iface);
-    let open = |name: &str| open_pin(&dir, name);
-    let wrap = |name: &str| {
-        let path = dir.join(name);
-        move |e| StatsError::Open {
-            path,
-            source: Box::new(e),
-        }
-    };
     let xdp: PerCpuArray<MapData, XdpStats> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(maps::XDP_STATS)?))
-            .map_err(wrap(maps::XDP_STATS))?;
-    let daemon: Array<MapData, DaemonStats> =
-        Array::try_from(Map::Array(open(maps::DAEMON_STATS)?)).map_err(wrap(maps::DAEMON_STATS))?;
-    let ds = daemon.get(&0, 0).map_err(wrap(maps::DAEMON_STATS))?;
+        PerCpuArray::try_from(Map::PerCpuArray(open_pin(&dir, maps::XDP_STATS)?))
+            .map_err(open_error(&dir, maps::XDP_STATS))?;
+    let ds = pinned_daemon_stats(&dir)?;
 
     let mut out = String::new();
     let mode = [XdpMode::None, XdpMode::Native, XdpMode::Generic]
@@ -217,7 +216,7 @@ fn iface_report(pin_root: &std::path::Path, iface: &str) -> Result<String, Stats
         let _ = writeln!(out, "{stale}");
     }
     let _ = writeln!(out, "{:<12} {:>14} {:>16}", "outcome", "packets", "bytes");
-    let totals = xdp_totals(&xdp).map_err(wrap(maps::XDP_STATS))?;
+    let totals = xdp_totals(&xdp).map_err(open_error(&dir, maps::XDP_STATS))?;
     for (outcome, total) in XdpOutcome::ALL.iter().zip(totals) {
         let _ = writeln!(
             out,
@@ -227,15 +226,16 @@ fn iface_report(pin_root: &std::path::Path, iface: &str) -> Result<String, Stats
             total.bytes
         );
     }
-    let ports: Array<MapData, PortStats> =
-        Array::try_from(Map::Array(open(maps::PORT_STATS)?)).map_err(wrap(maps::PORT_STATS))?;
+    let ports: Array<MapData, PortStats> = pinned_array(&dir, maps::PORT_STATS)?;
     let _ = writeln!(
         out,
         "AF_XDP sockets: {} ({} zero-copy)",
         ds.xsk_sockets, ds.xsk_zero_copy
     );
     for queue in 0..ports.len() {
-        let p = ports.get(&queue, 0).map_err(wrap(maps::PORT_STATS))?;
+        let p = ports
+            .get(&queue, 0)
+            .map_err(open_error(&dir, maps::PORT_STATS))?;
         if p.active == 0 {
             continue;
         }

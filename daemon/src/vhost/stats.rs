@@ -152,19 +152,12 @@ impl GuestStatsMap {
         Ok(())
     }
 
-    /// `daemon` with this daemon's pid (and the clock now, when `daemon` has none) as
-    /// `daemon_stats[0]`: whose these pins are, and whether it still runs.
+    /// `daemon` with this daemon's pid and the clock now as `daemon_stats[0]`: whose these
+    /// pins are, and whether it still runs.
     fn write_owner(&mut self, daemon: xvio_common::DaemonStats) -> Result<(), GuestStatsError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let owner = xvio_common::DaemonStats {
             pid: std::process::id(),
-            updated_unix_ms: if daemon.updated_unix_ms == 0 {
-                now_ms
-            } else {
-                daemon.updated_unix_ms
-            },
+            updated_unix_ms: crate::stats::now_unix_ms(),
             ..daemon
         };
         let map = self
@@ -248,10 +241,7 @@ pub fn totals(stats: &[GuestStats]) -> xvio_common::DaemonStats {
         t.guests_malformed_chains += g.malformed_chains;
         t.copy_cpu += g.copy_cpu;
         t.copy_dma += g.copy_dma;
-        t.copy_fallbacks += g.copy_fallback_full
-            + g.copy_fallback_enqueue
-            + g.copy_fallback_error
-            + g.copy_fallback_submit;
+        t.copy_fallbacks += g.copy_fallbacks();
         t.copy_inflight += g.copy_inflight;
     }
     t

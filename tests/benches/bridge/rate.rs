@@ -228,14 +228,7 @@ fn describe(dir: Direction, iface: &str, [before, live, after]: [&Snapshot; 3]) 
                     p1.rx_no_guest - p0.rx_no_guest,
                     g1.copy_cpu - g0.copy_cpu,
                     g1.copy_dma - g0.copy_dma,
-                    (g1.copy_fallback_full
-                        + g1.copy_fallback_enqueue
-                        + g1.copy_fallback_error
-                        + g1.copy_fallback_submit)
-                        - (g0.copy_fallback_full
-                            + g0.copy_fallback_enqueue
-                            + g0.copy_fallback_error
-                            + g0.copy_fallback_submit),
+                    g1.copy_fallbacks() - g0.copy_fallbacks(),
                 ),
                 Direction::FromGuest => format!(
                     "xvio: from guest {}, dropped: tx full {}, no route {}; socket tx {}, tx ring full {}, no frame {}; event-thread wake-ups {wakeups}",
