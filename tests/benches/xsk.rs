@@ -18,8 +18,7 @@ use xvio_tests::{
     netns::mac_of,
     topology::Topology,
     xdp::DropCounter,
-    xsk::Generator,
-    xsk::{XskLoop, attach_steering, transmit_loop},
+    xsk::{Generator, XskLoop, attach_steering, transmit_loop},
 };
 
 const GUEST: &str = "02:58:56:49:4f:01";
