@@ -34,6 +34,14 @@ struct {
 	__type(value, struct xvio_steer_value);
 } steer SEC(".maps");
 
+/* Written by the daemon only, beside steer (see struct xvio_steer_slot). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XVIO_STEER_SLOTS);
+	__type(key, __u32);
+	__type(value, struct xvio_steer_slot);
+} steer_index SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
 	__uint(max_entries, XVIO_XSKS_MAX);
@@ -87,6 +95,27 @@ static __always_inline void *hdr_at(void *data, void *end, __u32 off, __u32 size
 	return p;
 }
 
+/* A steer key and the 8 bytes it is, compared in one go. */
+union steer_word {
+	struct xvio_steer_key key;
+	__u64 word;
+};
+
+/*
+ * Whether key is steered: its slot of steer_index first (an array lookup the
+ * verifier inlines), steer (a hash lookup) when the slot holds another key or
+ * none yet.
+ */
+static __always_inline int steered(const union steer_word *k)
+{
+	__u32 slot = xvio_steer_slot(&k->key);
+	struct xvio_steer_slot *s = bpf_map_lookup_elem(&steer_index, &slot);
+
+	if (s && s->valid && ((union steer_word *)&s->key)->word == k->word)
+		return 1;
+	return bpf_map_lookup_elem(&steer, &k->key) != NULL;
+}
+
 /* Emits one event of `kind`, at most once per XVIO_EVENT_PERIOD_NS per CPU. */
 static __always_inline void emit_event(struct xdp_md *ctx, enum xvio_event_kind kind,
 				       enum xvio_xdp_outcome outcome, __u32 frame_len,
@@ -135,42 +164,44 @@ int xvio_steer(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	__u64 frame_len = bpf_xdp_get_buff_len(ctx);
-	struct xvio_steer_key key = {};
+	/* The program is not frags-aware (SEC "xdp"), so the frame is this one buffer. */
+	__u64 frame_len = end - data;
+	union steer_word k = {};
+	struct xvio_steer_key *key = &k.key;
 	struct ethhdr *eth;
 	__u32 rx_queue;
 
 	eth = hdr_at(data, end, 0, sizeof(*eth));
 	if (!eth) {
-		emit_event(ctx, XVIO_EVENT_MALFORMED, XVIO_XDP_MALFORMED, frame_len, &key);
+		emit_event(ctx, XVIO_EVENT_MALFORMED, XVIO_XDP_MALFORMED, frame_len, key);
 		return finish(XVIO_XDP_MALFORMED, frame_len, XDP_PASS);
 	}
-	__builtin_memcpy(key.mac, eth->h_dest, sizeof(key.mac));
+	__builtin_memcpy(key->mac, eth->h_dest, sizeof(key->mac));
 
 	if (eth->h_proto == bpf_htons(ETH_P_8021Q)) {
 		/* The TCI and the inner EtherType: a tag cut short is malformed. */
 		__be16 *tag = hdr_at(data, end, sizeof(*eth), 2 * sizeof(__be16));
 
 		if (!tag) {
-			emit_event(ctx, XVIO_EVENT_MALFORMED, XVIO_XDP_MALFORMED, frame_len, &key);
+			emit_event(ctx, XVIO_EVENT_MALFORMED, XVIO_XDP_MALFORMED, frame_len, key);
 			return finish(XVIO_XDP_MALFORMED, frame_len, XDP_PASS);
 		}
-		key.vlan = bpf_ntohs(tag[0]) & 0x0fff;
+		key->vlan = bpf_ntohs(tag[0]) & 0x0fff;
 	}
 
-	if (key.mac[0] & 1) {
-		if ((key.mac[0] & key.mac[1] & key.mac[2] & key.mac[3] & key.mac[4] & key.mac[5]) == 0xff)
+	if (key->mac[0] & 1) {
+		if ((key->mac[0] & key->mac[1] & key->mac[2] & key->mac[3] & key->mac[4] & key->mac[5]) == 0xff)
 			return finish(XVIO_XDP_BROADCAST, frame_len, XDP_PASS);
 		return finish(XVIO_XDP_MULTICAST, frame_len, XDP_PASS);
 	}
 
-	if (!bpf_map_lookup_elem(&steer, &key))
+	if (!steered(&k))
 		return finish(XVIO_XDP_PASSED, frame_len, XDP_PASS);
 
 	rx_queue = ctx->rx_queue_index;
 	if (bpf_redirect_map(&xsks, rx_queue, XDP_PASS) == XDP_REDIRECT)
 		return finish(XVIO_XDP_REDIRECTED, frame_len, XDP_REDIRECT);
 
-	emit_event(ctx, XVIO_EVENT_NO_SOCKET, XVIO_XDP_NO_SOCKET, frame_len, &key);
+	emit_event(ctx, XVIO_EVENT_NO_SOCKET, XVIO_XDP_NO_SOCKET, frame_len, key);
 	return finish(XVIO_XDP_NO_SOCKET, frame_len, XDP_PASS);
 }

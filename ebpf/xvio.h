@@ -13,6 +13,7 @@
 
 /* Limits of the maps (entries). */
 #define XVIO_STEER_MAX 4096
+#define XVIO_STEER_SLOTS 1024 /* entries of steer_index (a power of two) */
 #define XVIO_XSKS_MAX 64
 #define XVIO_GUESTS_MAX 256
 #define XVIO_EVENTS_BYTES (64 * 1024)
@@ -47,6 +48,26 @@ struct xvio_steer_value {
 	__u32 guest_id; /* the daemon's id of the guest port, for its own bookkeeping */
 	__u32 flags;    /* reserved, 0 */
 };
+
+/*
+ * Value of steer_index[xvio_steer_slot(key)]: the first key the daemon steered
+ * whose slot this is, so that a steered frame is found by one array lookup
+ * instead of hashing. A key whose slot holds another key (or none) is looked up
+ * in steer, which holds every key.
+ */
+struct xvio_steer_slot {
+	struct xvio_steer_key key;
+	__u32 valid;    /* 1 once key is in steer (written after key) */
+	__u32 guest_id; /* as in steer */
+};
+
+/* The slot of key in steer_index: the MAC's last two bytes, its fourth, and the VLAN. */
+static inline __u32 xvio_steer_slot(const struct xvio_steer_key *key)
+{
+	__u32 h = ((__u32)key->mac[4] << 8 | key->mac[5]) ^ ((__u32)key->mac[3] << 2) ^ key->vlan;
+
+	return h & (XVIO_STEER_SLOTS - 1);
+}
 
 /* Value of guest_stats[guest id]: one vhost-user guest, written by the daemon. */
 struct xvio_guest_stats {

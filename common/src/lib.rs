@@ -18,6 +18,9 @@ pub mod maps {
     pub const XDP_STATS: &str = "xdp_stats";
     /// Hash of [`crate::SteerKey`] to [`crate::SteerValue`]: the frames that go to guests.
     pub const STEER: &str = "steer";
+    /// Array of [`crate::SteerSlot`], indexed by [`crate::SteerKey::slot`]: `steer`'s keys
+    /// found without hashing (written by the daemon beside `steer`; not pinned).
+    pub const STEER_INDEX: &str = "steer_index";
     /// XSKMAP: rx queue index to AF_XDP socket.
     pub const XSKS: &str = "xsks";
     /// Array with one [`crate::DaemonStats`], written by the daemon.
@@ -46,6 +49,8 @@ pub mod maps {
 
 /// Entries of `steer` (`XVIO_STEER_MAX`).
 pub const STEER_MAX: u32 = 4096;
+/// Entries of `steer_index` (`XVIO_STEER_SLOTS`, a power of two).
+pub const STEER_SLOTS: u32 = 1024;
 /// Entries of `guest_stats`: guests one daemon reports.
 pub const GUESTS_MAX: u32 = 256;
 /// Entries of `xsks`, so the highest rx queue that can be steered is this minus one.
@@ -150,6 +155,28 @@ impl SteerKey {
     pub const fn new(mac: [u8; 6], vlan: u16) -> SteerKey {
         SteerKey { mac, vlan }
     }
+
+    /// Its slot in `steer_index` (`xvio_steer_slot()`): the MAC's last two bytes, its
+    /// fourth, and the VLAN.
+    pub const fn slot(&self) -> u32 {
+        let m = &self.mac;
+        let h = ((m[4] as u32) << 8 | m[5] as u32) ^ ((m[3] as u32) << 2) ^ self.vlan as u32;
+        h & (STEER_SLOTS - 1)
+    }
+}
+
+/// Value of `steer_index` (`struct xvio_steer_slot`): the first key steered whose slot
+/// this is, so that the program finds a steered frame without hashing; any other key is
+/// looked up in `steer`, which holds them all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerSlot {
+    /// The key.
+    pub key: SteerKey,
+    /// 1 once `key` is in `steer` (written after `key`).
+    pub valid: u32,
+    /// As in `steer`.
+    pub guest_id: u32,
 }
 
 /// Value of `steer` (`struct xvio_steer_value`).
@@ -424,7 +451,8 @@ pub struct EventState {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        DaemonStats, Event, EventState, GuestStats, PortStats, SteerKey, SteerValue, XdpStats,
+        DaemonStats, Event, EventState, GuestStats, PortStats, SteerKey, SteerSlot, SteerValue,
+        XdpStats,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays
@@ -434,6 +462,8 @@ mod pod {
     unsafe impl aya::Pod for SteerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SteerValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SteerSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DaemonStats {}
     // SAFETY: as above.

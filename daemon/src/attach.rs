@@ -18,7 +18,9 @@ use aya::{
 };
 use thiserror::Error;
 use tracing::{info, warn};
-use xvio_common::{DaemonStats, SteerValue, XdpMode, XdpOutcome, XdpStats, maps};
+use xvio_common::{
+    DaemonStats, SteerKey, SteerSlot, SteerValue, XdpMode, XdpOutcome, XdpStats, maps,
+};
 
 use crate::{
     XDP_OBJECT, bpffs,
@@ -387,7 +389,12 @@ impl AttachedIface {
         if new {
             self.steer_entries += 1;
         }
-        Ok(())
+        let map = self
+            .ebpf
+            .map_mut(maps::STEER_INDEX)
+            .ok_or(AttachError::Missing(maps::STEER_INDEX))?;
+        let mut index = Array::try_from(map).map_err(map_error(maps::STEER_INDEX))?;
+        index_steered(&mut index, key, guest_id).map_err(map_error(maps::STEER_INDEX))
     }
 
     fn pin_maps(&mut self) -> Result<(), AttachError> {
@@ -422,6 +429,32 @@ impl AttachedIface {
         }
         Ok(())
     }
+}
+
+/// Puts `key`, already in `steer`, in its slot of `steer_index` if the slot is free, so that
+/// the program finds its frames without hashing; a slot taken by another key stays as it is
+/// (the program then looks `key` up in `steer`). The daemon only adds keys while it runs, so
+/// slots are never emptied. The slot is written twice: the key first while the slot stays
+/// invalid, then the same bytes marked valid, so the program never sees a valid slot with a
+/// key half written.
+pub fn index_steered(
+    index: &mut Array<&mut MapData, SteerSlot>,
+    key: SteerKey,
+    guest_id: u32,
+) -> Result<(), MapError> {
+    let slot = key.slot();
+    let held = index.get(&slot, 0)?;
+    if held.valid != 0 {
+        return Ok(());
+    }
+    let mut value = SteerSlot {
+        key,
+        valid: 0,
+        guest_id,
+    };
+    index.set(slot, value, 0)?;
+    value.valid = 1;
+    index.set(slot, value, 0)
 }
 
 impl Drop for AttachedIface {

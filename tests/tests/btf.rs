@@ -4,8 +4,8 @@
 use std::{collections::HashMap, mem::offset_of, process::Command};
 
 use xvio_common::{
-    DaemonStats, Event, EventKind, EventState, GuestStats, PortStats, SteerKey, SteerValue,
-    XdpMode, XdpOutcome, XdpStats,
+    DaemonStats, Event, EventKind, EventState, GuestStats, PortStats, SteerKey, SteerSlot,
+    SteerValue, XdpMode, XdpOutcome, XdpStats,
 };
 
 /// A struct or enum from `bpftool btf dump`: its size and its members (name → bit offset
@@ -147,6 +147,16 @@ fn common_matches_btf() {
         &[
             ("guest_id", offset_of!(SteerValue, guest_id)),
             ("flags", offset_of!(SteerValue, flags)),
+        ],
+    );
+    check_struct(
+        &btf,
+        "xvio_steer_slot",
+        size_of::<SteerSlot>(),
+        &[
+            ("key", offset_of!(SteerSlot, key)),
+            ("valid", offset_of!(SteerSlot, valid)),
+            ("guest_id", offset_of!(SteerSlot, guest_id)),
         ],
     );
     check_struct(

@@ -7,7 +7,9 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use xvio::xsk::{XskConfig, XskPort};
-use xvio_common::{Event, EventKind, EventState, SteerKey, SteerValue, XdpOutcome, XdpStats, maps};
+use xvio_common::{
+    Event, EventKind, EventState, SteerKey, SteerSlot, SteerValue, XdpOutcome, XdpStats, maps,
+};
 use xvio_tests::{
     frames::{ETH_P_IP, frame},
     netns::{Netns, veth},
@@ -281,6 +283,84 @@ fn frames_get_the_right_action_and_counter() {
         &full[..14],
         XDP_PASS,
         XdpOutcome::NoSocket,
+    );
+}
+
+/// The daemon puts each steered key in its slot of `steer_index` too (the program's lookup
+/// without hashing): the program finds a key through its slot alone (so the slot the daemon
+/// computes is the program's), a key whose slot another took through `steer`, and a key in
+/// no map nowhere.
+#[test]
+fn steered_keys_are_found_through_their_slot_of_steer_index() {
+    if !privileged("steered_keys_are_found_through_their_slot_of_steer_index") {
+        return;
+    }
+    let mut h = Harness::load();
+    let guest = SteerKey::new(GUEST, 0);
+    // Another MAC and VLAN in GUEST's slot, and a MAC in that slot no one steers.
+    let same_slot = (0u16..4096)
+        .map(|v| SteerKey::new([0x02, 0, 0, 0, 0x10, 0x01], v))
+        .filter(|k| k.slot() == guest.slot());
+    let (collider, stranger) = {
+        let mut keys = same_slot.take(2);
+        (keys.next().unwrap(), keys.next().unwrap())
+    };
+    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
+        HashMap::try_from(h.ebpf.map_mut(maps::STEER).unwrap()).unwrap();
+    steer
+        .insert(
+            collider,
+            SteerValue {
+                guest_id: 3,
+                flags: 0,
+            },
+            0,
+        )
+        .unwrap();
+    let mut index: Array<&mut MapData, SteerSlot> =
+        Array::try_from(h.ebpf.map_mut(maps::STEER_INDEX).unwrap()).unwrap();
+    xvio::attach::index_steered(&mut index, guest, 1).unwrap();
+    xvio::attach::index_steered(&mut index, collider, 3).unwrap();
+    let held = index.get(&guest.slot(), 0).unwrap();
+    assert_eq!(
+        (held.key, held.valid, held.guest_id),
+        (guest, 1, 1),
+        "the first key keeps the slot"
+    );
+    // GUEST's frames go by its slot alone: out of `steer`, they are still steered.
+    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
+        HashMap::try_from(h.ebpf.map_mut(maps::STEER).unwrap()).unwrap();
+    steer.remove(&guest).unwrap();
+    let vlan_frame = |key: SteerKey| {
+        if key.vlan == 0 {
+            frame(key.mac, SRC, None, ETH_P_IP, 60, 1)
+        } else {
+            tagged(key.mac, key.vlan)
+        }
+    };
+    h.expect(
+        "steered through its slot",
+        &vlan_frame(guest),
+        XDP_PASS,
+        XdpOutcome::NoSocket,
+    );
+    h.expect(
+        "steered, its slot taken by another key",
+        &vlan_frame(collider),
+        XDP_PASS,
+        XdpOutcome::NoSocket,
+    );
+    h.expect(
+        "in the same slot, not steered",
+        &vlan_frame(stranger),
+        XDP_PASS,
+        XdpOutcome::Passed,
+    );
+    h.expect(
+        "the slot's MAC on another VLAN",
+        &tagged(GUEST, 7),
+        XDP_PASS,
+        XdpOutcome::Passed,
     );
 }
 
