@@ -34,7 +34,7 @@ struct {
 	__type(value, struct xvio_steer_value);
 } steer SEC(".maps");
 
-/* Written by the daemon only, beside steer (see struct xvio_steer_slot). */
+/* Written by the daemon only, with steer (see struct xvio_steer_slot). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, XVIO_STEER_SLOTS);
@@ -102,17 +102,19 @@ union steer_word {
 };
 
 /*
- * Whether key is steered: its slot of steer_index first (an array lookup the
- * verifier inlines), steer (a hash lookup) when the slot holds another key or
- * none yet.
+ * Whether key is steered: its slot of steer_index (an array lookup the verifier
+ * inlines) decides when no key or one key has that slot; steer (a hash lookup)
+ * when more than one has.
  */
 static __always_inline int steered(const union steer_word *k)
 {
 	__u32 slot = xvio_steer_slot(&k->key);
 	struct xvio_steer_slot *s = bpf_map_lookup_elem(&steer_index, &slot);
 
-	if (s && s->valid && ((union steer_word *)&s->key)->word == k->word)
-		return 1;
+	if (!s || s->keys == 0)
+		return 0;
+	if (s->keys == 1)
+		return ((union steer_word *)&s->key)->word == k->word;
 	return bpf_map_lookup_elem(&steer, &k->key) != NULL;
 }
 

@@ -50,15 +50,15 @@ struct xvio_steer_value {
 };
 
 /*
- * Value of steer_index[xvio_steer_slot(key)]: the first key the daemon steered
- * whose slot this is, so that a steered frame is found by one array lookup
- * instead of hashing. A key whose slot holds another key (or none) is looked up
- * in steer, which holds every key.
+ * Value of steer_index[xvio_steer_slot(key)]: how many steered keys have this
+ * slot, and the key when it is one, so that the program decides most frames
+ * with one array lookup instead of hashing: no key, not steered; one key, steered
+ * if it is that key; more, steer (which holds every key) decides.
  */
 struct xvio_steer_slot {
-	struct xvio_steer_key key;
-	__u32 valid;    /* 1 once key is in steer (written after key) */
-	__u32 guest_id; /* as in steer */
+	struct xvio_steer_key key; /* the slot's key when keys is 1 */
+	__u32 keys;     /* 0, 1, or 2 for more than one (written after key) */
+	__u32 guest_id; /* as in steer, when keys is 1 */
 };
 
 /* The slot of key in steer_index: the MAC's last two bytes, its fourth, and the VLAN. */

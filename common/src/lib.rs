@@ -18,8 +18,9 @@ pub mod maps {
     pub const XDP_STATS: &str = "xdp_stats";
     /// Hash of [`crate::SteerKey`] to [`crate::SteerValue`]: the frames that go to guests.
     pub const STEER: &str = "steer";
-    /// Array of [`crate::SteerSlot`], indexed by [`crate::SteerKey::slot`]: `steer`'s keys
-    /// found without hashing (written by the daemon beside `steer`; not pinned).
+    /// Array of [`crate::SteerSlot`], indexed by [`crate::SteerKey::slot`]: which slots
+    /// `steer`'s keys have, so that most frames are decided without hashing (written by
+    /// the daemon with `steer`; not pinned).
     pub const STEER_INDEX: &str = "steer_index";
     /// XSKMAP: rx queue index to AF_XDP socket.
     pub const XSKS: &str = "xsks";
@@ -165,17 +166,17 @@ impl SteerKey {
     }
 }
 
-/// Value of `steer_index` (`struct xvio_steer_slot`): the first key steered whose slot
-/// this is, so that the program finds a steered frame without hashing; any other key is
-/// looked up in `steer`, which holds them all.
+/// Value of `steer_index` (`struct xvio_steer_slot`): how many steered keys have this slot,
+/// and the key when it is one, so that the program decides most frames with one array
+/// lookup: no key, not steered; one key, steered if it is that key; more, `steer` decides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SteerSlot {
-    /// The key.
+    /// The slot's key when `keys` is 1.
     pub key: SteerKey,
-    /// 1 once `key` is in `steer` (written after `key`).
-    pub valid: u32,
-    /// As in `steer`.
+    /// 0, 1, or 2 for more than one (written after `key`).
+    pub keys: u32,
+    /// As in `steer`, when `keys` is 1.
     pub guest_id: u32,
 }
 

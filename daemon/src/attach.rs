@@ -431,30 +431,37 @@ impl AttachedIface {
     }
 }
 
-/// Puts `key`, already in `steer`, in its slot of `steer_index` if the slot is free, so that
-/// the program finds its frames without hashing; a slot taken by another key stays as it is
-/// (the program then looks `key` up in `steer`). The daemon only adds keys while it runs, so
-/// slots are never emptied. The slot is written twice: the key first while the slot stays
-/// invalid, then the same bytes marked valid, so the program never sees a valid slot with a
-/// key half written.
+/// Records `key`, already in `steer`, in its slot of `steer_index`: a free slot gets the key
+/// (the program then decides that slot's frames by comparing with it), a slot with another
+/// key is marked as having more than one (the program then asks `steer`). The daemon only
+/// adds keys while it runs, so a slot never goes back. Each write changes one thing the
+/// program reads: the key is written while the slot still says no key, then the count, so
+/// the program never compares against a key half written, even with a copy byte by byte.
 pub fn index_steered(
     index: &mut Array<&mut MapData, SteerSlot>,
     key: SteerKey,
     guest_id: u32,
 ) -> Result<(), MapError> {
     let slot = key.slot();
-    let held = index.get(&slot, 0)?;
-    if held.valid != 0 {
-        return Ok(());
+    let mut held = index.get(&slot, 0)?;
+    match held.keys {
+        0 => {
+            held = SteerSlot {
+                key,
+                keys: 0,
+                guest_id,
+            };
+            index.set(slot, held, 0)?;
+            held.keys = 1;
+            index.set(slot, held, 0)
+        }
+        1 if held.key == key => Ok(()),
+        1 => {
+            held.keys = 2;
+            index.set(slot, held, 0)
+        }
+        _ => Ok(()),
     }
-    let mut value = SteerSlot {
-        key,
-        valid: 0,
-        guest_id,
-    };
-    index.set(slot, value, 0)?;
-    value.valid = 1;
-    index.set(slot, value, 0)
 }
 
 impl Drop for AttachedIface {

@@ -155,7 +155,7 @@ fn common_matches_btf() {
         size_of::<SteerSlot>(),
         &[
             ("key", offset_of!(SteerSlot, key)),
-            ("valid", offset_of!(SteerSlot, valid)),
+            ("keys", offset_of!(SteerSlot, keys)),
             ("guest_id", offset_of!(SteerSlot, guest_id)),
         ],
     );

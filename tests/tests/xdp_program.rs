@@ -36,28 +36,13 @@ impl Harness {
             .try_into()
             .unwrap();
         prog.load().expect("the verifier accepts the program");
-        let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
-            HashMap::try_from(ebpf.map_mut(maps::STEER).unwrap()).unwrap();
-        steer
-            .insert(
-                SteerKey::new(GUEST, 0),
-                SteerValue {
-                    guest_id: 1,
-                    flags: 0,
-                },
-                0,
-            )
-            .unwrap();
-        steer
-            .insert(
-                SteerKey::new(GUEST_VLAN, 100),
-                SteerValue {
-                    guest_id: 2,
-                    flags: 0,
-                },
-                0,
-            )
-            .unwrap();
+        // As the daemon steers: into `steer`, then into the key's slot of `steer_index`.
+        for (key, guest_id) in [
+            (SteerKey::new(GUEST, 0), 1),
+            (SteerKey::new(GUEST_VLAN, 100), 2),
+        ] {
+            steer_key(&mut ebpf, key, guest_id);
+        }
         Harness { ebpf }
     }
 
@@ -126,6 +111,18 @@ impl Harness {
             }
         }
     }
+}
+
+/// Steers `key` as the daemon does: into `steer`, then into its slot of `steer_index`.
+fn steer_key(ebpf: &mut Ebpf, key: SteerKey, guest_id: u32) {
+    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
+        HashMap::try_from(ebpf.map_mut(maps::STEER).unwrap()).unwrap();
+    steer
+        .insert(key, SteerValue { guest_id, flags: 0 }, 0)
+        .unwrap();
+    let mut index: Array<&mut MapData, SteerSlot> =
+        Array::try_from(ebpf.map_mut(maps::STEER_INDEX).unwrap()).unwrap();
+    xvio::attach::index_steered(&mut index, key, guest_id).unwrap();
 }
 
 fn tagged(dst: [u8; 6], vlan: u16) -> Vec<u8> {
@@ -286,79 +283,113 @@ fn frames_get_the_right_action_and_counter() {
     );
 }
 
-/// The daemon puts each steered key in its slot of `steer_index` too (the program's lookup
-/// without hashing): the program finds a key through its slot alone (so the slot the daemon
-/// computes is the program's), a key whose slot another took through `steer`, and a key in
-/// no map nowhere.
+/// The daemon records each steered key in its slot of `steer_index`: the program decides a
+/// slot with one key by comparing with it (so the slot the daemon computes is the program's:
+/// a key out of `steer` is still steered), a slot with none as not steered (a key put into
+/// `steer` alone, as with bpftool, is not), and asks `steer` for a slot with more keys.
 #[test]
-fn steered_keys_are_found_through_their_slot_of_steer_index() {
-    if !privileged("steered_keys_are_found_through_their_slot_of_steer_index") {
+fn the_steer_index_decides_slots_of_one_key_and_steer_the_rest() {
+    if !privileged("the_steer_index_decides_slots_of_one_key_and_steer_the_rest") {
         return;
     }
     let mut h = Harness::load();
     let guest = SteerKey::new(GUEST, 0);
-    // Another MAC and VLAN in GUEST's slot, and a MAC in that slot no one steers.
-    let same_slot = (0u16..4096)
+    // Other MACs and VLANs in GUEST's slot: one to steer later, one never steered.
+    let mut same_slot = (0u16..4096)
         .map(|v| SteerKey::new([0x02, 0, 0, 0, 0x10, 0x01], v))
         .filter(|k| k.slot() == guest.slot());
-    let (collider, stranger) = {
-        let mut keys = same_slot.take(2);
-        (keys.next().unwrap(), keys.next().unwrap())
-    };
-    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
-        HashMap::try_from(h.ebpf.map_mut(maps::STEER).unwrap()).unwrap();
-    steer
-        .insert(
-            collider,
-            SteerValue {
-                guest_id: 3,
-                flags: 0,
-            },
-            0,
-        )
-        .unwrap();
-    let mut index: Array<&mut MapData, SteerSlot> =
-        Array::try_from(h.ebpf.map_mut(maps::STEER_INDEX).unwrap()).unwrap();
-    xvio::attach::index_steered(&mut index, guest, 1).unwrap();
-    xvio::attach::index_steered(&mut index, collider, 3).unwrap();
-    let held = index.get(&guest.slot(), 0).unwrap();
-    assert_eq!(
-        (held.key, held.valid, held.guest_id),
-        (guest, 1, 1),
-        "the first key keeps the slot"
-    );
-    // GUEST's frames go by its slot alone: out of `steer`, they are still steered.
-    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
-        HashMap::try_from(h.ebpf.map_mut(maps::STEER).unwrap()).unwrap();
-    steer.remove(&guest).unwrap();
-    let vlan_frame = |key: SteerKey| {
+    let (collider, stranger) = (same_slot.next().unwrap(), same_slot.next().unwrap());
+    let as_frame = |key: SteerKey| {
         if key.vlan == 0 {
             frame(key.mac, SRC, None, ETH_P_IP, 60, 1)
         } else {
             tagged(key.mac, key.vlan)
         }
     };
+    let index = |h: &Harness| {
+        let index: Array<&MapData, SteerSlot> =
+            Array::try_from(h.ebpf.map(maps::STEER_INDEX).unwrap()).unwrap();
+        index.get(&guest.slot(), 0).unwrap()
+    };
+    let held = index(&h);
+    assert_eq!((held.key, held.keys, held.guest_id), (guest, 1, 1));
+
+    // One key in the slot: decided by it alone.
+    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
+        HashMap::try_from(h.ebpf.map_mut(maps::STEER).unwrap()).unwrap();
+    steer.remove(&guest).unwrap();
+    let lone = SteerKey::new(OTHER, 0);
+    assert_ne!(lone.slot(), guest.slot());
+    steer
+        .insert(
+            lone,
+            SteerValue {
+                guest_id: 9,
+                flags: 0,
+            },
+            0,
+        )
+        .unwrap();
     h.expect(
-        "steered through its slot",
-        &vlan_frame(guest),
+        "the slot's key, out of steer",
+        &as_frame(guest),
         XDP_PASS,
         XdpOutcome::NoSocket,
     );
     h.expect(
-        "steered, its slot taken by another key",
-        &vlan_frame(collider),
-        XDP_PASS,
-        XdpOutcome::NoSocket,
-    );
-    h.expect(
-        "in the same slot, not steered",
-        &vlan_frame(stranger),
+        "another key in the slot",
+        &as_frame(stranger),
         XDP_PASS,
         XdpOutcome::Passed,
     );
     h.expect(
         "the slot's MAC on another VLAN",
         &tagged(GUEST, 7),
+        XDP_PASS,
+        XdpOutcome::Passed,
+    );
+    h.expect(
+        "in steer only, its slot empty",
+        &as_frame(lone),
+        XDP_PASS,
+        XdpOutcome::Passed,
+    );
+
+    // Two keys in the slot: steer decides.
+    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
+        HashMap::try_from(h.ebpf.map_mut(maps::STEER).unwrap()).unwrap();
+    steer
+        .insert(
+            guest,
+            SteerValue {
+                guest_id: 1,
+                flags: 0,
+            },
+            0,
+        )
+        .unwrap();
+    steer_key(&mut h.ebpf, collider, 3);
+    let held = index(&h);
+    assert_eq!(
+        (held.key, held.keys),
+        (guest, 2),
+        "the slot has more than one key"
+    );
+    h.expect(
+        "the first key",
+        &as_frame(guest),
+        XDP_PASS,
+        XdpOutcome::NoSocket,
+    );
+    h.expect(
+        "the second key",
+        &as_frame(collider),
+        XDP_PASS,
+        XdpOutcome::NoSocket,
+    );
+    h.expect(
+        "a third, not steered",
+        &as_frame(stranger),
         XDP_PASS,
         XdpOutcome::Passed,
     );
