@@ -433,10 +433,11 @@ impl AttachedIface {
 
 /// Records `key`, already in `steer`, in its slot of `steer_index`: a free slot gets the key
 /// (the program then decides that slot's frames by comparing with it), a slot with another
-/// key is marked as having more than one (the program then asks `steer`). The daemon only
-/// adds keys while it runs, so a slot never goes back. Each write changes one thing the
-/// program reads: the key is written while the slot still says no key, then the count, so
-/// the program never compares against a key half written, even with a copy byte by byte.
+/// key is marked as having more than one (the program then asks `steer`), the same key gets
+/// the new guest id. The daemon only adds keys while it runs, so a slot never goes back.
+/// Each write changes one thing the program reads: the key is written while the slot still
+/// says no key, then the count, so the program never compares against a key half written,
+/// even with a copy byte by byte.
 pub fn index_steered(
     index: &mut Array<&mut MapData, SteerSlot>,
     key: SteerKey,
@@ -455,7 +456,11 @@ pub fn index_steered(
             held.keys = 1;
             index.set(slot, held, 0)
         }
-        1 if held.key == key => Ok(()),
+        // The same key again (a `--steer` MAC that is also a guest's): its guest as in `steer`.
+        1 if held.key == key => {
+            held.guest_id = guest_id;
+            index.set(slot, held, 0)
+        }
         1 => {
             held.keys = 2;
             index.set(slot, held, 0)

@@ -313,6 +313,10 @@ fn the_steer_index_decides_slots_of_one_key_and_steer_the_rest() {
     };
     let held = index(&h);
     assert_eq!((held.key, held.keys, held.guest_id), (guest, 1, 1));
+    // The same key again (a `--steer` MAC that is also a guest's): the slot names the new id.
+    steer_key(&mut h.ebpf, guest, 4);
+    let held = index(&h);
+    assert_eq!((held.key, held.keys, held.guest_id), (guest, 1, 4));
 
     // One key in the slot: decided by it alone.
     let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
