@@ -8,8 +8,10 @@
  * registered in `xsks` for the frame's rx queue; everything else, truncated
  * frames included, passes to the kernel untouched.
  *
- * Invariants: every read of the frame goes through hdr_at(), the one bounds
+ * Invariants: every read of the frame is behind has_bytes(), the one bounds
  * check; every frame is counted exactly once, at the one exit (finish()).
+ * Packet pointers are only compared with the frame's end, never with NULL nor
+ * subtracted, so that the verifier accepts the program without CAP_PERFMON.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -85,17 +87,13 @@ struct {
 	__type(value, struct xvio_event_state);
 } event_state SEC(".maps");
 
-/* The frame's bytes [off, off + size), or NULL when the frame is shorter. */
-static __always_inline void *hdr_at(void *data, void *end, __u32 off, __u32 size)
+/* Whether the frame holds the bytes [off, off + size). */
+static __always_inline int has_bytes(void *data, void *end, __u32 off, __u32 size)
 {
-	void *p = data + off;
-
-	if (p + size > end)
-		return NULL;
-	return p;
+	return data + off + size <= end;
 }
 
-/* A steer key and the 8 bytes it is, compared in one go. */
+/* A steer key and the 8 bytes it is, compared as one word. */
 union steer_word {
 	struct xvio_steer_key key;
 	__u64 word;
@@ -104,7 +102,11 @@ union steer_word {
 /*
  * Whether key is steered: its slot of steer_index (an array lookup the verifier
  * inlines) decides when no key or one key has that slot; steer (a hash lookup)
- * when more than one has.
+ * when more than one has. The daemon writes a slot's key before its count and
+ * never changes either after; the count is read first, and x86 does not reorder
+ * two loads (a weakly ordered CPU could compare a frame against a key still
+ * being written while a guest is added, and steer a frame to a MAC made of the
+ * old and new bytes: the datapath would drop it as rx_no_guest).
  */
 static __always_inline int steered(const union steer_word *k)
 {
@@ -166,25 +168,24 @@ int xvio_steer(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	/* The program is not frags-aware (SEC "xdp"), so the frame is this one buffer. */
-	__u64 frame_len = end - data;
+	__u64 frame_len = bpf_xdp_get_buff_len(ctx);
 	union steer_word k = {};
 	struct xvio_steer_key *key = &k.key;
 	struct ethhdr *eth;
 	__u32 rx_queue;
 
-	eth = hdr_at(data, end, 0, sizeof(*eth));
-	if (!eth) {
+	if (!has_bytes(data, end, 0, sizeof(*eth))) {
 		emit_event(ctx, XVIO_EVENT_MALFORMED, XVIO_XDP_MALFORMED, frame_len, key);
 		return finish(XVIO_XDP_MALFORMED, frame_len, XDP_PASS);
 	}
+	eth = data;
 	__builtin_memcpy(key->mac, eth->h_dest, sizeof(key->mac));
 
 	if (eth->h_proto == bpf_htons(ETH_P_8021Q)) {
 		/* The TCI and the inner EtherType: a tag cut short is malformed. */
-		__be16 *tag = hdr_at(data, end, sizeof(*eth), 2 * sizeof(__be16));
+		__be16 *tag = data + sizeof(*eth);
 
-		if (!tag) {
+		if (!has_bytes(data, end, sizeof(*eth), 2 * sizeof(__be16))) {
 			emit_event(ctx, XVIO_EVENT_MALFORMED, XVIO_XDP_MALFORMED, frame_len, key);
 			return finish(XVIO_XDP_MALFORMED, frame_len, XDP_PASS);
 		}

@@ -58,8 +58,11 @@ struct xvio_steer_value {
 struct xvio_steer_slot {
 	struct xvio_steer_key key; /* the slot's key when keys is 1 */
 	__u32 keys;     /* 0, 1, or 2 for more than one (written after key) */
-	__u32 guest_id; /* as in steer, when keys is 1 */
+	__u32 guest_id; /* as in steer, when keys is 1 (for bpftool; the program does not read it) */
 };
+
+/* The program compares a key with a slot's as one 8-byte word. */
+_Static_assert(sizeof(struct xvio_steer_key) == 8, "xvio_steer_key is 8 bytes");
 
 /* The slot of key in steer_index: the MAC's last two bytes, its fourth, and the VLAN. */
 static inline __u32 xvio_steer_slot(const struct xvio_steer_key *key)

@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // One line: what failed, why, and (in the message) what to do.
             let hint = if is_permission_error(e.as_ref()) {
-                " (permission denied: run xvio as root or with CAP_BPF and CAP_NET_ADMIN)"
+                " (permission denied: run xvio as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW)"
             } else {
                 ""
             };

@@ -35,14 +35,23 @@ pub fn xvio_bin() -> PathBuf {
     bin
 }
 
-fn command(ns: Option<&Netns>, args: &[&str]) -> Command {
+/// `xvio ARGS…` run by `wrapper` (a command that execs its arguments, as `setpriv …`), in
+/// `ns` when given.
+fn command_under(ns: Option<&Netns>, wrapper: &[&str], args: &[&str]) -> Command {
+    let xvio = xvio_bin();
+    let mut line: Vec<&std::ffi::OsStr> = wrapper.iter().map(std::ffi::OsStr::new).collect();
+    line.push(xvio.as_os_str());
     let mut cmd = match ns {
         Some(ns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.path())).arg(xvio_bin());
+            c.arg(format!("--net={}", ns.path())).args(&line);
             c
         }
-        None => Command::new(xvio_bin()),
+        None => {
+            let mut c = Command::new(line[0]);
+            c.args(&line[1..]);
+            c
+        }
     };
     cmd.args(args).env("XVIO_LOG", "info");
     cmd
@@ -50,7 +59,13 @@ fn command(ns: Option<&Netns>, args: &[&str]) -> Command {
 
 /// Runs `xvio ARGS…` to completion (for commands expected to fail fast).
 pub fn run_xvio(ns: Option<&Netns>, args: &[&str]) -> Output {
-    let mut cmd = command(ns, args);
+    run_xvio_under(ns, &[], args)
+}
+
+/// As [`run_xvio`], xvio run by `wrapper` (a command that execs its arguments, as
+/// `setpriv …`).
+pub fn run_xvio_under(ns: Option<&Netns>, wrapper: &[&str], args: &[&str]) -> Output {
+    let mut cmd = command_under(ns, wrapper, args);
     cmd.stdin(Stdio::null());
     let child = cmd
         .stdout(Stdio::piped())
@@ -114,8 +129,19 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `xvio run ARGS…` in `ns` (or here) and waits until `ready` (a path) exists.
     pub fn start(ns: Option<&Netns>, args: &[&str], ready: &Path) -> Result<Daemon, String> {
+        Daemon::start_under(ns, &[], args, ready)
+    }
+
+    /// As [`Daemon::start`], xvio run by `wrapper` (a command that execs its arguments, as
+    /// `setpriv …`, so that the child's pid is still the daemon's).
+    pub fn start_under(
+        ns: Option<&Netns>,
+        wrapper: &[&str],
+        args: &[&str],
+        ready: &Path,
+    ) -> Result<Daemon, String> {
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("xvio-daemon-")));
-        let mut cmd = command(ns, &[&["run"], args].concat());
+        let mut cmd = command_under(ns, wrapper, &[&["run"], args].concat());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).map_err(|e| e.to_string())?);

@@ -9,7 +9,7 @@ use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
 use xvio::xsk::{XskConfig, XskPort};
 use xvio_common::{DaemonStats, XdpMode, XdpOutcome, XdpStats, maps};
 use xvio_tests::{
-    daemon::{run_xvio, wait_guests_ready},
+    daemon::{Daemon, run_xvio, run_xvio_under, wait_guests_ready},
     frames::{ETH_P_EXPERIMENTAL, frame, seq_of},
     guest::TestGuest,
     netns::mac_of,
@@ -450,6 +450,59 @@ fn user_errors_exit_non_zero_with_one_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("needs root"), "{stderr}");
+}
+
+/// What operations.md says xvio needs besides root, as root with only those capabilities
+/// (`setpriv --bounding-set`): an interface with its AF_XDP socket and a guest come up, and
+/// the daemon stops cleanly; with one of them fewer, one line names the one missing.
+#[test]
+fn the_documented_capabilities_are_enough_and_a_missing_one_is_named() {
+    if !privileged("the_documented_capabilities_are_enough_and_a_missing_one_is_named") {
+        return;
+    }
+    let topo = Topology::new(1);
+    let socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-cap-")));
+    let guest = format!("socket={},mac=52:54:00:00:00:42", socket.display());
+    // Its own pin root: another test's daemon with guests holds the default one's guests/.
+    let pin_root = format!("/sys/fs/bpf/{}", unique_name("xvio-cap"));
+    let args = [
+        "--iface",
+        topo.ifname.as_str(),
+        "--guest",
+        guest.as_str(),
+        "--pin-root",
+        pin_root.as_str(),
+    ];
+    // CAP_IPC_LOCK for the UMEMs' locked memory (or a memlock limit above them).
+    // Not CAP_PERFMON: the verifier takes the XDP program without it.
+    let caps = "--bounding-set=-all,+bpf,+net_admin,+net_raw,+ipc_lock";
+    let pin_dir = Path::new(&pin_root).join(&topo.ifname);
+    let ready = pin_dir.join(maps::EVENT_STATE);
+    let daemon = Daemon::start_under(Some(&topo.host), &["setpriv", caps], &args, &ready)
+        .unwrap_or_else(|e| panic!("xvio with {caps}: {e}"));
+    let (status, log) = daemon.stop_with(nix::sys::signal::Signal::SIGTERM);
+    assert!(status.success(), "{log}");
+    assert!(log.contains("guest port ready"), "{log}");
+    assert!(
+        !socket.exists() && !pin_dir.exists(),
+        "it cleaned up:\n{log}"
+    );
+    let _ = std::fs::remove_dir(&pin_root);
+
+    for (without, named) in [("bpf", "CAP_BPF"), ("net_raw", "CAP_NET_RAW")] {
+        let fewer = caps.replace(&format!(",+{without}"), "");
+        let out = run_xvio_under(
+            Some(&topo.host),
+            &["setpriv", fewer.as_str()],
+            &[&["run"], &args[..]].concat(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{fewer}: must fail");
+        assert!(
+            stderr.contains(&format!("missing: {named})")) && stderr.lines().count() == 1,
+            "{fewer}: one line naming {named}:\n{stderr}"
+        );
+    }
 }
 
 #[test]

@@ -358,6 +358,18 @@ fn the_steer_index_decides_slots_of_one_key_and_steer_the_rest() {
         XDP_PASS,
         XdpOutcome::Passed,
     );
+    // Every byte the slot is made of, and a VLAN: a key with all of them set, out of `steer`.
+    let full = SteerKey::new([0x02, 0, 0, 0x5a, 0x3c, 0x7e], 300);
+    steer_key(&mut h.ebpf, full, 5);
+    let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =
+        HashMap::try_from(h.ebpf.map_mut(maps::STEER).unwrap()).unwrap();
+    steer.remove(&full).unwrap();
+    h.expect(
+        "a key of every slot byte and a VLAN, out of steer",
+        &as_frame(full),
+        XDP_PASS,
+        XdpOutcome::NoSocket,
+    );
 
     // Two keys in the slot: steer decides.
     let mut steer: HashMap<&mut MapData, SteerKey, SteerValue> =

@@ -610,7 +610,7 @@ fn open_error(failure: OpenFailure, iface: &str, queue: u32, bytes: u64, memlock
     };
     let hint = match errno {
         Errno::ENOBUFS | Errno::EPERM => format!(
-            " (RLIMIT_MEMLOCK is {memlock} bytes: raise it with `ulimit -l unlimited`, or run as root)"
+            " (RLIMIT_MEMLOCK is {memlock} bytes: raise it with `ulimit -l unlimited`, give xvio CAP_IPC_LOCK, or run as root)"
         ),
         Errno::EBUSY => " (another AF_XDP socket is bound to that queue)".to_owned(),
         Errno::EINVAL if step == "bind" => match not_enabled_hint(iface, queue) {
