@@ -24,8 +24,14 @@ use std::{
 use vhost::{
     VhostBackend,
     vhost_user::{
-        Frontend, VhostUserFrontend, VhostUserProtocolFeatures, message::VhostUserHeaderFlag,
+        Frontend, VhostUserFrontend, VhostUserProtocolFeatures,
+        message::{VhostUserHeaderFlag, VhostUserVirtioFeatures},
     },
+};
+use virtio_bindings::{
+    virtio_config::VIRTIO_F_VERSION_1,
+    virtio_net::VIRTIO_NET_F_MRG_RXBUF,
+    virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY},
 };
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -43,12 +49,13 @@ pub const BUFFER: u32 = 2048;
 const BUFFERS: u64 = 0x2_0000;
 /// Bytes of guest memory: the rings and [`QUEUE`] buffers.
 const MEMORY: usize = 4 << 20;
-const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
+// Feature bits and ring flags as masks of the widths the rings and messages use.
+const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const AVAIL_F_NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
+const USED_F_NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
 
 /// What the sink saw over its life.
 #[derive(Clone, Copy, Debug, Default)]
@@ -184,15 +191,14 @@ impl RxSink {
         let e = |what: &'static str| move |e: vhost::Error| format!("{what}: {e}");
         frontend.set_owner().map_err(e("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(e("GET_FEATURES"))?;
-        let features = offered
-            & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | VHOST_USER_F_PROTOCOL_FEATURES);
-        if features & VIRTIO_F_VERSION_1 == 0 {
+        let features = offered & (VERSION_1 | MRG_RXBUF | PROTOCOL_FEATURES);
+        if features & VERSION_1 == 0 {
             return Err(format!(
                 "the backend does not offer VIRTIO_F_VERSION_1 ({offered:#x})"
             ));
         }
         frontend.set_features(features).map_err(e("SET_FEATURES"))?;
-        if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+        if features & PROTOCOL_FEATURES != 0 {
             let protocol = frontend
                 .get_protocol_features()
                 .map_err(e("GET_PROTOCOL_FEATURES"))?;
@@ -230,12 +236,12 @@ impl RxSink {
                 i,
                 BUFFERS + u64::from(i) * u64::from(BUFFER),
                 BUFFER,
-                VRING_DESC_F_WRITE,
+                DESC_F_WRITE,
             );
             rx.set_avail(i, i);
         }
-        rx.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
-        tx.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
+        rx.set_avail_flags(AVAIL_F_NO_INTERRUPT);
+        tx.set_avail_flags(AVAIL_F_NO_INTERRUPT);
         rx.avail_idx().store(QUEUE, Ordering::Release);
         let mut kicks = Vec::new();
         for (i, ring) in [&rx, &tx].into_iter().enumerate() {
@@ -246,7 +252,7 @@ impl RxSink {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let frames = Arc::new(AtomicU64::new(0));
-        let mergeable = features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        let mergeable = features & MRG_RXBUF != 0;
         let (thread_stop, thread_frames) = (stop.clone(), frames.clone());
         let thread = std::thread::Builder::new()
             .name("xvio-rx-sink".to_owned())
@@ -297,7 +303,7 @@ impl RxSink {
                         rx.avail_idx().store(avail, Ordering::Release);
                         thread_frames.store(totals.frames, Ordering::Relaxed);
                         std::sync::atomic::fence(Ordering::SeqCst);
-                        if rx.used_flags().load(Ordering::Relaxed) & VRING_USED_F_NO_NOTIFY == 0 {
+                        if rx.used_flags().load(Ordering::Relaxed) & USED_F_NO_NOTIFY == 0 {
                             let _ = kick.write(1);
                             totals.kicks += 1;
                         }
