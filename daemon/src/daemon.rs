@@ -334,7 +334,7 @@ fn open_guest_stats(
     if guests.is_empty() {
         return Ok(None);
     }
-    if let Err(e) = privileges::check() {
+    if let Err(e) = privileges::check_pins() {
         warn!("guest counters are not exported to bpffs: {e}");
         return Ok(None);
     }

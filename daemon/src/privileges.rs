@@ -25,10 +25,28 @@ pub struct PrivilegeError {
     missing: String,
 }
 
-/// Checks the effective capabilities of this process.
+/// What serving interfaces takes (load, attach, pin, AF_XDP and tap sockets).
+const FOR_INTERFACES: [(u32, &str); 3] = [
+    (CAP_BPF, "CAP_BPF"),
+    (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    (CAP_NET_RAW, "CAP_NET_RAW"),
+];
+/// What pinning the guests' counters alone takes (a daemon serving guests only).
+const FOR_PINS: [(u32, &str); 1] = [(CAP_BPF, "CAP_BPF")];
+
+/// Checks that this process may serve interfaces.
 pub fn check() -> Result<(), PrivilegeError> {
+    check_for(&FOR_INTERFACES)
+}
+
+/// Checks that this process may pin maps (the guests' counters).
+pub fn check_pins() -> Result<(), PrivilegeError> {
+    check_for(&FOR_PINS)
+}
+
+fn check_for(needed: &[(u32, &'static str)]) -> Result<(), PrivilegeError> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let missing = missing(effective_caps(&status));
+    let missing = missing(effective_caps(&status), needed);
     if missing.is_empty() {
         Ok(())
     } else {
@@ -46,21 +64,13 @@ fn effective_caps(status: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The capabilities of those xvio needs that `caps` lacks, by name.
-fn missing(caps: u64) -> Vec<&'static str> {
+/// The capabilities of `needed` that `caps` lacks, by name (CAP_SYS_ADMIN stands for CAP_BPF).
+fn missing(caps: u64, needed: &[(u32, &'static str)]) -> Vec<&'static str> {
     let has = |cap: u32| caps & (1u64 << cap) != 0;
-    let needed = [
-        (CAP_BPF, "CAP_BPF", true),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN", false),
-        (CAP_NET_RAW, "CAP_NET_RAW", false),
-    ];
     needed
-        .into_iter()
-        .filter(|&(cap, _, sys_admin_will_do)| {
-            let held = has(cap) || (sys_admin_will_do && has(CAP_SYS_ADMIN));
-            !held
-        })
-        .map(|(_, name, _)| name)
+        .iter()
+        .filter(|&&(cap, _)| !(has(cap) || (cap == CAP_BPF && has(CAP_SYS_ADMIN))))
+        .map(|&(_, name)| name)
         .collect()
 }
 
@@ -80,10 +90,30 @@ mod tests {
     #[test]
     fn names_what_is_missing() {
         let caps = |list: &[u32]| list.iter().fold(0u64, |c, &cap| c | 1 << cap);
-        assert!(missing(0x1ff_ffff_ffff).is_empty());
-        assert_eq!(missing(0), ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW"]);
-        assert!(missing(caps(&[CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW])).is_empty());
-        assert!(missing(caps(&[CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_NET_RAW])).is_empty());
-        assert_eq!(missing(caps(&[CAP_BPF, CAP_NET_ADMIN])), ["CAP_NET_RAW"]);
+        assert!(missing(0x1ff_ffff_ffff, &FOR_INTERFACES).is_empty());
+        assert_eq!(
+            missing(0, &FOR_INTERFACES),
+            ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+        );
+        assert!(
+            missing(
+                caps(&[CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW]),
+                &FOR_INTERFACES
+            )
+            .is_empty()
+        );
+        assert!(
+            missing(
+                caps(&[CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_NET_RAW]),
+                &FOR_INTERFACES
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            missing(caps(&[CAP_BPF, CAP_NET_ADMIN]), &FOR_INTERFACES),
+            ["CAP_NET_RAW"]
+        );
+        assert!(missing(caps(&[CAP_BPF]), &FOR_PINS).is_empty());
+        assert_eq!(missing(caps(&[CAP_NET_ADMIN]), &FOR_PINS), ["CAP_BPF"]);
     }
 }
