@@ -95,6 +95,11 @@ pub struct RunConfig {
     #[arg(long = "busy-poll", value_name = "USECS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub busy_poll_us: u64,
+    /// Map a guest's memory only as the datapath first touches it, a page fault on a worker
+    /// each time, instead of all of it, off the datapath, when the guest connects (which
+    /// backs all of the guest's memory on the host): for hosts that overcommit guest memory.
+    #[arg(long = "lazy-guest-memory")]
+    pub lazy_guest_memory: bool,
 }
 
 /// `--datapath-cpus`: CPU numbers, each at most once, as `1,3` and ranges `2-5`; empty for

@@ -166,6 +166,7 @@ pub fn run(config: &RunConfig) -> Result<(), DaemonError> {
         &config.datapath_cpus.0,
         std::time::Duration::from_micros(config.busy_poll_us),
     )?;
+    datapath.set_lazy_guest_memory(config.lazy_guest_memory);
     // On an error, the interfaces attached so far are dropped: ports closed, program
     // detached, pins removed.
     let mut ifaces = Vec::with_capacity(config.ifaces.len());

@@ -606,3 +606,82 @@ fn the_host_keeps_its_network_when_the_daemon_is_killed_under_load() {
         "one second after SIGKILL the host's pings over the interface lose nothing:\n{ping}"
     );
 }
+
+/// The bytes of the guest memory (the test guests' memfd) that xvio (`pid`) has mapped, and
+/// of those how many are in its page tables: `Size` and `Rss` of those mappings in
+/// /proc/PID/smaps.
+fn guest_memory_mapped(pid: i32) -> (usize, usize) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut size, mut rss, mut inside) = (0usize, 0usize, false);
+    for line in smaps.lines() {
+        let kib = |rest: &str| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .unwrap()
+                * 1024
+        };
+        // A mapping's first line starts with its range, "start-end" in hex.
+        let range = line
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.split_once('-'));
+        let hex = |t: &str| usize::from_str_radix(t, 16).is_ok();
+        if range.is_some_and(|(a, b)| hex(a) && hex(b)) {
+            inside = line.contains("/memfd:xvio-test-guest");
+        } else if inside && let Some(rest) = line.strip_prefix("Size:") {
+            size += kib(rest);
+        } else if inside && let Some(rest) = line.strip_prefix("Rss:") {
+            rss += kib(rest);
+        }
+    }
+    (size, rss)
+}
+
+/// A guest's memory is in xvio's page tables as soon as the guest connects, mapped ahead by
+/// a thread off the datapath, so that no worker takes a page fault on a guest buffer it
+/// touches first (measured: one per ping from testpmd's guest before); with
+/// `--lazy-guest-memory` only what the datapath touched is.
+#[test]
+fn a_guests_memory_is_mapped_ahead_unless_lazy() {
+    if !privileged("a_guests_memory_is_mapped_ahead_unless_lazy") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for lazy in [false, true] {
+        let topo = Topology::new(1);
+        let socket = socket();
+        let extra: &[&str] = if lazy { &["--lazy-guest-memory"] } else { &[] };
+        let daemon = daemon_with_guest(&topo, &socket, extra);
+        let sink = RxSink::start(&socket, 0, Duration::from_micros(100))
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+        wait_guests_ready(&guest_map(), 1).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+        let pid = daemon.pid().expect("the daemon runs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (size, rss) = loop {
+            let (size, rss) = guest_memory_mapped(pid);
+            if lazy || (size > 0 && rss == size) || std::time::Instant::now() > deadline {
+                break (size, rss);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = daemon.log();
+        assert!(
+            size >= 4 << 20,
+            "xvio maps the guest's memory (lazy: {lazy}): {size}\n{log}"
+        );
+        if lazy {
+            assert!(
+                rss < size / 2,
+                "only what was touched: {rss} of {size}\n{log}"
+            );
+            assert!(!log.contains("guest memory mapped ahead"), "{log}");
+        } else {
+            assert_eq!(rss, size, "all of it, ahead\n{log}");
+            assert!(log.contains("guest memory mapped ahead"), "{log}");
+        }
+        sink.stop()
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    }
+}

@@ -22,6 +22,10 @@
 //! fd for its epoll and never closes it (one leaked eventfd per connection). The serving
 //! thread registers the device's exit eventfd instead, and `handle_event` returns an error on
 //! it, which ends the library's event loop.
+//!
+//! A new memory table is mapped ahead, off the datapath (see [`crate::vhost::populate`]):
+//! each table starts a thread that faults its pages in and stops when the table is replaced
+//! or the device reset; `--lazy-guest-memory` leaves pages to be mapped on first touch.
 
 use std::{
     io,
@@ -50,6 +54,7 @@ use crate::{
     vhost::{
         dirty::{self, DirtyPages, Memory},
         net::{self, QUEUE_SIZE},
+        populate::{self, Populated},
     },
 };
 
@@ -83,6 +88,11 @@ pub struct GuestDevice {
     tx_owner: Vec<usize>,
     /// The copy engines' counters, as each worker last published them.
     copy_stats: Mutex<Vec<CopyStats>>,
+    /// Whether each memory table is mapped ahead (not `--lazy-guest-memory`).
+    map_ahead: AtomicBool,
+    /// Counts memory tables and resets: a thread mapping a table goes on only while this is
+    /// still the value it started with.
+    memory_generation: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for GuestDevice {
@@ -145,9 +155,71 @@ impl GuestDevice {
             links,
             tx_owner,
             copy_stats: Mutex::new(vec![CopyStats::default(); workers]),
+            map_ahead: AtomicBool::new(true),
+            memory_generation: Arc::default(),
         };
         device.new_connection()?;
         Ok(device)
+    }
+
+    /// Whether each new memory table is mapped ahead, off the datapath (true unless
+    /// `--lazy-guest-memory`).
+    pub fn set_map_ahead(&self, on: bool) {
+        self.map_ahead.store(on, Ordering::Relaxed);
+    }
+
+    /// Starts a thread that maps every page of `mem` into the process (see
+    /// [`crate::vhost::populate`]), unless `--lazy-guest-memory`; it stops when the memory is
+    /// replaced or the device reset.
+    fn map_ahead(&self, mem: &Memory) {
+        use vm_memory::GuestAddressSpace;
+        let generation = self.memory_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if !self.map_ahead.load(Ordering::Relaxed) {
+            return;
+        }
+        // The snapshot keeps the regions mapped while the thread works on them.
+        let snapshot = mem.memory().into_inner();
+        let current = Arc::clone(&self.memory_generation);
+        let guest = self.name.clone();
+        let started = std::thread::Builder::new()
+            .name("xvio-map-guest".to_owned())
+            .spawn(move || {
+                // Off the workers' CPUs: the serving thread this comes from may be on them.
+                if let Err(e) = super::stay_off() {
+                    tracing::debug!(%guest, error = %e, "mapping guest memory on any CPU");
+                }
+                let outcome =
+                    populate::populate(&snapshot, || current.load(Ordering::Acquire) == generation);
+                match outcome {
+                    Populated::Done { bytes, took } => tracing::info!(
+                        %guest,
+                        mib = bytes >> 20,
+                        ms = took.as_millis() as u64,
+                        "guest memory mapped ahead"
+                    ),
+                    Populated::Superseded { bytes } => tracing::debug!(
+                        %guest,
+                        mib = bytes >> 20,
+                        "guest memory replaced or reset while it was being mapped"
+                    ),
+                    Populated::Unsupported => tracing::info!(
+                        %guest,
+                        "the kernel cannot map memory ahead (MADV_POPULATE_WRITE needs \
+                         Linux 5.14): guest pages are mapped as the datapath first touches \
+                         them, a page fault each"
+                    ),
+                    Populated::Failed { guest_addr, error } => tracing::warn!(
+                        %guest,
+                        guest_addr = format_args!("{guest_addr:#x}"),
+                        %error,
+                        "mapping guest memory ahead stopped (madvise MADV_POPULATE_WRITE): \
+                         the rest is mapped as the datapath first touches it"
+                    ),
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(guest = %self.name, error = %e, "starting the thread that maps guest memory ahead");
+        }
     }
 
     /// Its id.
@@ -346,6 +418,8 @@ impl VhostUserBackend for GuestDevice {
     }
 
     fn reset_device(&self) {
+        // A table still being mapped is no longer the guest's.
+        self.memory_generation.fetch_add(1, Ordering::AcqRel);
         let id = self.id;
         if !self.call_all(|ack| Command::Reset { id, ack }) {
             tracing::warn!(guest = %self.name, "the datapath did not confirm the reset in time");
@@ -369,6 +443,7 @@ impl VhostUserBackend for GuestDevice {
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        self.map_ahead(&mem);
         // In-flight copies hold the snapshot they write into, so nothing waits here.
         for link in &self.links {
             link.send(Command::Memory {

@@ -36,7 +36,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
 };
@@ -110,6 +110,8 @@ pub struct Datapath {
     uplinks: Mutex<usize>,
     /// TX queue pairs given out so far (each is polled by one worker, in turn).
     tx_pairs: AtomicUsize,
+    /// Guests' memory mapped on first touch only (`--lazy-guest-memory`), not ahead.
+    lazy_memory: AtomicBool,
 }
 
 impl Datapath {
@@ -156,7 +158,15 @@ impl Datapath {
             next_id: AtomicU32::new(0),
             uplinks: Mutex::new(0),
             tx_pairs: AtomicUsize::new(0),
+            lazy_memory: AtomicBool::new(false),
         }))
+    }
+
+    /// Whether the guests added from now on have their memory mapped on first touch only
+    /// (`--lazy-guest-memory`) rather than all of it as each memory table arrives (see
+    /// [`crate::vhost::populate`]).
+    pub fn set_lazy_guest_memory(&self, lazy: bool) {
+        self.lazy_memory.store(lazy, Ordering::Relaxed);
     }
 
     /// Workers.
@@ -197,6 +207,7 @@ impl Datapath {
             name: name.to_owned(),
             source,
         })?;
+        device.set_map_ahead(!self.lazy_memory.load(Ordering::Relaxed));
         let device = Arc::new(device);
         let (rx_channels, mut tx_channels) = slot::split_channels(pairs, channels);
         let rx: Vec<slot::SharedRx> = rx_channels
@@ -369,6 +380,8 @@ fn ask_short_slice(index: usize) {
 
 /// The calling thread's CPUs before [`keep_off`] changed them, for [`rejoin`].
 static BEFORE_KEEP_OFF: std::sync::OnceLock<nix::sched::CpuSet> = std::sync::OnceLock::new();
+/// The CPUs [`keep_off`] left, for [`stay_off`].
+static KEPT_OFF: std::sync::OnceLock<nix::sched::CpuSet> = std::sync::OnceLock::new();
 
 /// Keeps the calling thread, and every thread it starts from now on, off the datapath's
 /// `cpus` (as OVS-DPDK keeps its other threads on `dpdk-lcore-mask`, off its PMD cores): a
@@ -395,7 +408,19 @@ pub fn keep_off(cpus: &[usize]) -> std::io::Result<Option<Vec<usize>>> {
     }
     sched_setaffinity(me, &rest).map_err(std::io::Error::from)?;
     let _ = BEFORE_KEEP_OFF.set(allowed);
+    let _ = KEPT_OFF.set(rest);
     Ok(Some(left))
+}
+
+/// Puts the calling thread on the CPUs [`keep_off`] left (nothing if it changed nothing): for
+/// a thread of background work started from a guest's serving thread, which [`rejoin`]ed the
+/// workers' CPUs.
+pub fn stay_off() -> std::io::Result<()> {
+    match KEPT_OFF.get() {
+        Some(set) => nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
+            .map_err(std::io::Error::from),
+        None => Ok(()),
+    }
 }
 
 /// Gives the calling thread (and the threads it starts from now on) back the CPUs it had

@@ -12,6 +12,7 @@ pub mod compat;
 pub mod dirty;
 pub mod guest;
 pub mod net;
+pub mod populate;
 pub mod queue;
 pub mod socket;
 pub mod stats;
