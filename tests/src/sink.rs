@@ -213,6 +213,10 @@ impl RxSink {
             }
         }
         let file = memfd(MEMORY as u64);
+        // Every page written once, as the memory of a guest that has run a while is (the
+        // backend maps ahead only the pages a guest's memory has: `--lazy-guest-memory`).
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![0u8; MEMORY], 0)
+            .map_err(|e| format!("writing the guest's memory: {e}"))?;
         let (mem, region) = map_memory_of(&file, MEMORY);
         frontend
             .set_mem_table(&[region])

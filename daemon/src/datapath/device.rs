@@ -24,8 +24,8 @@
 //! it, which ends the library's event loop.
 //!
 //! A new memory table is mapped ahead, off the datapath (see [`crate::vhost::populate`]):
-//! each table starts a thread that faults its pages in and stops when the table is replaced
-//! or the device reset; `--lazy-guest-memory` leaves pages to be mapped on first touch.
+//! each table starts a thread that maps the pages it has and stops when the table is
+//! replaced or the guest gone; `--lazy-guest-memory` leaves pages to be mapped on first touch.
 
 use std::{
     io,
@@ -93,6 +93,13 @@ pub struct GuestDevice {
     /// Counts memory tables and resets: a thread mapping a table goes on only while this is
     /// still the value it started with.
     memory_generation: Arc<AtomicU64>,
+}
+
+impl Drop for GuestDevice {
+    fn drop(&mut self) {
+        // A thread still mapping the guest's memory stops at its next chunk.
+        self.memory_generation.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for GuestDevice {
@@ -168,9 +175,9 @@ impl GuestDevice {
         self.map_ahead.store(on, Ordering::Relaxed);
     }
 
-    /// Starts a thread that maps every page of `mem` into the process (see
+    /// Starts a thread that maps the pages `mem` has into the process (see
     /// [`crate::vhost::populate`]), unless `--lazy-guest-memory`; it stops when the memory is
-    /// replaced or the device reset.
+    /// replaced or the guest gone (disconnected, reset, removed).
     fn map_ahead(&self, mem: &Memory) {
         use vm_memory::GuestAddressSpace;
         let generation = self.memory_generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -184,37 +191,54 @@ impl GuestDevice {
         let started = std::thread::Builder::new()
             .name("xvio-map-guest".to_owned())
             .spawn(move || {
-                // Off the workers' CPUs: the serving thread this comes from may be on them.
+                // Off the workers' CPUs (the serving thread this comes from may be on them),
+                // and behind whatever else runs there (guests' vCPUs, control threads).
                 if let Err(e) = super::stay_off() {
-                    tracing::debug!(%guest, error = %e, "mapping guest memory on any CPU");
+                    tracing::warn!(%guest, error = %e, "the thread that maps guest memory could not be kept off the datapath CPUs");
                 }
-                let outcome =
-                    populate::populate(&snapshot, || current.load(Ordering::Acquire) == generation);
+                // SAFETY: setpriority takes no pointers; who 0 is the calling thread.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                let outcome = populate::populate(&snapshot, || {
+                    current.load(Ordering::Acquire) == generation
+                });
                 match outcome {
-                    Populated::Done { bytes, took } => tracing::info!(
-                        %guest,
-                        mib = bytes >> 20,
-                        ms = took.as_millis() as u64,
-                        "guest memory mapped ahead"
-                    ),
+                    Populated::Done {
+                        bytes,
+                        took,
+                        refused,
+                    } => {
+                        tracing::info!(
+                            %guest,
+                            mib = bytes >> 20,
+                            ms = took.as_millis() as u64,
+                            "guest memory mapped ahead"
+                        );
+                        if let Some((skipped, error)) = refused {
+                            tracing::warn!(
+                                %guest,
+                                mib = skipped.div_ceil(1 << 20),
+                                %error,
+                                "part of the guest's memory could not be mapped ahead \
+                                 (madvise MADV_POPULATE_READ): it is mapped as the datapath \
+                                 first touches it"
+                            );
+                        }
+                    }
                     Populated::Superseded { bytes } => tracing::debug!(
                         %guest,
                         mib = bytes >> 20,
-                        "guest memory replaced or reset while it was being mapped"
+                        "guest memory replaced, or the guest gone, while it was being mapped"
                     ),
-                    Populated::Unsupported => tracing::info!(
-                        %guest,
-                        "the kernel cannot map memory ahead (MADV_POPULATE_WRITE needs \
-                         Linux 5.14): guest pages are mapped as the datapath first touches \
-                         them, a page fault each"
-                    ),
-                    Populated::Failed { guest_addr, error } => tracing::warn!(
-                        %guest,
-                        guest_addr = format_args!("{guest_addr:#x}"),
-                        %error,
-                        "mapping guest memory ahead stopped (madvise MADV_POPULATE_WRITE): \
-                         the rest is mapped as the datapath first touches it"
-                    ),
+                    Populated::Unsupported => {
+                        static SAID: AtomicBool = AtomicBool::new(false);
+                        if !SAID.swap(true, Ordering::Relaxed) {
+                            tracing::info!(
+                                "the kernel cannot map memory ahead (MADV_POPULATE_READ needs \
+                                 Linux 5.14): guest pages are mapped as the datapath first \
+                                 touches them, a page fault each"
+                            );
+                        }
+                    }
                 }
             });
         if let Err(e) = started {
@@ -352,6 +376,8 @@ impl GuestDevice {
     /// and the guest's memory (a whole VM's RAM, released now rather than when the next
     /// frontend sets its table), after completing or dropping what it had in flight.
     pub fn end_connection(&self) {
+        // Memory still being mapped is no longer the guest's.
+        self.memory_generation.fetch_add(1, Ordering::AcqRel);
         let id = self.id;
         if !self.call_all(|ack| Command::Disconnect { id, ack }) {
             tracing::warn!(guest = %self.name, "the datapath did not confirm the disconnect in time");
