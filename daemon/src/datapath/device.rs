@@ -198,45 +198,55 @@ impl GuestDevice {
                 }
                 // SAFETY: setpriority takes no pointers; who 0 is the calling thread.
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-                let outcome = populate::populate(&snapshot, || {
-                    current.load(Ordering::Acquire) == generation
-                });
-                match outcome {
-                    Populated::Done {
-                        bytes,
-                        took,
-                        refused,
-                    } => {
-                        tracing::info!(
-                            %guest,
-                            mib = bytes >> 20,
-                            ms = took.as_millis() as u64,
-                            "guest memory mapped ahead"
-                        );
-                        if let Some((skipped, error)) = refused {
-                            tracing::warn!(
-                                %guest,
-                                mib = skipped.div_ceil(1 << 20),
-                                %error,
-                                "part of the guest's memory could not be mapped ahead \
-                                 (madvise MADV_POPULATE_READ): it is mapped as the datapath \
-                                 first touches it"
-                            );
-                        }
+                let is_current = || current.load(Ordering::Acquire) == generation;
+                // The pages the guest has, again after each pause: a guest keeps touching its
+                // memory after it shares it (testpmd fills its mempools after SET_MEM_TABLE).
+                for (pass, pause) in populate::PASSES.iter().enumerate() {
+                    if !populate::wait_while(*pause, &is_current) {
+                        return;
                     }
-                    Populated::Superseded { bytes } => tracing::debug!(
-                        %guest,
-                        mib = bytes >> 20,
-                        "guest memory replaced, or the guest gone, while it was being mapped"
-                    ),
-                    Populated::Unsupported => {
-                        static SAID: AtomicBool = AtomicBool::new(false);
-                        if !SAID.swap(true, Ordering::Relaxed) {
-                            tracing::info!(
-                                "the kernel cannot map memory ahead (MADV_POPULATE_READ needs \
-                                 Linux 5.14): guest pages are mapped as the datapath first \
-                                 touches them, a page fault each"
+                    match populate::populate(&snapshot, is_current) {
+                        Populated::Done {
+                            bytes,
+                            took,
+                            refused,
+                        } => {
+                            let (mib, ms) = (bytes >> 20, took.as_millis() as u64);
+                            if pass == 0 {
+                                tracing::info!(%guest, mib, ms, "guest memory mapped ahead");
+                            } else {
+                                tracing::debug!(%guest, mib, ms, pass, "guest memory mapped ahead again");
+                            }
+                            if let Some((skipped, error)) = refused {
+                                tracing::warn!(
+                                    %guest,
+                                    mib = skipped.div_ceil(1 << 20),
+                                    %error,
+                                    "part of the guest's memory could not be mapped ahead \
+                                     (madvise MADV_POPULATE_READ): it is mapped as the \
+                                     datapath first touches it"
+                                );
+                                return;
+                            }
+                        }
+                        Populated::Superseded { bytes } => {
+                            tracing::debug!(
+                                %guest,
+                                mib = bytes >> 20,
+                                "guest memory replaced, or the guest gone, while it was being mapped"
                             );
+                            return;
+                        }
+                        Populated::Unsupported => {
+                            static SAID: AtomicBool = AtomicBool::new(false);
+                            if !SAID.swap(true, Ordering::Relaxed) {
+                                tracing::info!(
+                                    "the kernel cannot map memory ahead (MADV_POPULATE_READ \
+                                     needs Linux 5.14): guest pages are mapped as the datapath \
+                                     first touches them, a page fault each"
+                                );
+                            }
+                            return;
                         }
                     }
                 }

@@ -12,7 +12,8 @@
 //! new memory table finds the parts of each region's file that hold data (`lseek`
 //! `SEEK_DATA`/`SEEK_HOLE`: the pages the guest, or anyone, touched) and maps them with
 //! `madvise(MADV_POPULATE_READ)` (Linux 5.14), a chunk at a time, stopping as soon as the
-//! table is no longer the guest's.
+//! table is no longer the guest's; and again after each of [`PASSES`], for what the guest
+//! touched since.
 //!
 //! It allocates nothing and writes nothing: a hole (a page nobody touched) stays a hole, to be
 //! mapped, and allocated, when first touched, as before; a page that exists is mapped as it
@@ -20,7 +21,8 @@
 //! so the worker's first write does not fault either. A file system that reports no holes
 //! (hugetlbfs) has every page of the region mapped, and allocated from its pool. What it
 //! costs: xvio's page tables for the guest's memory (about 2 KiB per MiB), and on the
-//! development VM about 0.1 s per GiB mapped. `--lazy-guest-memory` turns it off.
+//! development VM about 0.1 s per GiB mapped (a pass over pages already mapped costs less).
+//! `--lazy-guest-memory` turns it off.
 
 use std::{io, os::fd::AsRawFd, time::Duration};
 
@@ -31,6 +33,33 @@ use super::dirty::GuestMem;
 /// Bytes mapped per `madvise` call (the call holds the process's mmap lock for reading);
 /// between two, the caller's `current` is asked whether to go on.
 pub const CHUNK: usize = 8 << 20;
+
+/// The pauses before each pass over a memory table: at once, then again after 1, 4, 16 and
+/// 64 s, for the pages the guest touched since (DPDK's testpmd, for one, shares its memory
+/// before it fills its mempools: 0.5 MiB of 512 had pages when its table came). A page first
+/// touched later than that is mapped by the fault of its first touch.
+pub const PASSES: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+    Duration::from_secs(16),
+    Duration::from_secs(64),
+];
+
+/// Sleeps `pause` in steps of 50 ms while `current()` holds; false as soon as it does not.
+pub fn wait_while(pause: Duration, current: impl Fn() -> bool) -> bool {
+    let until = std::time::Instant::now() + pause;
+    loop {
+        if !current() {
+            return false;
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
 
 /// What [`populate`] did.
 #[derive(Debug)]
@@ -298,6 +327,20 @@ mod tests {
         // faulted one: fault-around, large folios).
         let rss = resident(host(&mem, 0));
         assert!((2 * MIB..3 * MIB).contains(&rss), "{rss}");
+    }
+
+    #[test]
+    fn a_pause_ends_early_when_the_table_is_no_longer_current() {
+        let started = std::time::Instant::now();
+        assert!(wait_while(Duration::from_millis(120), || true));
+        assert!(started.elapsed() >= Duration::from_millis(120));
+        let calls = Cell::new(0);
+        let started = std::time::Instant::now();
+        assert!(!wait_while(Duration::from_secs(60), || {
+            calls.set(calls.get() + 1);
+            calls.get() < 3
+        }));
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
