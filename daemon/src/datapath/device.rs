@@ -202,7 +202,7 @@ impl GuestDevice {
                 // The pages the guest has, again after each pause: a guest keeps touching its
                 // memory after it shares it (testpmd fills its mempools after SET_MEM_TABLE).
                 for (pass, pause) in populate::PASSES.iter().enumerate() {
-                    if !populate::wait_while(*pause, &is_current) {
+                    if !populate::wait_while(*pause, is_current) {
                         return;
                     }
                     match populate::populate(&snapshot, is_current) {

@@ -12,8 +12,8 @@
 //! new memory table finds the parts of each region's file that hold data (`lseek`
 //! `SEEK_DATA`/`SEEK_HOLE`: the pages the guest, or anyone, touched) and maps them with
 //! `madvise(MADV_POPULATE_READ)` (Linux 5.14), a chunk at a time, stopping as soon as the
-//! table is no longer the guest's; and again after each of [`PASSES`], for what the guest
-//! touched since.
+//! table is no longer the guest's; and again after each of [`PASSES`] (a quarter of a second,
+//! doubling up to 64 s in all), for what the guest touched since.
 //!
 //! It allocates nothing and writes nothing: a hole (a page nobody touched) stays a hole, to be
 //! mapped, and allocated, when first touched, as before; a page that exists is mapped as it
@@ -34,16 +34,22 @@ use super::dirty::GuestMem;
 /// between two, the caller's `current` is asked whether to go on.
 pub const CHUNK: usize = 8 << 20;
 
-/// The pauses before each pass over a memory table: at once, then again after 1, 4, 16 and
-/// 64 s, for the pages the guest touched since (DPDK's testpmd, for one, shares its memory
-/// before it fills its mempools: 0.5 MiB of 512 had pages when its table came). A page first
+/// The pauses before each pass over a memory table: at once, then again after a quarter of a
+/// second and after each doubling of that up to 64 s, for the pages the guest touched since
+/// (DPDK's testpmd, for one, shares its memory before it fills its mempools: 0.5 MiB of 512
+/// had pages when its table came). A pass over pages already mapped costs little. A page first
 /// touched later than that is mapped by the fault of its first touch.
-pub const PASSES: [Duration; 5] = [
+pub const PASSES: [Duration; 10] = [
     Duration::ZERO,
+    Duration::from_millis(250),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
     Duration::from_secs(1),
+    Duration::from_secs(2),
     Duration::from_secs(4),
+    Duration::from_secs(8),
     Duration::from_secs(16),
-    Duration::from_secs(64),
+    Duration::from_secs(32),
 ];
 
 /// Sleeps `pause` in steps of 50 ms while `current()` holds; false as soon as it does not.
