@@ -201,11 +201,12 @@ impl GuestDevice {
                 let is_current = || current.load(Ordering::Acquire) == generation;
                 // The pages the guest has, again after each pause: a guest keeps touching its
                 // memory after it shares it (testpmd fills its mempools after SET_MEM_TABLE).
+                let mut map = populate::MapAhead::default();
                 for (pass, pause) in populate::PASSES.iter().enumerate() {
                     if !populate::wait_while(*pause, is_current) {
                         return;
                     }
-                    match populate::populate(&snapshot, is_current) {
+                    match map.pass(&snapshot, populate::CHUNK, is_current) {
                         Populated::Done {
                             bytes,
                             took,
