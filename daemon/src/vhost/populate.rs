@@ -11,9 +11,8 @@
 //! (async) path; xvio does it for every guest, off the datapath: a thread started for each
 //! new memory table finds the parts of each region's file that hold data (`lseek`
 //! `SEEK_DATA`/`SEEK_HOLE`: the pages the guest, or anyone, touched) and maps them with
-//! `madvise(MADV_POPULATE_READ)` (Linux 5.14), 2 MiB at a time with the CPU yielded between
-//! two (it runs where the guests' vCPUs do), stopping as soon as the table is no longer the
-//! guest's; and again after each of [`PASSES`] (a quarter of a second, doubling up to 64 s in
+//! `madvise(MADV_POPULATE_READ)` (Linux 5.14), 2 MiB at a time, stopping as soon as the
+//! table is no longer the guest's; and again after each of [`PASSES`] (a quarter of a second, doubling up to 64 s in
 //! all), for what the guest touched since.
 //!
 //! It allocates nothing and writes nothing: a hole (a page nobody touched) stays a hole, to be
@@ -33,8 +32,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use super::dirty::GuestMem;
 
 /// Bytes mapped per `madvise` call (about 0.2 ms of a CPU here, holding the process's mmap
-/// lock for reading); between two, the thread yields its CPU (the guests' vCPUs run there) and
-/// asks the caller's `current` whether to go on.
+/// lock for reading); between two, the caller's `current` is asked whether to go on.
 pub const CHUNK: usize = 2 << 20;
 
 /// The pauses before each pass over a memory table: at once, then again after a quarter of a
@@ -165,7 +163,6 @@ impl MapAhead {
                         bytes += n as u64;
                     }
                     at += n;
-                    std::thread::yield_now();
                 }
             }
             if all_mapped {
