@@ -96,8 +96,8 @@ pub struct RunConfig {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub busy_poll_us: u64,
     /// Map a guest's memory only as the datapath first touches it, a page fault on a worker
-    /// each time, instead of all of it, off the datapath, when the guest connects (which
-    /// backs all of the guest's memory on the host): for hosts that overcommit guest memory.
+    /// each time, instead of mapping the pages it has, off the datapath, in its first minute
+    /// (which puts them in xvio's page tables and RSS).
     #[arg(long = "lazy-guest-memory")]
     pub lazy_guest_memory: bool,
 }

@@ -89,7 +89,7 @@ pub struct GuestDevice {
     /// The copy engines' counters, as each worker last published them.
     copy_stats: Mutex<Vec<CopyStats>>,
     /// Whether each memory table is mapped ahead (not `--lazy-guest-memory`).
-    map_ahead: AtomicBool,
+    map_ahead: bool,
     /// Counts memory tables and resets: a thread mapping a table goes on only while this is
     /// still the value it started with.
     memory_generation: Arc<AtomicU64>,
@@ -162,7 +162,7 @@ impl GuestDevice {
             links,
             tx_owner,
             copy_stats: Mutex::new(vec![CopyStats::default(); workers]),
-            map_ahead: AtomicBool::new(true),
+            map_ahead: true,
             memory_generation: Arc::default(),
         };
         device.new_connection()?;
@@ -171,8 +171,8 @@ impl GuestDevice {
 
     /// Whether each new memory table is mapped ahead, off the datapath (true unless
     /// `--lazy-guest-memory`).
-    pub fn set_map_ahead(&self, on: bool) {
-        self.map_ahead.store(on, Ordering::Relaxed);
+    pub fn set_map_ahead(&mut self, on: bool) {
+        self.map_ahead = on;
     }
 
     /// Starts a thread that maps the pages `mem` has into the process (see
@@ -181,7 +181,7 @@ impl GuestDevice {
     fn map_ahead(&self, mem: &Memory) {
         use vm_memory::GuestAddressSpace;
         let generation = self.memory_generation.fetch_add(1, Ordering::AcqRel) + 1;
-        if !self.map_ahead.load(Ordering::Relaxed) {
+        if !self.map_ahead {
             return;
         }
         // The snapshot keeps the regions mapped while the thread works on them.

@@ -195,7 +195,7 @@ impl Datapath {
         // From the second worker on (the first receives from the first socket).
         let first = self.tx_pairs.fetch_add(pairs, Ordering::Relaxed) + 1;
         let tx_owner: Vec<usize> = (0..pairs).map(|p| (first + p) % workers).collect();
-        let device = GuestDevice::on_workers(
+        let mut device = GuestDevice::on_workers(
             id,
             name,
             (mac, vlan),
@@ -416,11 +416,7 @@ pub fn keep_off(cpus: &[usize]) -> std::io::Result<Option<Vec<usize>>> {
 /// a thread of background work started from a guest's serving thread, which [`rejoin`]ed the
 /// workers' CPUs.
 pub fn stay_off() -> std::io::Result<()> {
-    match KEPT_OFF.get() {
-        Some(set) => nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
-            .map_err(std::io::Error::from),
-        None => Ok(()),
-    }
+    set_own_cpus(KEPT_OFF.get())
 }
 
 /// Gives the calling thread (and the threads it starts from now on) back the CPUs it had
@@ -430,7 +426,12 @@ pub fn stay_off() -> std::io::Result<()> {
 /// guests' own vCPUs or lcores there at every kick (in `bench vhost`, 400 times a second,
 /// 12% of the guest-to-guest rate).
 pub fn rejoin() -> std::io::Result<()> {
-    match BEFORE_KEEP_OFF.get() {
+    set_own_cpus(BEFORE_KEEP_OFF.get())
+}
+
+/// Puts the calling thread on `cpus` (nothing when `None`: [`keep_off`] changed nothing).
+fn set_own_cpus(cpus: Option<&nix::sched::CpuSet>) -> std::io::Result<()> {
+    match cpus {
         Some(set) => nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
             .map_err(std::io::Error::from),
         None => Ok(()),

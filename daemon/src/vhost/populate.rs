@@ -69,7 +69,7 @@ pub fn wait_while(pause: Duration, current: impl Fn() -> bool) -> bool {
     }
 }
 
-/// What [`populate`] did.
+/// What a [`MapAhead::pass`] did.
 #[derive(Debug)]
 pub enum Populated {
     /// Every region was gone through.
@@ -91,13 +91,6 @@ pub enum Populated {
     Unsupported,
 }
 
-/// Maps the pages that `mem`'s regions' files hold into this process, `CHUNK` bytes at a
-/// time, as long as `current()` says the memory is still the guest's. Blocks: call it off
-/// the datapath.
-pub fn populate(mem: &GuestMem, current: impl Fn() -> bool) -> Populated {
-    MapAhead::default().pass(mem, CHUNK, current)
-}
-
 /// Passes over one memory table: each maps only what holds data now and was not mapped by
 /// an earlier pass (a pass over what is mapped already would walk every page again: 45 ms
 /// per 512 MiB here).
@@ -108,7 +101,8 @@ pub struct MapAhead {
 }
 
 impl MapAhead {
-    /// One pass over `mem` (the same table at every pass), `chunk` bytes per call.
+    /// One pass over `mem` (the same table at every pass), `chunk` bytes per call, as long
+    /// as `current()` says the memory is still the guest's. Blocks: call it off the datapath.
     pub fn pass(&mut self, mem: &GuestMem, chunk: usize, current: impl Fn() -> bool) -> Populated {
         let started = std::time::Instant::now();
         // An advice the kernel does not know is refused whatever the range; a length of 0 is
@@ -321,7 +315,7 @@ mod tests {
         guest_writes(&file, 5 * MIB as u64, 2 * MIB, 0xa5);
         let mem = shared_memory(&file, MIB as u64, &[(0, 4 * MIB), (0x1000_0000, 2 * MIB)]);
         assert_eq!(resident(host(&mem, 0)), 0, "nothing mapped yet");
-        match populate(&mem, || true) {
+        match MapAhead::default().pass(&mem, CHUNK, || true) {
             Populated::Done { bytes, refused, .. } => {
                 assert_eq!(bytes, 4 * MIB as u64);
                 assert!(refused.is_none(), "{refused:?}");
