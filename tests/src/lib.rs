@@ -43,3 +43,40 @@ pub fn unique_name(prefix: &str) -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}{:x}{n}", std::process::id() % 0xfffff)
 }
+
+/// The bytes process `pid` maps of the memfd called `name` (what /proc shows as
+/// `/memfd:NAME`), and how many of them are in its page tables: `(Size, Rss)` summed over
+/// its mappings in /proc/PID/smaps; (0, 0) when it maps none (or is gone).
+pub fn memfd_mapped(pid: i32, name: &str) -> (usize, usize) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let file = format!("/memfd:{name}");
+    let (mut size, mut rss, mut inside) = (0usize, 0usize, false);
+    let kib = |rest: &str| {
+        rest.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0)
+            * 1024
+    };
+    for line in smaps.lines() {
+        // A mapping's first line starts with its range, "start-end" in hex.
+        let range = line
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.split_once('-'));
+        let hex = |t: &str| usize::from_str_radix(t, 16).is_ok();
+        if range.is_some_and(|(a, b)| hex(a) && hex(b)) {
+            // The path is the line's last field but for a " (deleted)" suffix.
+            inside = line
+                .split_whitespace()
+                .nth(5)
+                .is_some_and(|path| path == file);
+        } else if inside && let Some(rest) = line.strip_prefix("Size:") {
+            size += kib(rest);
+        } else if inside && let Some(rest) = line.strip_prefix("Rss:") {
+            rss += kib(rest);
+        }
+    }
+    (size, rss)
+}

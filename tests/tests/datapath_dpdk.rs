@@ -17,6 +17,7 @@ use xvio_tests::{
     daemon::wait_guests_ready,
     dpdk::{Testpmd, packets_by_queue},
     frames::{ETH_P_EXPERIMENTAL, frame},
+    memfd_mapped,
     netns::mac_of,
     privileged,
     sink::RxSink,
@@ -607,38 +608,6 @@ fn the_host_keeps_its_network_when_the_daemon_is_killed_under_load() {
     );
 }
 
-/// The bytes of the guest memory (the test guests' memfd) that xvio (`pid`) has mapped, and
-/// of those how many are in its page tables: `Size` and `Rss` of those mappings in
-/// /proc/PID/smaps.
-fn guest_memory_mapped(pid: i32) -> (usize, usize) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let (mut size, mut rss, mut inside) = (0usize, 0usize, false);
-    for line in smaps.lines() {
-        let kib = |rest: &str| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<usize>()
-                .unwrap()
-                * 1024
-        };
-        // A mapping's first line starts with its range, "start-end" in hex.
-        let range = line
-            .split_whitespace()
-            .next()
-            .and_then(|t| t.split_once('-'));
-        let hex = |t: &str| usize::from_str_radix(t, 16).is_ok();
-        if range.is_some_and(|(a, b)| hex(a) && hex(b)) {
-            inside = line.contains("/memfd:xvio-test-guest");
-        } else if inside && let Some(rest) = line.strip_prefix("Size:") {
-            size += kib(rest);
-        } else if inside && let Some(rest) = line.strip_prefix("Rss:") {
-            rss += kib(rest);
-        }
-    }
-    (size, rss)
-}
-
 /// A guest's memory (here every page written, as the sink's is) is in xvio's page tables as
 /// soon as the guest connects, mapped ahead by a thread off the datapath, so that no worker
 /// takes a page fault on a guest buffer it touches first (measured: one per ping from
@@ -664,7 +633,7 @@ fn a_guests_memory_is_mapped_ahead_unless_lazy() {
             std::thread::sleep(Duration::from_secs(1));
         }
         let (size, rss) = loop {
-            let (size, rss) = guest_memory_mapped(pid);
+            let (size, rss) = memfd_mapped(pid, "xvio-test-guest");
             if lazy || (size > 0 && rss == size) || std::time::Instant::now() > deadline {
                 break (size, rss);
             }

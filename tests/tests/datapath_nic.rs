@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use xvio_tests::{netns::Netns, privileged, qemu::QemuGuest, topology::Topology, unique_name};
+use xvio_tests::{
+    memfd_mapped, netns::Netns, privileged, qemu::QemuGuest, topology::Topology, unique_name,
+};
 
 /// TCG guests take both cores: one test at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -97,4 +99,81 @@ fn a_qemu_guest_reaches_a_peer_over_the_nic_without_mrg_rxbuf_on_the_cpu() {
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     guest_talks_to_the_peer(false, false);
+}
+
+/// A QEMU guest's memory (the memfd QEMU shares, `memory-backend-memfd`) is in xvio's page
+/// tables soon after the guest's driver comes up, as much of it as QEMU has in memory, mapped
+/// ahead off the datapath; with `--lazy-guest-memory` it is not (the guest here sends next to
+/// nothing, so the datapath touches next to nothing).
+#[test]
+fn a_qemu_guests_memory_is_mapped_ahead_unless_lazy() {
+    if !privileged("a_qemu_guests_memory_is_mapped_ahead_unless_lazy") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const MIB: usize = 1 << 20;
+    for lazy in [false, true] {
+        let topo = Topology::new(1);
+        let socket = std::env::temp_dir().join(format!("{}.sock", unique_name("xvio-map-")));
+        let guest = format!("socket={},mac={GUEST_MAC}", socket.display());
+        let mut args = vec!["--guest", &guest];
+        if lazy {
+            args.push("--lazy-guest-memory");
+        }
+        let daemon = topo.start(&args);
+        // The guest sleeps longer than the test waits.
+        let mut qemu = QemuGuest::start(&socket, GUEST_MAC, GUEST_IP, "sleep 900", true);
+        let xvio = daemon.pid().expect("the daemon runs");
+        let vm = qemu.pid().expect("QEMU runs");
+        // The guest's memory in xvio (once QEMU shared it) and in QEMU, at one moment:
+        // (xvio's Size, xvio's Rss, QEMU's Rss), and whether QEMU has shared it all.
+        let look = || {
+            let ((size, rss), (vm_size, in_qemu)) = (
+                memfd_mapped(xvio, "memory-backend-memfd"),
+                memfd_mapped(vm, "memory-backend-memfd"),
+            );
+            let shared = size > 0 && size == vm_size && in_qemu >= 32 * MIB;
+            ((size, rss, in_qemu), shared)
+        };
+        let mut deadline = std::time::Instant::now() + BOOT_AND_RUN;
+        let ((mut size, mut rss, mut in_qemu), mut shared) = look();
+        // Mapped ahead: what QEMU has (but what the guest touched since the last look),
+        // within seconds of QEMU sharing it.
+        let mut sharing = false;
+        while !(shared && (lazy || rss >= in_qemu / 10 * 9))
+            && std::time::Instant::now() < deadline
+            && qemu.running()
+        {
+            if shared && !std::mem::replace(&mut sharing, true) {
+                deadline = std::time::Instant::now() + Duration::from_secs(20);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            ((size, rss, in_qemu), shared) = look();
+        }
+        if lazy && shared {
+            // The looks mapping ahead would have made by now, and then some.
+            std::thread::sleep(Duration::from_secs(3));
+            ((size, rss, in_qemu), _) = look();
+        }
+        let log = daemon.log();
+        let console = qemu.console();
+        drop(qemu);
+        let (status, _) = daemon.terminate();
+        let _ = std::fs::remove_file(&socket);
+        let what = format!(
+            "lazy {lazy}: xvio has {} of {} MiB in memory, QEMU {} MiB\n{console}\n--- xvio ---\n{log}",
+            rss / MIB,
+            size / MIB,
+            in_qemu / MIB
+        );
+        assert!(size >= 256 * MIB, "xvio maps the guest's memory: {what}");
+        if lazy {
+            assert!(rss < in_qemu / 2, "only what the datapath touched: {what}");
+            assert!(!log.contains("guest memory mapped ahead"), "{what}");
+        } else {
+            assert!(rss >= in_qemu / 10 * 9, "what QEMU has, ahead: {what}");
+            assert!(log.contains("guest memory mapped ahead"), "{what}");
+        }
+        assert!(status.success(), "xvio exited cleanly: {what}");
+    }
 }
