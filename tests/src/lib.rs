@@ -67,11 +67,17 @@ pub fn memfd_mapped(pid: i32, name: &str) -> (usize, usize) {
             .and_then(|t| t.split_once('-'));
         let hex = |t: &str| usize::from_str_radix(t, 16).is_ok();
         if range.is_some_and(|(a, b)| hex(a) && hex(b)) {
-            // The path is the line's last field but for a " (deleted)" suffix.
-            inside = line
-                .split_whitespace()
-                .nth(5)
-                .is_some_and(|path| path == file);
+            // After range, perms, offset, dev and inode: the path, to the end of the line
+            // (it may hold spaces), with " (deleted)" after a file that is gone.
+            let mut rest = line;
+            for _ in 0..5 {
+                rest = rest
+                    .trim_start()
+                    .split_once(char::is_whitespace)
+                    .map_or("", |(_, r)| r);
+            }
+            let path = rest.trim();
+            inside = path.strip_suffix(" (deleted)").unwrap_or(path) == file;
         } else if inside && let Some(rest) = line.strip_prefix("Size:") {
             size += kib(rest);
         } else if inside && let Some(rest) = line.strip_prefix("Rss:") {
