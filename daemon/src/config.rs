@@ -92,7 +92,7 @@ pub struct RunConfig {
     /// microseconds (as the kernel's `busy_poll`): longer answers sparse traffic sooner (a
     /// sleeping worker takes tens to hundreds of microseconds to wake) at the price of a busy
     /// core while it comes; 0 sleeps at once.
-    #[arg(long = "busy-poll", value_name = "USECS", default_value_t = DEFAULT_BUSY_POLL_US,
+    #[arg(long = "busy-poll", value_name = "USECS", default_value_t = crate::datapath::worker::IDLE_BEFORE_PARK.as_micros() as u64,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub busy_poll_us: u64,
     /// Map a guest's memory only as the datapath first touches it, a page fault on a worker
@@ -109,9 +109,6 @@ pub struct CpuList(pub Vec<usize>);
 
 /// CPUs a datapath may have at most (one worker each).
 pub const MAX_WORKERS: usize = 64;
-
-/// `--busy-poll`'s default, in microseconds.
-pub const DEFAULT_BUSY_POLL_US: u64 = 200;
 
 impl FromStr for CpuList {
     type Err = String;

@@ -25,6 +25,7 @@ use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
     sys::eventfd::{EfdFlags, EventFd},
 };
+use xvio::datapath::worker::IDLE_BEFORE_PARK;
 use xvio_tests::bench::pin_current_thread;
 
 use crate::cost::{PING_INTERVAL_MS, percentile};
@@ -107,7 +108,7 @@ impl Wakes {
             p(&spun),
             self.spinning.len(),
             cpu = crate::setup::DATAPATH_CPU,
-            spin = xvio::config::DEFAULT_BUSY_POLL_US,
+            spin = IDLE_BEFORE_PARK.as_micros(),
         )
     }
 }
@@ -131,7 +132,7 @@ fn wakes(how: Waiter) -> Result<Vec<Wake>, String> {
     let ns = move || base.elapsed().as_nanos() as u64;
     // When each write was made, ns since `base` (0: not yet).
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..WAKES).map(|_| AtomicU64::new(0)).collect());
-    let spin = Duration::from_micros(xvio::config::DEFAULT_BUSY_POLL_US);
+    let spin = IDLE_BEFORE_PARK;
     let interval = Duration::from_millis(u64::from(PING_INTERVAL_MS));
     let waiter = {
         let (fd, sent) = (Arc::clone(&fd), Arc::clone(&sent));
