@@ -796,7 +796,8 @@ impl Worker {
         let dma = vlan == 0 && dma_room.is_some();
         let prefetch = if dma { 128 } else { 2048 };
         let mut linear = [const { None }; TX_BURST];
-        queue::look_ahead(&chains[..n], &**mem, &mut linear[..n], prefetch);
+        let ring = queue::SplitRing::new(state.get_queue(), mem);
+        queue::look_ahead(&ring, &chains[..n], &mut linear[..n], prefetch);
         // The burst's frames sent: counted once, at its end.
         let mut sent = Sent::default();
         let mut done = queue::UsedBurst::new(state.get_queue());
@@ -880,7 +881,7 @@ impl Worker {
                     malformed += 1;
                 }
             }
-            if done.push(state.get_queue(), &**mem, head, 0).is_err() {
+            if done.push(&ring, head, 0).is_err() {
                 // The queue stops (broken) until the driver restarts it: the chains taken
                 // but not looked at go back, as if never taken.
                 queue::untake(state.get_queue_mut(), n - i - 1);

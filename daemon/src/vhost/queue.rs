@@ -15,15 +15,17 @@
 
 use std::ops::Deref;
 
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestMemory, VolatileSlice,
-    bitmap::{BS, BitmapSlice},
+    Address, Bytes, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    VolatileSlice, bitmap::BitmapSlice,
 };
 
 use super::{
-    dirty::DirtyPages,
+    dirty::{DirtyPages, GuestMem},
     net::{HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME},
 };
 
@@ -164,31 +166,16 @@ impl UsedBurst {
     }
 
     /// Writes the used entry of chain `head` (`len` bytes written into it) after the burst's
-    /// others; the driver sees it only at [`UsedBurst::publish`]. `Broken` when the head is
-    /// not one of the queue's descriptors or the used ring is not in guest memory.
-    pub fn push<M: GuestMemory>(
-        &mut self,
-        queue: &Queue,
-        mem: &M,
-        head: u16,
-        len: u32,
-    ) -> Result<(), Broken> {
-        let size = queue.size();
+    /// others, into `ring`'s used ring; the driver sees it only at [`UsedBurst::publish`].
+    /// `Broken` when the head is not one of the queue's descriptors or the used ring is not in
+    /// guest memory.
+    pub fn push(&mut self, ring: &SplitRing<'_>, head: u16, len: u32) -> Result<(), Broken> {
+        let size = ring.size;
         if head >= size {
             return Err(Broken);
         }
         let slot = self.start.wrapping_add(self.added) % size;
-        // The used ring: flags (2 bytes), index (2 bytes), then entries of a 32-bit chain
-        // head and a 32-bit length, little-endian (virtio 1.x, 2.7.8).
-        let addr = queue
-            .used_ring()
-            .checked_add(4 + 8 * u64::from(slot))
-            .ok_or(Broken)?;
-        let mut entry = [0u8; 8];
-        entry[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        entry[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_obj(entry, vm_memory::GuestAddress(addr))
-            .map_err(|_| Broken)?;
+        ring.write_used(slot, head, len)?;
         self.added += 1;
         Ok(())
     }
@@ -288,38 +275,172 @@ impl<B: BitmapSlice> Linear<'_, B> {
     }
 }
 
-/// A [`Linear`] chain in guest memory `G`.
-pub type LinearIn<'a, G> = Linear<'a, BS<'a, <G as GuestMemory>::Bitmap>>;
+/// The descriptor table and the used ring of one split queue, found in the backend's mapping
+/// of guest memory once per burst, so that reading a chain's first descriptor and writing its
+/// used entry translate no guest address (DPDK's vhost translates a ring's addresses once,
+/// when the driver sets them). A ring that does not lie in one piece of the mapping, or is
+/// not aligned as virtio requires, is reached through vm-memory's checked accesses instead.
+/// It also remembers the memory region the last buffer lay in: a burst's buffers mostly
+/// share one.
+#[derive(Debug)]
+pub struct SplitRing<'a> {
+    mem: &'a GuestMem,
+    size: u16,
+    desc_table: u64,
+    used_ring: u64,
+    /// The descriptor table in the mapping (16-byte aligned, `16 * size` bytes).
+    desc: Option<std::ptr::NonNull<u8>>,
+    /// The used ring in the mapping (4-byte aligned, its flags, index and `size` entries).
+    used: Option<std::ptr::NonNull<u8>>,
+    region: std::cell::Cell<Option<&'a GuestRegionMmap<()>>>,
+}
 
-/// Reads each chain's first descriptor once for a burst: starts loading its first
-/// `prefetch_len` bytes (the headers, and the frame of a linear chain the CPU will copy; not
-/// what a DMA channel copies) into the cache, so that the burst's misses on memory the
-/// guest's core has just written overlap rather than follow one another (DPDK's vhost
+/// A descriptor as the table holds it (virtio 1.x, 2.7.5), little-endian.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct RawDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    _next: u16,
+}
+
+/// The flags of a descriptor the backend knows; others are ignored, as virtio-queue does.
+const DESC_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const DESC_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const DESC_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+impl<'a> SplitRing<'a> {
+    /// `queue`'s rings in `mem`, for one burst (the queue's addresses and `mem` must not
+    /// change while it is used: the worker holds the vring's lock and the memory's `Arc`).
+    pub fn new(queue: &Queue, mem: &'a GuestMem) -> SplitRing<'a> {
+        let size = queue.size();
+        let in_mapping = |gpa: u64, len: usize, align: usize| {
+            let slice =
+                GuestMemoryBackend::get_slice(mem, vm_memory::GuestAddress(gpa), len).ok()?;
+            let at = slice.ptr_guard_mut().as_ptr();
+            (at as usize).is_multiple_of(align).then_some(())?;
+            std::ptr::NonNull::new(at)
+        };
+        SplitRing {
+            mem,
+            size,
+            desc_table: queue.desc_table(),
+            used_ring: queue.used_ring(),
+            desc: in_mapping(queue.desc_table(), 16 * usize::from(size), 16),
+            used: in_mapping(queue.used_ring(), 4 + 8 * usize::from(size), 4),
+            region: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Descriptor `index` of the table (not following an indirect one), as (address,
+    /// length, flags); `None` when `index` is outside the table or the table outside memory.
+    fn descriptor(&self, index: u16) -> Option<(u64, u32, u16)> {
+        if index >= self.size {
+            return None;
+        }
+        let raw = match self.desc {
+            // SAFETY: `index < size`, so the 16 bytes at `16 * index` lie in the table that
+            // `new` found in one piece of the mapping of `mem` (borrowed for 'a, and a plain
+            // mmap: the pointer stays valid after its guard is dropped, vm-memory being built
+            // without `xen`), 16-byte aligned. The guest may write it meanwhile: the value read
+            // is checked like any other it gives.
+            Some(table) => unsafe {
+                table
+                    .as_ptr()
+                    .add(16 * usize::from(index))
+                    .cast::<RawDesc>()
+                    .read_volatile()
+            },
+            None => {
+                let at = self.desc_table.checked_add(16 * u64::from(index))?;
+                let b: [u8; 16] = self.mem.read_obj(vm_memory::GuestAddress(at)).ok()?;
+                RawDesc {
+                    addr: u64::from_ne_bytes(b[..8].try_into().ok()?),
+                    len: u32::from_ne_bytes(b[8..12].try_into().ok()?),
+                    flags: u16::from_ne_bytes(b[12..14].try_into().ok()?),
+                    _next: 0,
+                }
+            }
+        };
+        Some((
+            u64::from_le(raw.addr),
+            u32::from_le(raw.len),
+            u16::from_le(raw.flags),
+        ))
+    }
+
+    /// The `len` bytes at guest address `addr` when they lie in one memory region.
+    fn slice(&self, addr: u64, len: usize) -> Option<VolatileSlice<'a, ()>> {
+        let region = match self.region.get() {
+            Some(r) if addr >= r.start_addr().0 && addr <= r.last_addr().0 => r,
+            _ => {
+                let r = GuestMemoryBackend::find_region(self.mem, vm_memory::GuestAddress(addr))?;
+                self.region.set(Some(r));
+                r
+            }
+        };
+        let offset = vm_memory::MemoryRegionAddress(addr - region.start_addr().0);
+        GuestMemoryRegion::get_slice(region, offset, len).ok()
+    }
+
+    /// Writes used entry `slot` (below the queue's size): chain `head`, `len` bytes written.
+    fn write_used(&self, slot: u16, head: u16, len: u32) -> Result<(), Broken> {
+        match self.used {
+            // SAFETY: `slot < size`, so the 8 bytes at `4 + 8 * slot` lie in the used ring
+            // that `new` found in one piece of the mapping of `mem` (borrowed for 'a, a plain
+            // mmap), 4-byte aligned, so both 32-bit halves are aligned. The used ring is the
+            // device's to write; the guest only reads it.
+            Some(ring) => unsafe {
+                let entry = ring.as_ptr().add(4 + 8 * usize::from(slot)).cast::<u32>();
+                entry.write_volatile(u32::from(head).to_le());
+                entry.add(1).write_volatile(len.to_le());
+                Ok(())
+            },
+            None => {
+                // The used ring: flags (2 bytes), index (2 bytes), then entries of a 32-bit
+                // chain head and a 32-bit length, little-endian (virtio 1.x, 2.7.8).
+                let addr = self
+                    .used_ring
+                    .checked_add(4 + 8 * u64::from(slot))
+                    .ok_or(Broken)?;
+                let mut entry = [0u8; 8];
+                entry[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+                entry[4..].copy_from_slice(&len.to_le_bytes());
+                self.mem
+                    .write_obj(entry, vm_memory::GuestAddress(addr))
+                    .map_err(|_| Broken)
+            }
+        }
+    }
+}
+
+/// Reads each chain's first descriptor once for a burst, from `ring`: starts loading its
+/// first `prefetch_len` bytes (the headers, and the frame of a linear chain the CPU will
+/// copy; not what a DMA channel copies) into the cache, so that the burst's misses on memory
+/// the guest's core has just written overlap rather than follow one another (DPDK's vhost
 /// prefetches a burst's buffers too), and puts in `linear[i]` chain `i` as a [`Linear`] when
-/// it is one. A chain that is not, or is broken, is left for the general path to judge.
-pub fn look_ahead<'a, M>(
-    chains: &[Option<DescriptorChain<M>>],
-    mem: &'a M::Target,
-    linear: &mut [Option<LinearIn<'a, M::Target>>],
+/// it is one. A chain that is not (an indirect one included), or is broken, is left for the
+/// general path to judge.
+pub fn look_ahead<'a>(
+    ring: &SplitRing<'a>,
+    chains: &[Option<DescriptorChain<&'a GuestMem>>],
+    linear: &mut [Option<Linear<'a, ()>>],
     prefetch_len: usize,
-) where
-    M: Deref + Clone,
-    M::Target: GuestMemory,
-{
+) {
     for (chain, linear) in chains.iter().zip(linear.iter_mut()) {
         *linear = None;
-        let Some(desc) = chain.as_ref().and_then(|c| c.clone().next()) else {
+        let Some(head) = chain.as_ref().map(DescriptorChain::head_index) else {
             continue;
         };
-        if desc.is_write_only() {
+        let Some((addr, len, flags)) = ring.descriptor(head) else {
+            continue;
+        };
+        if flags & (DESC_WRITE | DESC_INDIRECT) != 0 {
             continue;
         }
-        let len = desc.len() as usize;
-        let Some(Ok(bytes)) = mem
-            .get_slices(desc.addr(), len, vm_memory::Permissions::Read)
-            .ok()
-            .and_then(|mut slices| slices.next())
-        else {
+        let len = len as usize;
+        let Some(bytes) = ring.slice(addr, len) else {
             continue;
         };
         let start = bytes.ptr_guard().as_ptr();
@@ -330,7 +451,7 @@ pub fn look_ahead<'a, M>(
             at += 64;
         }
         // One descriptor, in one piece, a header and an Ethernet header at least.
-        if !desc.has_next() && bytes.len() == len && len >= HDR_LEN + 14 {
+        if flags & DESC_NEXT == 0 && len >= HDR_LEN + 14 {
             *linear = Some(Linear { bytes });
         }
     }
