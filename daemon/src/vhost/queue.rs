@@ -1,7 +1,10 @@
 //! Moving frames in and out of split virtqueues, trusting nothing the guest wrote.
 //!
 //! TX: one descriptor chain is one frame (the 12-byte virtio-net header, then the Ethernet
-//! frame), read descriptor by descriptor through vm-memory's bounds-checked accesses.
+//! frame), read descriptor by descriptor through vm-memory's bounds-checked accesses; the
+//! datapath's burst reads each chain's first descriptor and writes its used entry through
+//! the rings' places in the mapping, found and checked once per burst ([`SplitRing`]), and
+//! copies a chain that is one descriptor in one piece ([`Linear`]) with one `memcpy`.
 //! RX: a frame is written behind a header into one chain, or, with MRG_RXBUF, into as many
 //! chains as it needs (`num_buffers` in the first header); if the queue runs out midway, the
 //! chains taken are given back to the avail ring untouched as far as the guest can see (the
