@@ -17,6 +17,15 @@ fn memory() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
 }
 
+/// The same 1 MiB as [`memory`], as two adjacent regions with their border at 0x8000.
+fn two_regions() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 0x8000),
+        (GuestAddress(0x8000), 0x10_0000 - 0x8000),
+    ])
+    .unwrap()
+}
+
 fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
 }
@@ -539,11 +548,7 @@ fn a_linear_chain_gives_the_general_paths_verdict_bytes_and_destination_whatever
     // outside memory; lengths from 0 to near u32::MAX; NEXT and WRITE flags; rooms around
     // a frame's size. Wherever look_ahead finds a Linear chain, it must agree with
     // read_tx_into and peek_dst.
-    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 0x8000),
-        (GuestAddress(0x8000), 0x10_0000 - 0x8000),
-    ])
-    .unwrap();
+    let mem = two_regions();
     let mut seed = 0x1234_5678_9abc_def0u64;
     let mut rnd = move || {
         seed ^= seed << 13;
@@ -600,14 +605,10 @@ fn rings_across_two_regions_are_read_and_written_alike_through_vm_memory() {
     // Two adjacent regions. The queue's descriptor table straddles their border (0x7f80),
     // or its used ring does (0x7e80): that ring is then reached through vm-memory, with the
     // same results as through the mapping (0x4_0000). (A misaligned ring cannot be set:
-    // virtio-queue refuses it.) The buffers alternate
-    // between the regions (the remembered region changes), one straddles the border and
-    // one is an indirect descriptor: neither of those is linear.
-    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 0x8000),
-        (GuestAddress(0x8000), 0x10_0000 - 0x8000),
-    ])
-    .unwrap();
+    // virtio-queue refuses it.) The buffers alternate between the regions (the remembered
+    // region changes), one straddles the border, one is an indirect descriptor and one
+    // chain's head is outside the table: none of those three is linear.
+    let mem = two_regions();
     let len = HDR_LEN + 60;
     let buffers = [0x1000u64, 0x2_0000, 0x1800, 0x8000 - 40, 0x3_0000];
     for (i, &at) in buffers.iter().enumerate() {
