@@ -17,6 +17,17 @@ fn memory() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
 }
 
+/// What the general path makes of each of `chains` (read into a 2 KiB room).
+fn general_verdicts(
+    chains: &[Option<DescriptorChain<&GuestMemoryMmap<()>>>],
+    mem: &GuestMemoryMmap<()>,
+) -> Vec<TxChain> {
+    chains
+        .iter()
+        .map(|c| read_tx_into(c.clone().unwrap(), mem, &mut [0u8; 2048]))
+        .collect()
+}
+
 /// The same 1 MiB as [`memory`], as two adjacent regions with their border at 0x8000.
 fn two_regions() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[
@@ -495,12 +506,8 @@ fn a_linear_chain_is_read_ahead_with_the_verdicts_of_the_general_path() {
     }
     assert_eq!(l.read_into(&mut [0u8; 99]), TxChain::Oversize);
     // The others, left to the general path, are judged there.
-    let verdicts: Vec<TxChain> = chains[1..5]
-        .iter()
-        .map(|c| read_tx_into(c.clone().unwrap(), &mem, &mut [0u8; 2048]))
-        .collect();
     assert_eq!(
-        verdicts,
+        general_verdicts(&chains[1..5], &mem),
         [
             TxChain::Frame(100),
             TxChain::Malformed,
@@ -670,12 +677,8 @@ fn rings_across_two_regions_are_read_and_written_alike_through_vm_memory() {
         // The general path's verdicts on the others: the straddling buffer is still a frame;
         // the indirect descriptor (whose table is not a whole number of descriptors) and the
         // head outside the table are malformed.
-        let verdicts: Vec<TxChain> = chains[3..6]
-            .iter()
-            .map(|c| read_tx_into(c.clone().unwrap(), &mem, &mut [0u8; 2048]))
-            .collect();
         assert_eq!(
-            verdicts,
+            general_verdicts(&chains[3..6], &mem),
             [TxChain::Frame(60), TxChain::Malformed, TxChain::Malformed]
         );
         let mut burst = UsedBurst::new(&q);
