@@ -796,13 +796,18 @@ impl Worker {
         let dma = vlan == 0 && dma_room.is_some();
         let prefetch = if dma { 128 } else { 2048 };
         let mut linear = [const { None }; TX_BURST];
-        let ring = queue::SplitRing::new(state.get_queue(), mem);
-        queue::look_ahead(&ring, &chains[..n], &mut linear[..n], prefetch);
+        // The rings' places, found only when there is a chain (not on every idle poll).
+        let ring = (n > 0).then(|| queue::SplitRing::new(state.get_queue(), mem));
+        if let Some(ring) = &ring {
+            queue::look_ahead(ring, &chains[..n], &mut linear[..n], prefetch);
+        }
         // The burst's frames sent: counted once, at its end.
         let mut sent = Sent::default();
         let mut done = queue::UsedBurst::new(state.get_queue());
         for (i, chain) in chains.iter_mut().enumerate().take(n) {
-            let Some(chain) = chain.take() else { break };
+            let (Some(chain), Some(ring)) = (chain.take(), &ring) else {
+                break;
+            };
             taken += 1;
             let head = chain.head_index();
             let flat = linear[i].take();
@@ -881,7 +886,7 @@ impl Worker {
                     malformed += 1;
                 }
             }
-            if done.push(&ring, head, 0).is_err() {
+            if done.push(ring, head, 0).is_err() {
                 // The queue stops (broken) until the driver restarts it: the chains taken
                 // but not looked at go back, as if never taken.
                 queue::untake(state.get_queue_mut(), n - i - 1);

@@ -18,10 +18,10 @@
 
 use std::ops::Deref;
 
-use virtio_bindings::virtio_ring::{
-    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{
+    DescriptorChain, Queue, QueueOwnedT, QueueT, desc::split::Descriptor as SplitDescriptor,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
     VolatileSlice, bitmap::BitmapSlice,
@@ -298,21 +298,6 @@ pub struct SplitRing<'a> {
     region: std::cell::Cell<Option<&'a GuestRegionMmap<()>>>,
 }
 
-/// A descriptor as the table holds it (virtio 1.x, 2.7.5), little-endian.
-#[repr(C, align(16))]
-#[derive(Clone, Copy)]
-struct RawDesc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    _next: u16,
-}
-
-/// The flags of a descriptor the backend knows; others are ignored, as virtio-queue does.
-const DESC_NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const DESC_WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const DESC_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
-
 impl<'a> SplitRing<'a> {
     /// `queue`'s rings in `mem`, for one burst (the queue's addresses and `mem` must not
     /// change while it is used: the worker holds the vring's lock and the memory's `Arc`).
@@ -336,41 +321,31 @@ impl<'a> SplitRing<'a> {
         }
     }
 
-    /// Descriptor `index` of the table (not following an indirect one), as (address,
-    /// length, flags); `None` when `index` is outside the table or the table outside memory.
-    fn descriptor(&self, index: u16) -> Option<(u64, u32, u16)> {
+    /// Descriptor `index` of the table (not following an indirect one); `None` when `index`
+    /// is outside the table or the table outside memory.
+    fn descriptor(&self, index: u16) -> Option<SplitDescriptor> {
         if index >= self.size {
             return None;
         }
-        let raw = match self.desc {
+        match self.desc {
             // SAFETY: `index < size`, so the 16 bytes at `16 * index` lie in the table that
             // `new` found in one piece of the mapping of `mem` (borrowed for 'a, and a plain
             // mmap: the pointer stays valid after its guard is dropped, vm-memory being built
-            // without `xen`), 16-byte aligned. The guest may write it meanwhile: the value read
-            // is checked like any other it gives.
-            Some(table) => unsafe {
+            // without `xen`), 16-byte aligned (a descriptor is 16 bytes, `repr(C)`, aligned
+            // to 8). The guest may write it meanwhile: the value read is checked like any
+            // other it gives.
+            Some(table) => Some(unsafe {
                 table
                     .as_ptr()
                     .add(16 * usize::from(index))
-                    .cast::<RawDesc>()
+                    .cast::<SplitDescriptor>()
                     .read_volatile()
-            },
+            }),
             None => {
                 let at = self.desc_table.checked_add(16 * u64::from(index))?;
-                let b: [u8; 16] = self.mem.read_obj(vm_memory::GuestAddress(at)).ok()?;
-                RawDesc {
-                    addr: u64::from_ne_bytes(b[..8].try_into().ok()?),
-                    len: u32::from_ne_bytes(b[8..12].try_into().ok()?),
-                    flags: u16::from_ne_bytes(b[12..14].try_into().ok()?),
-                    _next: 0,
-                }
+                self.mem.read_obj(vm_memory::GuestAddress(at)).ok()
             }
-        };
-        Some((
-            u64::from_le(raw.addr),
-            u32::from_le(raw.len),
-            u16::from_le(raw.flags),
-        ))
+        }
     }
 
     /// The `len` bytes at guest address `addr` when they lie in one memory region.
@@ -436,14 +411,14 @@ pub fn look_ahead<'a>(
         let Some(head) = chain.as_ref().map(DescriptorChain::head_index) else {
             continue;
         };
-        let Some((addr, len, flags)) = ring.descriptor(head) else {
+        let Some(desc) = ring.descriptor(head) else {
             continue;
         };
-        if flags & (DESC_WRITE | DESC_INDIRECT) != 0 {
+        if desc.is_write_only() || desc.refers_to_indirect_table() {
             continue;
         }
-        let len = len as usize;
-        let Some(bytes) = ring.slice(addr, len) else {
+        let len = desc.len() as usize;
+        let Some(bytes) = ring.slice(desc.addr().0, len) else {
             continue;
         };
         let start = bytes.ptr_guard().as_ptr();
@@ -454,7 +429,7 @@ pub fn look_ahead<'a>(
             at += 64;
         }
         // One descriptor, in one piece, a header and an Ethernet header at least.
-        if flags & DESC_NEXT == 0 && len >= HDR_LEN + 14 {
+        if !desc.has_next() && len >= HDR_LEN + 14 {
             *linear = Some(Linear { bytes });
         }
     }
