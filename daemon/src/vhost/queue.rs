@@ -260,6 +260,12 @@ impl<B: BitmapSlice> Linear<'_, B> {
         }
     }
 
+    /// Starts loading the chain's bytes from `offset` to its end into the cache (the frame a
+    /// CPU copy will read a few chains from now); nothing when `offset` is past its end.
+    pub fn prefetch_from(&self, offset: usize) {
+        prefetch_bytes(self.bytes.ptr_guard().as_ptr(), offset, self.bytes.len());
+    }
+
     /// Copies the chain's bytes from `offset` into all of `to`; the caller keeps them within
     /// the chain (`offset + to.len() <= self.bytes.len()`).
     fn copy_out(&self, offset: usize, to: &mut [u8]) {
@@ -394,10 +400,10 @@ impl<'a> SplitRing<'a> {
 }
 
 /// Reads each chain's first descriptor once for a burst, from `ring`: starts loading its
-/// first `prefetch_len` bytes (the headers, and the frame of a linear chain the CPU will
-/// copy; not what a DMA channel copies) into the cache, so that the burst's misses on memory
-/// the guest's core has just written overlap rather than follow one another (DPDK's vhost
-/// prefetches a burst's buffers too), and puts in `linear[i]` chain `i` as a [`Linear`] when
+/// first `prefetch_len` bytes (the headers) into the cache, so that the burst's misses on
+/// memory the guest's core has just written overlap rather than follow one another (DPDK's
+/// vhost prefetches a burst's buffers too; the rest of a frame the CPU copies is loaded a
+/// few chains ahead, [`Linear::prefetch_from`]), and puts in `linear[i]` chain `i` as a [`Linear`] when
 /// it is one. A chain that is not (an indirect one included), or is broken, is left for the
 /// general path to judge.
 pub fn look_ahead<'a>(
@@ -421,18 +427,33 @@ pub fn look_ahead<'a>(
         let Some(bytes) = ring.slice(desc.addr().0, len) else {
             continue;
         };
-        let start = bytes.ptr_guard().as_ptr();
-        let first = bytes.len().min(prefetch_len);
-        let mut at = 0usize;
-        while at < first + (start as usize % 64) {
-            prefetch(start.wrapping_add(at));
-            at += 64;
-        }
+        prefetch_bytes(bytes.ptr_guard().as_ptr(), 0, bytes.len().min(prefetch_len));
         // One descriptor, in one piece, a header and an Ethernet header at least.
         if !desc.has_next() && len >= HDR_LEN + 14 {
             *linear = Some(Linear { bytes });
         }
     }
+}
+
+/// Hints to load each cache line holding a byte of `start[from..to]`; never faults.
+fn prefetch_bytes(start: *const u8, from: usize, to: usize) {
+    let skew = start as usize % 64;
+    let line = start.wrapping_sub(skew);
+    for at in line_offsets(skew, from, to) {
+        prefetch(line.wrapping_add(at));
+    }
+}
+
+/// The offsets, from the cache line a buffer starts in (`skew` bytes into that line), of the
+/// lines that hold its bytes `from..to`.
+fn line_offsets(skew: usize, from: usize, to: usize) -> impl Iterator<Item = usize> {
+    let first = from.saturating_add(skew) & !63;
+    let end = if from < to {
+        to.saturating_add(skew)
+    } else {
+        first
+    };
+    (first..end).step_by(64)
 }
 
 /// A hint to load the cache line at `at`; never faults, whatever `at` is.

@@ -696,3 +696,23 @@ fn rings_across_two_regions_are_read_and_written_alike_through_vm_memory() {
         assert_eq!(vq.used().idx().load(), 5);
     }
 }
+
+#[test]
+fn the_lines_loaded_ahead_are_exactly_those_holding_the_bytes_asked_for() {
+    for skew in [0, 1, 12, 63] {
+        for (from, to) in [
+            (0, 0),
+            (0, 1),
+            (0, 76),
+            (128, 76),
+            (128, 1526),
+            (63, 65),
+            (64, 64),
+        ] {
+            let got: Vec<usize> = line_offsets(skew, from, to).collect();
+            let mut want: Vec<usize> = (from..to).map(|b| (skew + b) / 64 * 64).collect();
+            want.dedup();
+            assert_eq!(got, want, "skew {skew}, bytes {from}..{to}");
+        }
+    }
+}
