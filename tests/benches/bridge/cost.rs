@@ -26,7 +26,10 @@ use xvio_tests::{
     packet::RawSocket,
 };
 
-use crate::setup::{Bridge, GUEST, GUEST_MAC};
+use crate::{
+    rate::{Direction, describe},
+    setup::{Bridge, GUEST, GUEST_MAC},
+};
 
 /// How long the idle CPU is measured.
 pub(crate) const IDLE: Duration = Duration::from_secs(10);
@@ -81,6 +84,7 @@ fn paced_cost(bridge: &mut Bridge, burst: u32) -> Result<String, String> {
     if let Some(ovs) = bridge.ovs() {
         ovs.appctl(&["dpif-netdev/pmd-stats-clear"])?;
     }
+    let before = bridge.snapshot()?;
     let t0 = cpu_by_thread(pid);
     let offered = paced(bridge, burst)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -90,7 +94,22 @@ fn paced_cost(bridge: &mut Bridge, burst: u32) -> Result<String, String> {
         None => None,
     };
     let delivered = rx.stop().rx;
-    bridge.wait_guest(false)?;
+    // xvio's counters as published with the guest's disconnection: all of the load.
+    let after = bridge.final_snapshot()?;
+    // Where the frames the guest did not get went, by the datapath's own counters.
+    let short = if delivered < offered {
+        format!(
+            " (short by {}: {})",
+            offered - delivered,
+            describe(
+                Direction::ToGuest,
+                &bridge.topo.ifname,
+                [&before, &after, &after]
+            )
+        )
+    } else {
+        String::new()
+    };
     let testpmd = bridge.restart_testpmd()?.map_or(String::new(), |c| {
         format!(
             "; lcore busy {:.0} cycles/frame = {:.2} µs at {} MHz ({} frames)",
@@ -124,7 +143,7 @@ fn paced_cost(bridge: &mut Bridge, burst: u32) -> Result<String, String> {
         )
     });
     Ok(format!(
-        "paced, bursts of {burst}: guest got {delivered} of {offered}, CPU {:.2} µs/frame ({breakdown}){pmd}{testpmd}",
+        "paced, bursts of {burst}: guest got {delivered} of {offered}{short}, CPU {:.2} µs/frame ({breakdown}){pmd}{testpmd}",
         per_frame(busy.values().sum()),
     ))
 }

@@ -198,7 +198,11 @@ pub(crate) fn busy_text(busy: &[f64]) -> String {
 
 /// Where the frames of one measurement went, by the datapath's own counters read `before`
 /// it, `live` (the guest still connected, at the end) and `after` it.
-fn describe(dir: Direction, iface: &str, [before, live, after]: [&Snapshot; 3]) -> String {
+pub(crate) fn describe(
+    dir: Direction,
+    iface: &str,
+    [before, live, after]: [&Snapshot; 3],
+) -> String {
     match (before, live, after) {
         (
             Snapshot::Xvio {
