@@ -403,9 +403,9 @@ impl<'a> SplitRing<'a> {
 /// first `prefetch_len` bytes (the headers) into the cache, so that the burst's misses on
 /// memory the guest's core has just written overlap rather than follow one another (DPDK's
 /// vhost prefetches a burst's buffers too; the rest of a frame the CPU copies is loaded a
-/// few chains ahead, [`Linear::prefetch_from`]), and puts in `linear[i]` chain `i` as a [`Linear`] when
-/// it is one. A chain that is not (an indirect one included), or is broken, is left for the
-/// general path to judge.
+/// few chains ahead, [`Linear::prefetch_from`]), and puts in `linear[i]` chain `i` as a
+/// [`Linear`] when it is one. A chain that is not (an indirect one included), or is broken,
+/// is left for the general path to judge.
 pub fn look_ahead<'a>(
     ring: &SplitRing<'a>,
     chains: &[Option<DescriptorChain<&'a GuestMem>>],
