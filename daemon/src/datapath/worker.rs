@@ -59,9 +59,6 @@ pub const BURST: usize = 32;
 /// Chains taken from a guest's TX queue at once: what the uplink's socket sends in one
 /// `sendto` ([`crate::xsk::umem::TX_BUDGET`]; two sends where the kernel keeps its own 32).
 const TX_BURST: usize = 64;
-/// Bytes of each chain of a TX burst loaded into the cache up front: the virtio-net header
-/// and the Ethernet header, which the destination lookup reads first.
-const HEAD_PREFETCH: usize = 128;
 /// Chains ahead of the one the CPU copies whose frames it starts loading into the cache. A
 /// burst's frames loaded all up front (64 of up to 1.5 KiB) outgrow the L1 cache before
 /// they are copied; a few ahead arrive in time and stay (profiles of from_guest 1500 B, ten
@@ -807,10 +804,10 @@ impl Worker {
         // The rings' places, found only when there is a chain (not on every idle poll).
         let ring = (n > 0).then(|| queue::SplitRing::new(state.get_queue(), mem));
         if let Some(ring) = &ring {
-            queue::look_ahead(ring, &chains[..n], &mut linear[..n], HEAD_PREFETCH);
+            queue::look_ahead(ring, &chains[..n], &mut linear[..n]);
             if window {
                 for l in linear[..n.min(COPY_AHEAD)].iter().flatten() {
-                    l.prefetch_from(HEAD_PREFETCH);
+                    l.prefetch_rest();
                 }
             }
         }
@@ -823,7 +820,7 @@ impl Worker {
             };
             taken += 1;
             if window && let Some(Some(l)) = linear.get(i + COPY_AHEAD) {
-                l.prefetch_from(HEAD_PREFETCH);
+                l.prefetch_rest();
             }
             let head = chain.head_index();
             let flat = linear[i].take();

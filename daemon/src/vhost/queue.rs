@@ -260,10 +260,14 @@ impl<B: BitmapSlice> Linear<'_, B> {
         }
     }
 
-    /// Starts loading the chain's bytes from `offset` to its end into the cache (the frame a
-    /// CPU copy will read a few chains from now); nothing when `offset` is past its end.
-    pub fn prefetch_from(&self, offset: usize) {
-        prefetch_bytes(self.bytes.ptr_guard().as_ptr(), offset, self.bytes.len());
+    /// Starts loading the rest of the chain, past what [`look_ahead`] loaded, into the cache:
+    /// the frame a CPU copy will read a few chains from now.
+    pub fn prefetch_rest(&self) {
+        prefetch_bytes(
+            self.bytes.ptr_guard().as_ptr(),
+            HEAD_PREFETCH,
+            self.bytes.len(),
+        );
     }
 
     /// Copies the chain's bytes from `offset` into all of `to`; the caller keeps them within
@@ -399,18 +403,21 @@ impl<'a> SplitRing<'a> {
     }
 }
 
+/// Bytes of each chain of a TX burst [`look_ahead`] loads into the cache: the virtio-net
+/// header and the Ethernet header, which the destination lookup reads first.
+const HEAD_PREFETCH: usize = 128;
+
 /// Reads each chain's first descriptor once for a burst, from `ring`: starts loading its
-/// first `prefetch_len` bytes (the headers) into the cache, so that the burst's misses on
+/// first [`HEAD_PREFETCH`] bytes (the headers) into the cache, so that the burst's misses on
 /// memory the guest's core has just written overlap rather than follow one another (DPDK's
 /// vhost prefetches a burst's buffers too; the rest of a frame the CPU copies is loaded a
-/// few chains ahead, [`Linear::prefetch_from`]), and puts in `linear[i]` chain `i` as a
+/// few chains ahead, [`Linear::prefetch_rest`]), and puts in `linear[i]` chain `i` as a
 /// [`Linear`] when it is one. A chain that is not (an indirect one included), or is broken,
 /// is left for the general path to judge.
 pub fn look_ahead<'a>(
     ring: &SplitRing<'a>,
     chains: &[Option<DescriptorChain<&'a GuestMem>>],
     linear: &mut [Option<Linear<'a, ()>>],
-    prefetch_len: usize,
 ) {
     for (chain, linear) in chains.iter().zip(linear.iter_mut()) {
         *linear = None;
@@ -427,7 +434,11 @@ pub fn look_ahead<'a>(
         let Some(bytes) = ring.slice(desc.addr().0, len) else {
             continue;
         };
-        prefetch_bytes(bytes.ptr_guard().as_ptr(), 0, bytes.len().min(prefetch_len));
+        prefetch_bytes(
+            bytes.ptr_guard().as_ptr(),
+            0,
+            bytes.len().min(HEAD_PREFETCH),
+        );
         // One descriptor, in one piece, a header and an Ethernet header at least.
         if !desc.has_next() && len >= HDR_LEN + 14 {
             *linear = Some(Linear { bytes });

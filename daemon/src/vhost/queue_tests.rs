@@ -476,12 +476,7 @@ fn a_linear_chain_is_read_ahead_with_the_verdicts_of_the_general_path() {
     let mut chains = [const { None }; 8];
     assert_eq!(pop_burst(&mut q, &mem, &mut chains).unwrap(), 6);
     let mut linear = [const { None }; 8];
-    look_ahead(
-        &SplitRing::new(&q, &mem),
-        &chains[..6],
-        &mut linear[..6],
-        2048,
-    );
+    look_ahead(&SplitRing::new(&q, &mem), &chains[..6], &mut linear[..6]);
     let found: Vec<bool> = linear.iter().map(Option::is_some).collect();
     assert_eq!(
         found,
@@ -587,7 +582,7 @@ fn a_linear_chain_gives_the_general_paths_verdict_bytes_and_destination_whatever
         let mut chains = [const { None }; 1];
         assert_eq!(pop_burst(&mut q, &mem, &mut chains).unwrap(), 1);
         let mut linear = [const { None }; 1];
-        look_ahead(&SplitRing::new(&q, &mem), &chains, &mut linear, 2048);
+        look_ahead(&SplitRing::new(&q, &mem), &chains, &mut linear);
         let room = [2048usize - 26, 2048 - 12, 2036, 1514, 100][(rnd() % 5) as usize];
         let mut general = vec![0u8; room];
         let verdict = read_tx_into(chains[0].clone().unwrap(), &mem, &mut general);
@@ -657,7 +652,7 @@ fn rings_across_two_regions_are_read_and_written_alike_through_vm_memory() {
             "queue at {start:#x}"
         );
         let mut linear = [const { None }; 8];
-        look_ahead(&ring, &chains[..6], &mut linear[..6], 2048);
+        look_ahead(&ring, &chains[..6], &mut linear[..6]);
         let found: Vec<bool> = linear[..6].iter().map(Option::is_some).collect();
         assert_eq!(
             found,
