@@ -12,7 +12,9 @@
 //!
 //! A chain is malformed when it points outside guest memory, loops or runs past the queue
 //! (the descriptor iterator stops while the last descriptor still says NEXT), mixes the
-//! wrong direction of descriptors, or is shorter than a header and an Ethernet header. Such
+//! wrong direction of descriptors, is shorter than a header and an Ethernet header, or its
+//! frame spans more than [`MAX_DESCRIPTORS`] (indirect tables and, on RX, every chain the
+//! frame takes included). Such
 //! chains are completed with length 0 and counted; nothing is read or written outside guest
 //! memory, and nothing panics.
 
@@ -34,6 +36,14 @@ use super::{
 
 /// Room for the largest chain the backend reads: a header and the largest frame.
 pub const TX_BUF: usize = HDR_LEN + MAX_FRAME;
+
+/// Descriptors one frame may span, over all its chains and their indirect tables: a frame
+/// that spans more is malformed. DPDK's vhost gives a packet at most 256 (`BUF_VECTOR_MAX`);
+/// Linux's driver sends at most `MAX_SKB_FRAGS` + 2 (19 by default). Without a bound,
+/// virtio-queue follows an indirect table of up to 65535 descriptors (and a chain as long as
+/// the queue), so a guest offering many chains that share one such table would have the
+/// worker read 65535 descriptors for each, for every frame, stalling every port it serves.
+pub const MAX_DESCRIPTORS: usize = 256;
 
 /// What one TX chain held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,11 +273,16 @@ impl<B: BitmapSlice> Linear<'_, B> {
     /// Starts loading the rest of the chain, past what [`look_ahead`] loaded, into the cache:
     /// the frame a CPU copy will read a few chains from now.
     pub fn prefetch_rest(&self) {
-        prefetch_bytes(
-            self.bytes.ptr_guard().as_ptr(),
-            HEAD_PREFETCH,
-            self.bytes.len(),
-        );
+        let rest = self.rest_to_load();
+        prefetch_bytes(self.bytes.ptr_guard().as_ptr(), rest.start, rest.end);
+    }
+
+    /// The bytes [`Self::prefetch_rest`] loads: past the headers, up to the end of the
+    /// largest frame a copy reads. A descriptor's length is the guest's to choose, up to a
+    /// whole memory region: loading all of it would take the worker as long as reading
+    /// gigabytes, for a chain that is then dropped as oversize.
+    fn rest_to_load(&self) -> std::ops::Range<usize> {
+        HEAD_PREFETCH..self.bytes.len().min(TX_BUF)
     }
 
     /// Copies the chain's bytes from `offset` into all of `to`; the caller keeps them within
@@ -667,7 +682,7 @@ where
     for desc in chain {
         descriptors += 1;
         last_has_next = desc.has_next();
-        if desc.is_write_only() {
+        if desc.is_write_only() || descriptors > MAX_DESCRIPTORS {
             return TxChain::Malformed;
         }
         let len = desc.len() as usize;
@@ -712,7 +727,9 @@ where
         descriptors += 1;
         last_has_next = desc.has_next();
         let len = desc.len() as usize;
-        if desc.is_write_only() || !mem.check_range(desc.addr(), len, vm_memory::Permissions::Read)
+        if desc.is_write_only()
+            || descriptors > MAX_DESCRIPTORS
+            || !mem.check_range(desc.addr(), len, vm_memory::Permissions::Read)
         {
             return TxChain::Malformed;
         }
@@ -735,7 +752,8 @@ fn classify_tx(descriptors: usize, last_has_next: bool, oversize: bool, total: u
 }
 
 /// The destination MAC of the frame in a TX chain (the 6 bytes after the virtio-net header),
-/// read without taking the chain; `None` when the chain is too short or outside memory.
+/// read without taking the chain; `None` when the chain is too short, outside memory, or
+/// reaches them only past [`MAX_DESCRIPTORS`] descriptors.
 pub fn peek_dst<M>(chain: &DescriptorChain<M>, mem: &M::Target) -> Option<[u8; 6]>
 where
     M: Deref + Clone,
@@ -744,7 +762,7 @@ where
     let mut dst = [0u8; 6];
     let mut skip = HDR_LEN;
     let mut got = 0usize;
-    for desc in chain.clone() {
+    for desc in chain.clone().take(MAX_DESCRIPTORS) {
         if desc.is_write_only() {
             return None;
         }
@@ -835,6 +853,8 @@ where
     // num_buffers is known: (guest address, header offset, length).
     let mut header_spots = [(vm_memory::GuestAddress(0), 0usize, 0usize); HDR_LEN];
     let mut spots = 0usize;
+    // Descriptors of the frame's chains so far (at most MAX_DESCRIPTORS).
+    let mut frame_descriptors = 0usize;
     while written < total {
         let taken = chains.count;
         if taken == MAX_MERGE || (!mrg_rxbuf && taken == 1) {
@@ -859,8 +879,9 @@ where
         let mut bad = false;
         for desc in chain {
             descriptors += 1;
+            frame_descriptors += 1;
             last_has_next = desc.has_next();
-            if !desc.is_write_only() {
+            if !desc.is_write_only() || frame_descriptors > MAX_DESCRIPTORS {
                 bad = true;
                 break;
             }

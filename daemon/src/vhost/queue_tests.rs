@@ -711,3 +711,149 @@ fn the_lines_loaded_ahead_are_exactly_those_holding_the_bytes_asked_for() {
         }
     }
 }
+
+/// Writes an indirect table at `at` of `n` descriptors of `len` bytes each, linked by NEXT,
+/// their buffers one after another from `buffers`; `flags` added to each.
+fn indirect_table(mem: &GuestMemoryMmap<()>, at: u64, n: u16, len: u32, flags: u16, buffers: u64) {
+    for i in 0..n {
+        let next = if i + 1 < n { NEXT } else { 0 };
+        let d = desc(
+            buffers + u64::from(i) * u64::from(len),
+            len,
+            flags | next,
+            i + 1,
+        );
+        mem.write_obj(d, GuestAddress(at + 16 * u64::from(i)))
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_tx_chain_of_more_descriptors_than_a_frame_may_span_is_malformed() {
+    // An indirect table may list 65535 descriptors, which virtio-queue follows: a chain
+    // through one of MAX_DESCRIPTORS + 1 is malformed on every path; one of MAX_DESCRIPTORS
+    // is a frame.
+    let indirect = VRING_DESC_F_INDIRECT as u16;
+    let max = MAX_DESCRIPTORS as u16;
+    for (n, want) in [
+        (max, TxChain::Frame(MAX_DESCRIPTORS * 8 - HDR_LEN)),
+        (max + 1, TxChain::Malformed),
+        (4096, TxChain::Malformed),
+    ] {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        indirect_table(&mem, 0x8_0000, n, 8, 0, 0x9_0000);
+        vq.add_desc_chains(&[desc(0x8_0000, 16 * u32::from(n), indirect, 0)], 0)
+            .unwrap();
+        // The same chain each time, from a queue made afresh.
+        let chain = || {
+            let mut q: Queue = vq.create_queue().unwrap();
+            pop(&mut q, &mem).unwrap().unwrap()
+        };
+        assert_eq!(
+            read_tx_into(chain(), &mem, &mut [0u8; 2048]),
+            want,
+            "{n} descriptors"
+        );
+        assert_eq!(check_tx(chain(), &mem, MAX_FRAME), want, "{n} descriptors");
+        assert_eq!(
+            tx_pieces(chain(), &mem, MAX_FRAME, |_, _, _| true),
+            want,
+            "{n} descriptors"
+        );
+        // The destination lies in the first three descriptors.
+        assert!(peek_dst(&chain(), &mem).is_some());
+    }
+}
+
+#[test]
+fn a_tx_chain_whose_destination_lies_past_max_descriptors_has_none() {
+    // MAX_DESCRIPTORS empty descriptors, then the header and frame.
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let n = MAX_DESCRIPTORS as u16;
+    indirect_table(&mem, 0x8_0000, n, 0, 0, 0x9_0000);
+    let last = desc(0x9_0000, 100, 0, 0);
+    mem.write_obj(last, GuestAddress(0x8_0000 + 16 * u64::from(n)))
+        .unwrap();
+    // The table's last empty descriptor leads on to the frame.
+    mem.write_obj(
+        desc(0x9_0000, 0, NEXT, n),
+        GuestAddress(0x8_0000 + 16 * u64::from(n - 1)),
+    )
+    .unwrap();
+    let indirect = VRING_DESC_F_INDIRECT as u16;
+    vq.add_desc_chains(&[desc(0x8_0000, 16 * (u32::from(n) + 1), indirect, 0)], 0)
+        .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let chain = pop(&mut q, &mem).unwrap().unwrap();
+    assert_eq!(peek_dst(&chain, &mem), None);
+    assert_eq!(
+        read_tx_into(chain, &mem, &mut [0u8; 2048]),
+        TxChain::Malformed
+    );
+}
+
+#[test]
+fn an_rx_frame_may_span_max_descriptors_over_all_its_chains_and_no_more() {
+    // Chains through indirect tables of 128 four-byte descriptors each (512 bytes a chain).
+    // A 1000-byte frame takes 253 descriptors over two chains; a 1500-byte frame would take
+    // 378 over three: the three chains taken are completed empty, the frame dropped.
+    let indirect = VRING_DESC_F_INDIRECT as u16;
+    for (len, want) in [(1000, RxWrite::Written(2)), (1500, RxWrite::Malformed)] {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let heads: Vec<RawDescriptor> = (0..4u64)
+            .map(|c| {
+                let table = 0x8_0000 + c * 0x1000;
+                indirect_table(&mem, table, 128, 4, WRITE, 0x9_0000 + c * 0x1000);
+                desc(table, 16 * 128, indirect, 0)
+            })
+            .collect();
+        for (i, h) in heads.iter().enumerate() {
+            vq.add_desc_chains(std::slice::from_ref(h), i as u16)
+                .unwrap();
+        }
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert_eq!(
+            write_rx(&mut q, &mem, &frame(len), true, None),
+            Ok(want),
+            "{len} bytes"
+        );
+        if want == RxWrite::Malformed {
+            assert_eq!(
+                (used(&vq, 0), used(&vq, 1), used(&vq, 2)),
+                ((0, 0), (1, 0), (2, 0))
+            );
+            assert_eq!(vq.used().idx().load(), 3);
+        } else {
+            assert_eq!((used(&vq, 0), used(&vq, 1)), ((0, 512), (1, 500)));
+        }
+    }
+}
+
+#[test]
+fn a_huge_linear_descriptor_is_loaded_ahead_only_as_far_as_the_largest_frame() {
+    // A descriptor may be as long as a region (here 200 MiB of a lazily mapped 256 MiB):
+    // loading all of it ahead would take the worker as long as reading it. The chain is
+    // linear, loaded as far as TX_BUF, and oversize.
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
+    let vq = MockSplitQueue::new(&mem, 16);
+    mem.write_slice(&frame(HDR_LEN + 14), GuestAddress(0x10_0000))
+        .unwrap();
+    vq.add_desc_chains(&[desc(0x10_0000, 200 << 20, 0, 0)], 0)
+        .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut chains = [const { None }; 1];
+    assert_eq!(pop_burst(&mut q, &mem, &mut chains).unwrap(), 1);
+    let ring = SplitRing::new(&q, &mem);
+    let mut linear = [const { None }; 1];
+    look_ahead(&ring, &chains, &mut linear);
+    let l = linear[0]
+        .as_ref()
+        .expect("one descriptor in one piece is linear");
+    assert_eq!(l.rest_to_load(), HEAD_PREFETCH..TX_BUF);
+    l.prefetch_rest();
+    assert_eq!(l.read_into(&mut [0u8; 2048]), TxChain::Oversize);
+}
