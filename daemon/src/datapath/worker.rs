@@ -213,6 +213,24 @@ impl WorkerLink {
 /// time under its lock (as OVS-DPDK's PMD threads share a port's transmit queue).
 pub type SharedUplink = Arc<Mutex<Uplink>>;
 
+/// A guest's TX chain that goes nowhere (no route, or no free buffer to copy it into),
+/// judged all the same: a bad chain is counted as one (by the caller, from the verdict), a
+/// good one as dropped by `reason`.
+fn dropped_judged<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    mem: &GuestMem,
+    reason: &std::sync::atomic::AtomicU64,
+) -> TxChain
+where
+    M: std::ops::Deref<Target = GuestMem>,
+{
+    let outcome = queue::check_tx(chain, mem, MAX_FRAME);
+    if let TxChain::Frame(_) = outcome {
+        GuestCounters::add(reason, 1);
+    }
+    outcome
+}
+
 fn lock_uplink(uplink: &SharedUplink) -> MutexGuard<'_, Uplink> {
     uplink.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -830,13 +848,9 @@ impl Worker {
             let dest = dst.map(|dst| self.fdb.lookup(&dst, vlan));
             let outcome = match dest {
                 None => TxChain::Malformed,
+                // To itself: nowhere to go.
                 Some(Dest::Guest(d)) if d == s => {
-                    // To itself: nowhere to go, but a bad chain is still counted as one.
-                    let outcome = queue::check_tx(chain, &**mem, MAX_FRAME);
-                    if let TxChain::Frame(_) = outcome {
-                        GuestCounters::add(&counters.from_guest_no_route, 1);
-                    }
-                    outcome
+                    dropped_judged(chain, mem, &counters.from_guest_no_route)
                 }
                 Some(Dest::Wire) => {
                     if wire.is_none() {
@@ -852,10 +866,7 @@ impl Worker {
                     }
                 }
                 Some(dest) => match self.bounce.take() {
-                    None => {
-                        GuestCounters::add(&counters.from_guest_dropped_full, 1);
-                        TxChain::Frame(0)
-                    }
+                    None => dropped_judged(chain, mem, &counters.from_guest_dropped_full),
                     Some(buf) => {
                         // The largest frame moved, as on the other paths: the buffer's room
                         // beyond it is for a header.
@@ -955,16 +966,15 @@ impl Worker {
         M: std::ops::Deref<Target = GuestMem>,
     {
         let Some((t, uplink)) = uplink else {
-            // No interface: nowhere to go, but a bad chain is still counted as one.
-            let outcome = queue::check_tx(chain, &**mem, MAX_FRAME);
-            if let TxChain::Frame(_) = outcome {
-                GuestCounters::add(&counters.from_guest_no_route, 1);
-            }
-            return Some(outcome);
+            // No interface: nowhere to go.
+            return Some(dropped_judged(chain, mem, &counters.from_guest_no_route));
         };
         let Some(base) = uplink.port.from_guest_alloc() else {
-            GuestCounters::add(&counters.from_guest_dropped_full, 1);
-            return Some(TxChain::Frame(0));
+            return Some(dropped_judged(
+                chain,
+                mem,
+                &counters.from_guest_dropped_full,
+            ));
         };
         // A VLAN guest's frame is tagged in its UMEM frame after the copy: the CPU's.
         if vlan == 0
