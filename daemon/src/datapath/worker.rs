@@ -214,17 +214,18 @@ impl WorkerLink {
 pub type SharedUplink = Arc<Mutex<Uplink>>;
 
 /// A guest's TX chain that goes nowhere (no route, or no free buffer to copy it into),
-/// judged all the same: a bad chain is counted as one (by the caller, from the verdict), a
-/// good one as dropped by `reason`.
+/// judged all the same against the `room` its frame would have had: a bad or oversize chain
+/// is counted as one (by the caller, from the verdict), a good one as dropped by `reason`.
 fn dropped_judged<M>(
     chain: virtio_queue::DescriptorChain<M>,
+    room: usize,
     mem: &GuestMem,
     reason: &std::sync::atomic::AtomicU64,
 ) -> TxChain
 where
     M: std::ops::Deref<Target = GuestMem>,
 {
-    let outcome = queue::check_tx(chain, mem, MAX_FRAME);
+    let outcome = queue::check_tx(chain, mem, room);
     if let TxChain::Frame(_) = outcome {
         GuestCounters::add(reason, 1);
     }
@@ -850,7 +851,7 @@ impl Worker {
                 None => TxChain::Malformed,
                 // To itself: nowhere to go.
                 Some(Dest::Guest(d)) if d == s => {
-                    dropped_judged(chain, mem, &counters.from_guest_no_route)
+                    dropped_judged(chain, MAX_FRAME, mem, &counters.from_guest_no_route)
                 }
                 Some(Dest::Wire) => {
                     if wire.is_none() {
@@ -866,7 +867,9 @@ impl Worker {
                     }
                 }
                 Some(dest) => match self.bounce.take() {
-                    None => dropped_judged(chain, mem, &counters.from_guest_dropped_full),
+                    None => {
+                        dropped_judged(chain, MAX_FRAME, mem, &counters.from_guest_dropped_full)
+                    }
                     Some(buf) => {
                         // The largest frame moved, as on the other paths: the buffer's room
                         // beyond it is for a header.
@@ -967,11 +970,19 @@ impl Worker {
     {
         let Some((t, uplink)) = uplink else {
             // No interface: nowhere to go.
-            return Some(dropped_judged(chain, mem, &counters.from_guest_no_route));
-        };
-        let Some(base) = uplink.port.from_guest_alloc() else {
             return Some(dropped_judged(
                 chain,
+                MAX_FRAME,
+                mem,
+                &counters.from_guest_no_route,
+            ));
+        };
+        let Some(base) = uplink.port.from_guest_alloc() else {
+            // Judged against the room it would have had: a frame, less a tag to add.
+            let room = uplink.port.frame_room() - if vlan == 0 { 0 } else { vlan::TAG_LEN };
+            return Some(dropped_judged(
+                chain,
+                room,
                 mem,
                 &counters.from_guest_dropped_full,
             ));

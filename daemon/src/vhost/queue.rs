@@ -712,30 +712,18 @@ where
     classify_tx(descriptors, last_has_next, oversize, total)
 }
 
-/// What a TX chain holds, without reading it: the same verdict as [`read_tx_into`] (every
-/// descriptor device-readable and inside guest memory, no loop, a header and an Ethernet
-/// header at least, at most `room` bytes of frame) for a chain that goes nowhere.
+/// What a TX chain holds, without reading it: the verdict of [`read_tx_into`] into a frame
+/// of `room` bytes (every descriptor device-readable and inside guest memory as far as the
+/// frame fits, no loop, a header and an Ethernet header at least), for a chain that goes
+/// nowhere. The same walk, so the same verdict whatever the guest wrote.
 pub fn check_tx<M>(chain: DescriptorChain<M>, mem: &M::Target, room: usize) -> TxChain
 where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let mut total = 0usize;
-    let mut descriptors = 0usize;
-    let mut last_has_next = false;
-    for desc in chain {
-        descriptors += 1;
-        last_has_next = desc.has_next();
-        let len = desc.len() as usize;
-        if desc.is_write_only()
-            || descriptors > MAX_DESCRIPTORS
-            || !mem.check_range(desc.addr(), len, vm_memory::Permissions::Read)
-        {
-            return TxChain::Malformed;
-        }
-        total = total.saturating_add(len);
-    }
-    classify_tx(descriptors, last_has_next, total > HDR_LEN + room, total)
+    walk_tx(chain, HDR_LEN, room, |addr, _, n| {
+        mem.check_range(addr, n, vm_memory::Permissions::Read)
+    })
 }
 
 fn classify_tx(descriptors: usize, last_has_next: bool, oversize: bool, total: usize) -> TxChain {

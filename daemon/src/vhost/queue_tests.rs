@@ -796,9 +796,11 @@ fn a_tx_chain_whose_destination_lies_past_max_descriptors_has_none() {
 
 #[test]
 fn an_rx_frame_may_span_max_descriptors_over_all_its_chains_and_no_more() {
-    // Chains through indirect tables of 128 four-byte descriptors each (512 bytes a chain).
-    // A 1000-byte frame takes 253 descriptors over two chains; a 1500-byte frame would take
-    // 378 over three: the three chains taken are completed empty, the frame dropped.
+    // Chains through indirect tables of 128 four-byte descriptors each (512 bytes a chain),
+    // every descriptor of a chain the frame takes walked (those past its end too). A
+    // 1000-byte frame takes two chains, 256 descriptors: exactly the limit. A 1500-byte
+    // frame needs a third, whose first descriptor is the 257th: the three chains taken are
+    // completed empty, the frame dropped.
     let indirect = VRING_DESC_F_INDIRECT as u16;
     for (len, want) in [(1000, RxWrite::Written(2)), (1500, RxWrite::Malformed)] {
         let mem = memory();
@@ -856,4 +858,42 @@ fn a_huge_linear_descriptor_is_loaded_ahead_only_as_far_as_the_largest_frame() {
     assert_eq!(l.rest_to_load(), HEAD_PREFETCH..TX_BUF);
     l.prefetch_rest();
     assert_eq!(l.read_into(&mut [0u8; 2048]), TxChain::Oversize);
+}
+
+#[test]
+fn an_oversize_chain_is_oversize_on_every_path_whatever_lies_past_the_room() {
+    // A frame too long for its room, whose last descriptor points outside guest memory: the
+    // copy never reaches that descriptor, and neither does the check of a chain dropped
+    // unread, so both call it oversize.
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    mem.write_slice(&frame(HDR_LEN + 1500), GuestAddress(0x1_0000))
+        .unwrap();
+    vq.add_desc_chains(
+        &[
+            desc(0x1_0000, (HDR_LEN + 1500) as u32, NEXT, 1),
+            desc(0xdead_0000_0000, 1000, 0, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let chain = || {
+        let mut q: Queue = vq.create_queue().unwrap();
+        pop(&mut q, &mem).unwrap().unwrap()
+    };
+    assert_eq!(
+        read_tx_into(chain(), &mem, &mut [0u8; 2048]),
+        TxChain::Oversize
+    );
+    assert_eq!(check_tx(chain(), &mem, 2048), TxChain::Oversize);
+    assert_eq!(
+        tx_pieces(chain(), &mem, 2048, |_, _, _| true),
+        TxChain::Oversize
+    );
+    // With room for all of it, the tail is reached: malformed everywhere.
+    assert_eq!(check_tx(chain(), &mem, MAX_FRAME), TxChain::Malformed);
+    assert_eq!(
+        read_tx_into(chain(), &mem, &mut [0u8; MAX_FRAME]),
+        TxChain::Malformed
+    );
 }

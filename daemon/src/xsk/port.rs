@@ -436,6 +436,11 @@ impl XskPort {
         base
     }
 
+    /// Bytes a frame for transmit holds (what [`Self::frame_mut`] gives).
+    pub fn frame_room(&self) -> usize {
+        self.socket.area.frame_size() as usize
+    }
+
     /// The bytes of frame `base` (from `from_guest_alloc`), to fill.
     pub fn frame_mut(&mut self, base: u64) -> &mut [u8] {
         self.socket.area.frame_mut(base)
