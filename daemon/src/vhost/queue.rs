@@ -14,9 +14,8 @@
 //! (the descriptor iterator stops while the last descriptor still says NEXT), mixes the
 //! wrong direction of descriptors, is shorter than a header and an Ethernet header, or its
 //! frame spans more than [`MAX_DESCRIPTORS`] (indirect tables and, on RX, every chain the
-//! frame takes included). Such
-//! chains are completed with length 0 and counted; nothing is read or written outside guest
-//! memory, and nothing panics.
+//! frame takes included). Such chains are completed with length 0 and counted; nothing is
+//! read or written outside guest memory, and nothing panics.
 
 use std::ops::Deref;
 
