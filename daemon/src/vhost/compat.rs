@@ -47,7 +47,7 @@ const MAX_FDS: usize = 32;
 /// Early `SET_VRING_ENABLE` messages held at most: every queue of the largest device (16
 /// queue pairs) enabled and disabled once. A frontend that sends more before `SET_FEATURES`
 /// is not a VMM starting a device; it is hung up on rather than let grow the list.
-const MAX_HELD: usize = 64;
+pub const MAX_HELD: usize = 64;
 
 /// The listener the library accepts the shim's connection on, one per frontend connection:
 /// a socket file in a directory of its own (`mkdtemp` in the temporary directory: mode 0700,

@@ -419,7 +419,7 @@ impl<'a> SplitRing<'a> {
 
 /// Bytes of each chain of a TX burst [`look_ahead`] loads into the cache: the virtio-net
 /// header and the Ethernet header, which the destination lookup reads first.
-const HEAD_PREFETCH: usize = 128;
+pub const HEAD_PREFETCH: usize = 128;
 
 /// Reads each chain's first descriptor once for a burst, from `ring`: starts loading its
 /// first [`HEAD_PREFETCH`] bytes (the headers) into the cache, so that the burst's misses on
